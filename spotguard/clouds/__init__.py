@@ -1,0 +1,1 @@
+"""Where eviction notices come from: one module per cloud, each a ``NoticeSource``."""

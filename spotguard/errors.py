@@ -1,0 +1,59 @@
+"""The one error tree of spotguard.
+
+    SpotguardError
+    ├── ConfigError            a setting is missing or wrong (names the key to change)
+    ├── MetadataError          a cloud metadata endpoint misbehaved
+    │   ├── MetadataUnavailable    transport error, timeout, 429/5xx: retry later
+    │   └── MalformedMetadata      an answer we cannot parse: never faked into a notice
+    ├── EngineError            the inference server did not do what was asked
+    ├── StoreError             object storage failed
+    ├── LoadBalancerError      a load-balancer API refused or failed
+    └── ControlError           the control socket could not be reached or refused the call
+
+Third-party errors are wrapped at the boundary (``raise MetadataError(...) from exc``).
+"""
+
+from __future__ import annotations
+
+
+class SpotguardError(Exception):
+    """Base of every error spotguard raises on purpose."""
+
+
+class ConfigError(SpotguardError):
+    """A configuration value is wrong; the message names the key."""
+
+
+class MetadataError(SpotguardError):
+    """A metadata endpoint failed; ``reason`` is a short label used in metrics."""
+
+    def __init__(self, message: str, *, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class MetadataUnavailable(MetadataError):
+    """Transport failure, timeout or a retryable status (429, 5xx)."""
+
+
+class MalformedMetadata(MetadataError):
+    """The endpoint answered, but with something we cannot parse."""
+
+    def __init__(self, message: str, *, reason: str = "malformed") -> None:
+        super().__init__(message, reason=reason)
+
+
+class EngineError(SpotguardError):
+    """The inference server adapter could not complete an action."""
+
+
+class StoreError(SpotguardError):
+    """Object storage failed or is unreachable."""
+
+
+class LoadBalancerError(SpotguardError):
+    """A load-balancer API call failed; the message says what to fix."""
+
+
+class ControlError(SpotguardError):
+    """The control socket is missing, not permitted, or refused the request."""

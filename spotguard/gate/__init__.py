@@ -1,0 +1,1 @@
+"""The gate: an optional local reverse proxy that journals in-flight requests and refuses new ones once draining."""

@@ -1,0 +1,1 @@
+"""Load-balancer providers: one module per provider, each a ``LoadBalancer``."""

@@ -1,0 +1,26 @@
+"""The contract every load-balancer provider implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class LoadBalancer(Protocol):
+    """Takes this VM out of a load balancer, and tells the platform when the drain is over."""
+
+    name: str
+
+    async def deregister(self, *, budget: float, dry_run: bool) -> str:
+        """Remove this VM from every configured pool within ``budget`` seconds; returns a detail line.
+
+        Retries throttling and 5xx inside the budget; raises ``LoadBalancerError`` naming what to fix.
+        """
+        ...
+
+    async def heartbeat(self, *, dry_run: bool) -> None:
+        """Keep a platform lifecycle action open while the drain runs (no-op where none exists)."""
+        ...
+
+    async def complete(self, *, budget: float, dry_run: bool) -> str:
+        """Tell the platform the drain is over (ASG CompleteLifecycleAction); no-op where none exists."""
+        ...

@@ -1,0 +1,70 @@
+"""Every Prometheus metric spotguard exports, on one registry owned by the daemon (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STATES = ("serving", "draining", "drained")
+
+_FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    """The metric families; modules record through these attributes."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.notices = Counter("spotguard_notices_total", "Notices seen, by source, kind and action",
+                               ["source", "kind", "action"], registry=r)
+        self.withdrawals = Counter("spotguard_notice_withdrawals_total", "Notices withdrawn before acting",
+                                   ["source", "kind"], registry=r)
+        self.polls = Counter("spotguard_polls_total", "Metadata polls, by source and result",
+                             ["source", "result"], registry=r)
+        self.poll_errors = Counter("spotguard_poll_errors_total", "Failed metadata polls, by source and reason",
+                                   ["source", "reason"], registry=r)
+        self.poll_latency = Histogram("spotguard_poll_latency_seconds", "Duration of one metadata poll",
+                                      ["source"], buckets=_FAST, registry=r)
+        self.last_poll_ok = Gauge("spotguard_last_successful_poll_timestamp_seconds",
+                                  "Unix time of the last good poll", ["source"], registry=r)
+        self.detection_latency = Histogram(
+            "spotguard_detection_latency_seconds",
+            "From the notice appearing (its own notice time where the cloud gives one) to our detection",
+            ["source"], buckets=_SLOW, registry=r)
+        self.state = Gauge("spotguard_state", "1 for the current state", ["state"], registry=r)
+        self.deadline = Gauge("spotguard_drain_deadline_timestamp_seconds", "Unix time of the active deadline",
+                              registry=r)
+        self.step_duration = Histogram("spotguard_drain_step_duration_seconds", "Drain step duration",
+                                       ["step", "outcome"], buckets=_SLOW, registry=r)
+        self.drain_slack = Gauge("spotguard_drain_slack_seconds",
+                                 "Seconds between the end of the last drain and its deadline", registry=r)
+        self.drains = Counter("spotguard_drains_total", "Drains finished, by trigger source and result",
+                              ["source", "result"], registry=r)
+        self.webhooks = Counter("spotguard_webhook_deliveries_total", "Webhook deliveries by result",
+                                ["result"], registry=r)
+        self.lb_calls = Counter("spotguard_lb_calls_total", "Load-balancer API calls by provider and result",
+                                ["provider", "result"], registry=r)
+        self.gate_requests = Counter("spotguard_gate_requests_total", "Requests through the gate by result",
+                                     ["endpoint", "result"], registry=r)
+        self.gate_inflight = Gauge("spotguard_gate_inflight_requests", "Requests in flight through the gate",
+                                   registry=r)
+        self.snapshot_bytes = Counter("spotguard_snapshot_bytes_total", "Bytes written to snapshots", ["kind"],
+                                      registry=r)
+        self.snapshot_objects = Counter("spotguard_snapshot_objects_total", "Snapshot objects by kind and result",
+                                        ["kind", "result"], registry=r)
+        self.config_errors = Counter("spotguard_errors_total", "Errors handled without crashing, by component",
+                                     ["component", "reason"], registry=r)
+        self.gpu_count = Gauge("spotguard_gpu_count", "GPUs visible through NVML", registry=r)
+        self.gpu_memory_used = Gauge("spotguard_gpu_memory_used_bytes", "GPU memory in use", ["gpu", "uuid"],
+                                     registry=r)
+        self.gpu_memory_total = Gauge("spotguard_gpu_memory_total_bytes", "GPU memory in all", ["gpu", "uuid"],
+                                      registry=r)
+        self.nvml_up = Gauge("spotguard_nvml_up", "1 when NVML answered on the last read", registry=r)
+        self.set_state("serving")
+
+    def set_state(self, state: str) -> None:
+        for name in STATES:
+            self.state.labels(state=name).set(1 if name == state else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

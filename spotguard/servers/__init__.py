@@ -1,0 +1,1 @@
+"""Inference engine adapters: one module per engine, each an ``EngineAdapter``."""

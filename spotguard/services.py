@@ -1,0 +1,34 @@
+"""The long-lived collaborators a drain acts on, built once by the daemon from the configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+if TYPE_CHECKING:
+    from spotguard.gate.journal import Journal
+    from spotguard.lb.base import LoadBalancer
+    from spotguard.servers.base import EngineAdapter
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """Who this VM is, as the cloud knows it (empty strings where unknown)."""
+
+    cloud: str
+    instance_id: str
+    private_ip: str = ""
+    region: str = ""
+    zone: str = ""
+    vm_name: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Services:
+    identity: Identity
+    engine: EngineAdapter
+    balancers: tuple[LoadBalancer, ...] = ()
+    journal: Journal | None = None
+    set_ready: Callable[[bool], None] = field(default=lambda ready: None)
+    acknowledge: Callable[[str], Awaitable[str]] | None = None
+    """Approves the cloud event with this id (Azure StartRequests); None where the cloud has no such call."""
