@@ -43,6 +43,8 @@ class Notice:
     deadline: datetime
     detected_at: datetime
     action: Action = "drain"
+    act_at: datetime | None = None
+    """When to start acting; None = at once. Scheduled maintenance sets it to NotBefore minus a lead."""
     payload: str = field(default="", compare=False)
 
     @property
@@ -61,10 +63,15 @@ class Notice:
             deadline=deadline,
             detected_at=self.detected_at,
             action=self.action,
+            act_at=self.act_at,
             payload=self.payload,
         )
 
-    def to_json(self) -> dict[str, str]:
+    def due(self, now: datetime | None = None) -> bool:
+        """True once the drain should start."""
+        return self.act_at is None or (now or utcnow()) >= self.act_at
+
+    def to_json(self) -> dict[str, str | None]:
         return {
             "source": self.source,
             "kind": self.kind,
@@ -72,20 +79,23 @@ class Notice:
             "deadline": rfc3339(self.deadline),
             "detected_at": rfc3339(self.detected_at),
             "action": self.action,
+            "act_at": rfc3339(self.act_at) if self.act_at else None,
             "payload": self.payload,
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, str]) -> Notice:
-        action = data.get("action", "drain")
+    def from_json(cls, data: dict[str, str | None]) -> Notice:
+        action = data.get("action") or "drain"
+        act_at = data.get("act_at")
         return cls(
-            source=data["source"],
-            kind=data["kind"],
-            event_id=data["event_id"],
-            deadline=parse_rfc3339(data["deadline"]),
-            detected_at=parse_rfc3339(data["detected_at"]),
+            source=str(data["source"]),
+            kind=str(data["kind"]),
+            event_id=str(data["event_id"]),
+            deadline=parse_rfc3339(str(data["deadline"])),
+            detected_at=parse_rfc3339(str(data["detected_at"])),
             action="observe" if action == "observe" else "drain",
-            payload=data.get("payload", ""),
+            act_at=parse_rfc3339(act_at) if act_at else None,
+            payload=data.get("payload") or "",
         )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 if TYPE_CHECKING:
+    from spotguard.drain.step import DrainContext
     from spotguard.gate.journal import Journal
     from spotguard.lb.base import LoadBalancer
     from spotguard.servers.base import EngineAdapter
@@ -32,3 +33,5 @@ class Services:
     set_ready: Callable[[bool], None] = field(default=lambda ready: None)
     acknowledge: Callable[[str], Awaitable[str]] | None = None
     """Approves the cloud event with this id (Azure StartRequests); None where the cloud has no such call."""
+    snapshot: Callable[[DrainContext], Awaitable[str]] | None = None
+    """Saves in-flight context to the snapshot store within ctx's budget; None when no store is set."""
