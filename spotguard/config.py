@@ -93,6 +93,9 @@ class AzureConfig:
 class ShutdownConfig:
     enabled: bool = _opt(True, "Treat SIGTERM while serving as a notice (on GCP it often is the only one).")
     budget: float = _opt(25.0, "Seconds the drain may take after SIGTERM.")
+    trigger: str = _opt("always", "When SIGTERM drains: always, or system-shutdown (only while systemd is "
+                        "shutting the machine down, so restarting spotguard alone does not drain).",
+                        choices=("always", "system-shutdown"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +134,8 @@ class ServerConfig:
     inflight_url: str = _opt("", "URL returning the in-flight count (kind = http).")
     inflight_json_path: str = _opt("", "Dotted path of the count in inflight_url's JSON (empty = whole body).")
     triton_models: tuple[str, ...] = _opt([], "Triton models to unload (explicit model control).")
+    timeout: float = _opt(5.0, "Seconds one call to the engine may take (HTTP request, systemctl, "
+                               "stop_command or inflight_command); the drain step's budget still applies.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,6 +160,11 @@ class SnapshotConfig:
     endpoint_url: str = _opt("", "Object store endpoint override (moto, Azurite, MinIO).")
     slot_save_path: str = _opt("", "llama-server --slot-save-path, for KV slot files.")
     model_path: str = _opt("", "Model file of the engine (its sha256 is stored beside KV files).")
+    server_side_encryption: str = _opt("", "S3 server-side encryption asked of the store; empty = the bucket's default.",
+                                       choices=("", "AES256", "aws:kms", "aws:kms:dsse"))
+    sse_kms_key_id: str = _opt("", "KMS key id/ARN for aws:kms or aws:kms:dsse; empty = the account's default key.")
+    kv_cache_types: str = _opt("f16,f16", "llama-server KV cache types as K,V (its --cache-type-k/-v); "
+                               "kept beside KV files because the engine does not report them.")
 
 
 @dataclass(frozen=True, kw_only=True)

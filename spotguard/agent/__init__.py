@@ -1,0 +1,1 @@
+"""The runner: polls sources, de-duplicates notices, persists state and starts drains."""

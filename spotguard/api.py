@@ -1,0 +1,61 @@
+"""The read-only HTTP endpoints on one listener: /healthz, /readyz, /metrics, /status.
+
+Nothing here mutates state: drain and undrain exist only on the local control socket.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from spotguard import asgi
+from spotguard.metrics import Metrics
+
+
+class StatusView(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, dict[str, Any]]: ...
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+class HttpApi:
+    """ASGI app; ``before_metrics`` refreshes gauges (GPU facts) just before a scrape."""
+
+    def __init__(self, view: StatusView, metrics: Metrics,
+                 before_metrics: Callable[[], None] | None = None) -> None:
+        self.view = view
+        self.metrics = metrics
+        self.before_metrics = before_metrics
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if method not in ("GET", "HEAD"):
+            await asgi.respond(send, 405, "read-only endpoint: use the control socket to drain\n",
+                               headers=[(b"allow", b"GET, HEAD")])
+            return
+        if path == "/readyz":
+            ready = self.view.ready
+            state = self.view.status()["state"] if not ready else "serving"
+            await asgi.respond(send, 200 if ready else 503, f"{state}\n")
+        elif path == "/healthz":
+            await asgi.respond(send, 200, _json({"alive": True, "sources": self.view.health()}),
+                               content_type="application/json")
+        elif path == "/status":
+            await asgi.respond(send, 200, _json(self.view.status()), content_type="application/json")
+        elif path == "/metrics":
+            if self.before_metrics:
+                self.before_metrics()
+            await asgi.respond(send, 200, self.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+        else:
+            await asgi.respond(send, 404, "not found: /healthz /readyz /metrics /status\n")

@@ -1,0 +1,215 @@
+"""The ``spotguard`` command line. Heavy imports happen inside commands so ``spotguard status`` stays quick."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+
+from spotguard import __version__
+from spotguard.errors import SpotguardError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Notices spot/preemptible evictions and drains the local inference server in time.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
+snapshots_app = typer.Typer(no_args_is_help=True, help="List, inspect and download snapshots of in-flight work.")
+app.add_typer(config_app, name="config")
+app.add_typer(snapshots_app, name="snapshots")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "  # noqa: UP007
+                                                    "(default $SPOTGUARD_CONFIG or /etc/spotguard/spotguard.toml).")]
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"spotguard: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    from spotguard import config
+
+    try:
+        return config.load(path, overrides=overrides)
+    except SpotguardError as exc:
+        _fail(str(exc))
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"spotguard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """spotguard: never miss an eviction, never overrun the window, lose no in-flight work."""
+
+
+@app.command()
+def version(config: ConfigOpt = None) -> None:
+    """Print the version."""
+    typer.echo(f"spotguard {__version__}")
+
+
+@app.command()
+def run(config: ConfigOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Every drain step logs what it would do and does nothing.")] = False,
+        listen: Annotated[Optional[str], typer.Option(help="Override [http] listen (host:port).")] = None,  # noqa: UP007
+        cloud: Annotated[Optional[str], typer.Option(help="Override [agent] cloud.")] = None) -> None:  # noqa: UP007
+    """Run the daemon."""
+    import anyio
+
+    from spotguard import logs
+    from spotguard.agent.daemon import run_daemon
+
+    overrides: dict[str, dict[str, Any]] = {}
+    if dry_run:
+        overrides.setdefault("agent", {})["dry_run"] = True
+    if cloud:
+        overrides.setdefault("agent", {})["cloud"] = cloud
+    if listen:
+        overrides.setdefault("http", {})["listen"] = listen
+    cfg = _load(config, overrides)
+    logs.configure(cfg.agent.log_format, cfg.agent.log_level)
+    try:
+        code = anyio.run(run_daemon, cfg, backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        code = 1
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(config: ConfigOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the /status document.")] = False) -> None:
+    """Show the node's state, the notice, and the drain timeline."""
+    import anyio
+
+    from spotguard.control import client, render
+
+    cfg = _load(config)
+    try:
+        doc = anyio.run(client.status, cfg, backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    typer.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render.format_status(doc))
+
+
+@app.command()
+def drain(config: ConfigOpt = None,
+          reason: Annotated[str, typer.Option(help="Why (shown in status, logs and webhooks).")] = "manual drain",
+          deadline: Annotated[Optional[float], typer.Option(help="Seconds from now the drain must end by.")] = None,  # noqa: UP007
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each step would do.")] = False) -> None:
+    """Drain this node now (through the local control socket)."""
+    import anyio
+
+    from spotguard.control import client, render
+
+    cfg = _load(config)
+    try:
+        doc = anyio.run(lambda: client.drain(cfg, reason=reason, deadline_seconds=deadline, dry_run=dry_run),
+                        backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    typer.echo(render.format_control_result(doc))
+    if not doc.get("accepted", True):
+        raise typer.Exit(1)
+
+
+@app.command()
+def undrain(config: ConfigOpt = None,
+            force: Annotated[bool, typer.Option("--force", help="Serve again even while a cloud notice is live.")] = False) -> None:
+    """Return to serving after a manual drain."""
+    import anyio
+
+    from spotguard.control import client, render
+
+    cfg = _load(config)
+    try:
+        doc = anyio.run(lambda: client.undrain(cfg, force=force), backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    typer.echo(render.format_control_result(doc))
+    if not doc.get("accepted", True):
+        raise typer.Exit(1)
+
+
+@app.command()
+def emulate(config: ConfigOpt = None,
+            listen: Annotated[str, typer.Option(help="host:port to serve AWS, GCP and Azure metadata on.")] = "127.0.0.1:8169") -> None:
+    """Serve emulated AWS/GCP/Azure metadata with a control API, to rehearse evictions."""
+    import anyio
+
+    from spotguard import logs
+    from spotguard.config import parse_listen
+    from spotguard.emulator.app import run_emulator
+
+    cfg = _load(config)
+    logs.configure(cfg.agent.log_format, cfg.agent.log_level)
+    host, port = parse_listen(listen, "--listen")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            bound = await tg.start(lambda task_status: run_emulator(host, port, task_status=task_status))
+            typer.echo(f"emulating AWS, GCP and Azure metadata on {bound.url} (control API: {bound.url}/_emulator/)")
+
+    try:
+        anyio.run(main, backend="asyncio")
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def demo(config: ConfigOpt = None,
+         cloud: Annotated[str, typer.Option(help="Which cloud's notice to simulate: aws, gcp or azure.")] = "aws") -> None:
+    """Run a full simulated eviction on this machine and show what spotguard saw and did."""
+    import anyio
+
+    from spotguard.demo import run_demo
+
+    if cloud not in ("aws", "gcp", "azure"):
+        _fail("--cloud must be aws, gcp or azure")
+    raise typer.Exit(anyio.run(run_demo, cloud, backend="asyncio"))
+
+
+@app.command()
+def doctor(config: ConfigOpt = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Check the detected cloud, metadata reachability, configuration, NVML and the install."""
+    import anyio
+
+    from spotguard.doctor import format_checks, run_checks
+
+    cfg = _load(config)
+    checks = anyio.run(run_checks, cfg, backend="asyncio")
+    if as_json:
+        typer.echo(json.dumps([c.to_json() for c in checks], indent=2))
+    else:
+        typer.echo(format_checks(checks))
+    raise typer.Exit(1 if any(c.level == "error" for c in checks) else 0)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None,
+                doc: Annotated[bool, typer.Option("--doc", help="Print every key with its default and help.")] = False) -> None:
+    """Print the effective configuration (file -> environment -> flags) as TOML."""
+    from spotguard import config as config_module
+
+    if doc:
+        for section, key, kind, default, help_text in config_module.reference():
+            typer.echo(f"[{section}] {key} ({kind}, default {default}): {help_text}")
+        return
+    typer.echo(config_module.to_toml(_load(config)))
+
+
+def main() -> None:
+    try:
+        app()
+    except SpotguardError as exc:  # pragma: no cover - commands catch their own
+        typer.echo(f"spotguard: {exc}", err=True)
+        sys.exit(2)

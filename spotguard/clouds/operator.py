@@ -1,0 +1,32 @@
+"""Notices that come from the machine rather than the cloud: the OS shutdown signal and a manual drain."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import timedelta
+
+from spotguard.notice import Notice, rfc3339, stable_id, utcnow, window
+
+
+def shutdown_notice(budget: float) -> Notice:
+    """SIGTERM while serving: on GCP the OS shutdown is often the only notice there is."""
+    now = utcnow()
+    return Notice(source="shutdown", kind="sigterm", event_id=stable_id("shutdown", rfc3339(now)),
+                  deadline=now + timedelta(seconds=budget), detected_at=now)
+
+
+def manual_notice(reason: str, seconds: float) -> Notice:
+    """An operator's ``spotguard drain``; the reason is kept short and shown in status."""
+    now = utcnow()
+    return Notice(source="manual", kind="manual", event_id=stable_id("manual", reason, rfc3339(now)),
+                  deadline=window(seconds, now), detected_at=now, payload=reason[:200])
+
+
+def system_is_stopping(timeout: float = 2.0) -> bool:
+    """True while systemd is shutting the machine down (as opposed to restarting just our unit)."""
+    try:
+        result = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True,
+                                timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.stdout.strip() == "stopping"

@@ -1,0 +1,130 @@
+"""``spotguard doctor``: what an operator checks before trusting the node to drain in time."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import httpx
+
+from spotguard.config import Config
+
+Level = Literal["ok", "warning", "error"]
+
+WINDOWS = {"aws": 120.0, "gcp": 30.0, "azure": 30.0, "none": 30.0}
+"""The shortest notice each cloud gives for a spot eviction (seconds; see docs/operations.md)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: Level
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "level": self.level, "detail": self.detail}
+
+
+def format_checks(checks: list[Check]) -> str:
+    marks = {"ok": "ok  ", "warning": "WARN", "error": "FAIL"}
+    width = max((len(c.name) for c in checks), default=0)
+    return "\n".join(f"[{marks[c.level]}] {c.name.ljust(width)}  {c.detail}" for c in checks)
+
+
+def budget_check(config: Config, cloud: str) -> Check:
+    """Does the drain plan fit the cloud's shortest window, given the configured budgets?"""
+    window = config.shutdown.budget if cloud == "none" else WINDOWS.get(cloud, 30.0)
+    if cloud == "gcp":
+        window = min(window, config.gcp.window)
+    d = config.drain
+    # stop and deregister run side by side; wait_inflight follows stop, snapshot follows wait_inflight.
+    critical = max(d.stop_budget + d.wait_inflight_budget + d.snapshot_budget, d.deregister_budget)
+    usable = window - d.safety_margin
+    if usable <= 0:
+        return Check("drain budget", "error", f"[drain] safety_margin {d.safety_margin:g}s leaves nothing of "
+                     f"the {window:g}s {cloud} window")
+    if critical > usable:
+        return Check("drain budget", "warning",
+                     f"step budgets add up to {critical:g}s on the longest path but the {cloud} window leaves "
+                     f"{usable:g}s after the safety margin: later steps (snapshot) get what is left; lower "
+                     f"[drain] wait_inflight_budget to keep time for snapshots")
+    return Check("drain budget", "ok", f"longest path {critical:g}s fits the {usable:g}s usable of {window:g}s")
+
+
+def path_check(name: str, path: Path, *, want_dir: bool, max_mode: int) -> Check:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        parent = path.parent
+        if os.access(parent if parent.exists() else Path("/"), os.W_OK):
+            return Check(name, "ok", f"{path} will be created")
+        return Check(name, "error", f"{path} does not exist and {parent} is not writable")
+    except OSError as exc:
+        return Check(name, "error", f"{path}: {exc}")
+    mode = stat.S_IMODE(info.st_mode)
+    if want_dir and not stat.S_ISDIR(info.st_mode):
+        return Check(name, "error", f"{path} is not a directory")
+    if mode & ~max_mode:
+        return Check(name, "warning", f"{path} has mode {mode:04o}; expected at most {max_mode:04o}")
+    return Check(name, "ok", f"{path} mode {mode:04o}")
+
+
+async def _timed(name: str, probe: Callable[[], Awaitable[str]], timeout: float) -> Check:
+    try:
+        with anyio.fail_after(timeout):
+            return Check(name, "ok", await probe())
+    except TimeoutError:
+        return Check(name, "error", f"no answer within {timeout:g}s")
+    except Exception as exc:  # doctor reports every failure instead of stopping at the first
+        return Check(name, "error", f"{type(exc).__name__}: {exc}")
+
+
+async def run_checks(config: Config) -> list[Check]:
+    from spotguard import gpu
+    from spotguard.agent.wiring import detect
+
+    checks: list[Check] = [Check("configuration", "ok", "loaded and valid")]
+    async with httpx.AsyncClient(trust_env=False) as http:
+        cloud = await detect(config, http)
+        checks.append(Check("cloud", "ok" if cloud != "none" else "warning",
+                            cloud if cloud != "none" else "no cloud detected: only OS shutdown and manual drains"))
+        if cloud != "none":
+            checks.append(await _timed("metadata", lambda: _probe_sources(config, http, cloud),
+                                       config.agent.request_timeout * 3))
+        if config.server.kind != "none":
+            checks.append(await _timed("engine", lambda: _probe_engine(config, http), 5.0))
+    report = await anyio.to_thread.run_sync(gpu.read_gpus)
+    checks.append(Check("nvml", "ok" if report.ok else "warning",
+                        f"{report.count} GPU(s), driver {report.driver}" if report.ok else report.error))
+    checks.append(budget_check(config, cloud))
+    checks.append(path_check("state dir", Path(config.agent.state_dir), want_dir=True, max_mode=0o755))
+    checks.append(path_check("control socket", Path(config.control.socket), want_dir=False,
+                             max_mode=int(config.control.mode, 8)))
+    return checks
+
+
+async def _probe_sources(config: Config, http: httpx.AsyncClient, cloud: str) -> str:
+    from spotguard.agent.wiring import cloud_sources
+
+    sources = cloud_sources(cloud, config, http)
+    names = []
+    for source in sources:
+        if source.hanging:
+            names.append(f"{source.name} (hanging GET, not probed)")
+            continue
+        notices = await source.poll()
+        names.append(f"{source.name}: {len(notices)} notice(s)")
+    return "; ".join(names)
+
+
+async def _probe_engine(config: Config, http: httpx.AsyncClient) -> str:
+    from spotguard.servers.registry import build_engine
+
+    engine = build_engine(config, http)
+    count = await engine.inflight()
+    return f"{config.server.kind}: {'unknown' if count is None else count} request(s) in flight"
