@@ -5,8 +5,8 @@ It makes exactly one request; retrying is the runner's job (it owns backoff and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import anyio
 import httpx

@@ -9,9 +9,12 @@ an outcome other than ``ok`` (for example ``skipped``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal, Protocol
+
+import anyio
 
 from spotguard.notice import utcnow
 
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
     import structlog
 
     from spotguard.config import Config
+    from spotguard.drain.timeline import Timeline
     from spotguard.metrics import Metrics
     from spotguard.notice import Notice
     from spotguard.services import Services
@@ -45,15 +49,46 @@ class DrainContext:
     log: structlog.stdlib.BoundLogger
     http: httpx.AsyncClient
     services: Services
+    progress: Callable[[], Timeline] | None = None
+    """The drain's timeline so far; the engine sets it (the end webhook summarises the outcomes)."""
 
     def seconds_left(self) -> float:
         return (self.deadline - utcnow()).total_seconds()
 
 
 class Step(Protocol):
-    name: str
-    after: tuple[str, ...]
+    """A named unit of a drain. ``name`` and ``after`` are read-only (plain class attributes do)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def after(self) -> tuple[str, ...]:
+        """Names of the steps that must be done (with any outcome) before this one starts."""
+        ...
 
     def budget(self, ctx: DrainContext) -> float: ...
 
     async def run(self, ctx: DrainContext) -> str | StepResult: ...
+
+
+def drain_deadline(config: Config, notice: Notice) -> datetime:
+    """When the drain must be over: the notice's deadline minus ``[drain] safety_margin``."""
+    return notice.deadline - timedelta(seconds=config.drain.safety_margin)
+
+
+def step_time_left() -> float:
+    """Seconds until the running step's scope ends (its budget, or an earlier deadline after tighten).
+
+    Inside a step this, not ``ctx.seconds_left()``, is the time a step may still spend: the engine
+    moves the scope's deadline when a second, earlier notice arrives.
+    """
+    return max(0.0, anyio.current_effective_deadline() - anyio.current_time())
+
+
+TAIL_RESERVE = 2.0
+"""Seconds kept at the end of a drain for acknowledge and the end webhook (at most 10% of what is left)."""
+
+
+def tail_reserve(seconds_left: float) -> float:
+    return max(0.0, min(TAIL_RESERVE, 0.1 * seconds_left))

@@ -2,14 +2,26 @@
 
 The snapshot step reads it; the gate writes it. Request bodies and outputs are user data: they are
 kept here and written to the snapshot store, never logged.
+
+Life of an entry:
+
+1. The gate ``add``\\ s it when a chat/completions request arrives, and appends to ``output`` as the
+   engine's answer streams back.
+2. A request that ends on its own (finished, failed, or its client went away) is ``remove``\\ d by
+   the gate: there is nothing left to migrate.
+3. ``interrupt_all()`` (or ``interrupt(id)``) sets ``interrupted``; the gate closes the upstream
+   connection (so the engine frees the slot), ends the client's answer with a final "interrupted for
+   migration" event, sets ``settled`` and LEAVES the entry in the journal: its ``output`` is then final.
+4. The snapshot step reads the interrupted entries and calls ``remove(id)`` once it has saved them.
+   ``interrupt_and_wait(timeout)`` does steps 3 and the wait for ``settled`` in one call.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Iterator
 
 import anyio
 
@@ -32,10 +44,16 @@ class InflightRequest:
     """llama.cpp slot serving it, where the engine reports one."""
     interrupted: anyio.Event = field(default_factory=anyio.Event)
     """Set to make the gate close the upstream connection (frees the engine's slot)."""
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    """Set by the gate once it no longer touches this entry: upstream closed, ``output`` final."""
 
     @property
     def output_text(self) -> str:
         return "".join(self.output)
+
+
+InterruptListener = Callable[[InflightRequest], None]
+"""Called synchronously for each request being interrupted (the gate cancels its upstream read)."""
 
 
 class Journal:
@@ -44,7 +62,7 @@ class Journal:
     def __init__(self) -> None:
         self._requests: dict[str, InflightRequest] = {}
         self._ids = itertools.count(1)
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[InterruptListener] = []
 
     def new_id(self) -> str:
         return f"req-{next(self._ids):08d}"
@@ -55,6 +73,9 @@ class Journal:
     def remove(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
+    def get(self, request_id: str) -> InflightRequest | None:
+        return self._requests.get(request_id)
+
     def active(self) -> list[InflightRequest]:
         return list(self._requests.values())
 
@@ -64,9 +85,44 @@ class Journal:
     def __iter__(self) -> Iterator[InflightRequest]:
         return iter(list(self._requests.values()))
 
+    def subscribe(self, listener: InterruptListener) -> Callable[[], None]:
+        """Call ``listener`` whenever a request is interrupted; returns the unsubscribe function.
+
+        The gate reacts at once through this, even while its upstream read is idle (a long prefill,
+        a non-streaming answer), instead of noticing the event at the next chunk.
+        """
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def interrupt(self, request_id: str) -> InflightRequest | None:
+        """Ask the gate to cut one request; returns it, or None if it is no longer in flight."""
+        request = self._requests.get(request_id)
+        if request is not None and not request.interrupted.is_set():
+            request.interrupted.set()
+            for listener in list(self._listeners):
+                listener(request)
+        return request
+
     def interrupt_all(self) -> list[InflightRequest]:
         """Ask the gate to cut every in-flight upstream stream; returns what was cut."""
         cut = self.active()
         for request in cut:
-            request.interrupted.set()
+            self.interrupt(request.id)
+        return cut
+
+    async def interrupt_and_wait(self, timeout: float) -> list[InflightRequest]:
+        """``interrupt_all``, then wait up to ``timeout`` s until the gate has settled each one.
+
+        Returns the requests cut; those whose ``settled`` is still unset when time runs out may
+        miss their last few tokens (the caller may still save them).
+        """
+        cut = self.interrupt_all()
+        with anyio.move_on_after(timeout):
+            for request in cut:
+                await request.settled.wait()
         return cut

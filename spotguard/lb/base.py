@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class LoadBalancer(Protocol):
@@ -23,4 +23,13 @@ class LoadBalancer(Protocol):
 
     async def complete(self, *, budget: float, dry_run: bool) -> str:
         """Tell the platform the drain is over (ASG CompleteLifecycleAction); no-op where none exists."""
+        ...
+
+
+@runtime_checkable
+class Checkable(Protocol):
+    """A provider that can check its setup for start-up and ``doctor`` (AWS: deregistration delay)."""
+
+    async def check(self, *, budget: float) -> tuple[str, ...]:
+        """Warnings, one line each; an empty tuple when all is well. Never raises for a failed call."""
         ...

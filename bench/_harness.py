@@ -1,0 +1,125 @@
+"""Shared bench plumbing: a daemon subprocess on loopback, the in-process emulator, percentiles."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+SPOTGUARD = Path(sys.executable).with_name("spotguard")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": statistics.median(values), "p99": percentile(values, 99),
+            "min": min(values), "max": max(values)}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    config: Path
+    socket: str
+    spawned_at: float
+
+
+@contextmanager
+def daemon(sections: dict[str, dict[str, Any]]) -> Iterator[DaemonProcess]:
+    """``spotguard run`` as a real process with its own state dir, listener and control socket."""
+    with tempfile.TemporaryDirectory(prefix="spotguard-bench-") as tmp:
+        port = free_port()
+        sock = f"{tmp}/control.sock"
+        merged = {
+            "agent": {"state_dir": f"{tmp}/state", "log_format": "json", "log_level": "warning"},
+            "http": {"listen": f"127.0.0.1:{port}"},
+            "control": {"socket": sock},
+        }
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update(values)
+        config = write_config(Path(tmp) / "spotguard.toml", merged)
+        log = open(Path(tmp) / "daemon.log", "wb")
+        spawned = time.perf_counter()
+        proc = subprocess.Popen([str(SPOTGUARD), "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            yield DaemonProcess(proc, f"http://127.0.0.1:{port}", config, sock, spawned)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+
+async def wait_status(client: httpx.AsyncClient, url: str, status: int, timeout: float = 10.0,
+                      interval: float = 0.002) -> float:
+    """Poll ``url`` until it answers ``status``; returns perf_counter() of the first such answer."""
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                response = await client.get(url)
+                if response.status_code == status:
+                    return time.perf_counter()
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(interval)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

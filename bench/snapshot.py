@@ -1,0 +1,162 @@
+"""Snapshot benchmark (one command, under 2 minutes): .venv/bin/python bench/snapshot.py
+
+1. Upload throughput of spotguard's object path (sha256 of the stored bytes + obstore multipart put)
+   vs a raw ``obstore.put_async`` of the same bytes, in the same run, to moto S3 and to local files.
+   Target: ratio >= 0.9.
+2. Time to commit continuation records for 1,000 in-flight requests to moto S3 through
+   ``take_snapshot`` (records phase, and the whole step including the manifest). Target: <= 1 s.
+
+Prints medians; ``--json`` prints them as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import anyio
+import boto3
+import httpx
+import obstore
+import structlog
+
+from spotguard.config import Config
+from spotguard.drain.step import DrainContext
+from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.metrics import Metrics
+from spotguard.notice import Notice, utcnow
+from spotguard.servers.none import NoEngine
+from spotguard.services import Identity, Services
+from spotguard.storage.format import Manifest
+from spotguard.storage.snapshot import prepare, seal_and_put
+from spotguard.storage.store import Store, StoreOptions, open_store
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{url}/moto-api/", timeout=1)
+            return proc, url
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("moto_server did not start") from None
+            time.sleep(0.1)
+
+
+async def throughput(store: Store, data: bytes, reps: int) -> dict[str, float]:
+    """MB/s of spotguard's path and of a raw obstore put, alternating so both see the same load."""
+    ours: list[float] = []
+    raw: list[float] = []
+
+    async def run_ours(rep: int) -> None:
+        started = time.perf_counter()
+        await seal_and_put(store, None, f"bench/ours-{rep}", f"ours-{rep}", data)
+        ours.append(time.perf_counter() - started)
+
+    async def run_raw(rep: int) -> None:
+        started = time.perf_counter()
+        await obstore.put_async(store.inner, f"bench/raw-{rep}", data)
+        raw.append(time.perf_counter() - started)
+
+    await run_ours(-1)  # warm-up: connection pool, page cache, thread pool
+    await run_raw(-1)
+    ours.clear()
+    raw.clear()
+    for rep in range(reps):
+        # Alternate who goes first: the second writer of a pair shares the disk with the first's writeback.
+        first, second = (run_ours, run_raw) if rep % 2 == 0 else (run_raw, run_ours)
+        await first(rep)
+        await second(rep)
+    mb = len(data) / 1e6
+    return {"ours_mb_s": round(mb / statistics.median(ours), 1), "raw_mb_s": round(mb / statistics.median(raw), 1),
+            "ratio": round(statistics.median(raw) / statistics.median(ours), 3)}
+
+
+def journal_of(count: int) -> Journal:
+    journal = Journal()
+    for n in range(count):
+        body = json.dumps({"model": "m", "stream": True, "max_tokens": 512,
+                           "messages": [{"role": "user", "content": f"question {n} " + "lorem ipsum " * 60}]})
+        journal.add(InflightRequest(id=journal.new_id(), endpoint="/v1/chat/completions", model="m",
+                                    body=body.encode(), stream=True, output=["partial answer " * 20]))
+    return journal
+
+
+async def records_commit(moto_url: str, bucket: str, reps: int) -> dict[str, float]:
+    config = Config().replace("snapshot", url=f"s3://{bucket}/records", endpoint_url=moto_url)
+    snapshotter = await prepare(config)
+    records_s: list[float] = []
+    step_s: list[float] = []
+    async with httpx.AsyncClient() as http:
+        for rep in range(reps):
+            journal = journal_of(1000)
+            now = utcnow()
+            notice = Notice(source="manual", kind="bench", event_id=f"bench-{rep}",
+                            deadline=now + timedelta(seconds=60), detected_at=now)
+            ctx = DrainContext(config=config, notice=notice, deadline=notice.deadline, dry_run=False,
+                               metrics=Metrics(), log=structlog.get_logger("bench"), http=http,
+                               services=Services(identity=Identity(cloud="bench", instance_id="i-bench"),
+                                                 engine=NoEngine(), journal=journal))
+            started = time.perf_counter()
+            await snapshotter(ctx)
+            step_s.append(time.perf_counter() - started)
+            manifest = Manifest.from_json(await snapshotter.prepared.store.get(f"i-bench/bench-{rep}/manifest.json"))
+            records_s.append(manifest.timings["records_s"])
+    return {"records_s_median": round(statistics.median(records_s), 3),
+            "step_s_median": round(statistics.median(step_s), 3)}
+
+
+async def main(size_mb: int, reps: int) -> dict[str, object]:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # keep the output to results
+    proc, moto_url = start_moto()
+    try:
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
+        data = os.urandom(size_mb * 1024 * 1024)
+        results: dict[str, object] = {"object_mb": size_mb, "reps": reps}
+        results["moto_s3"] = await throughput(open_store(f"s3://{bucket}/t", StoreOptions(endpoint_url=moto_url)),
+                                              data, reps)
+        with tempfile.TemporaryDirectory() as tmp:
+            results["local_files"] = await throughput(open_store(f"file://{tmp}/t"), data, reps)
+        results["records_1000_moto"] = await records_commit(moto_url, bucket, reps)
+        return results
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=64, help="object size for the throughput runs")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = anyio.run(main, args.size_mb, args.reps)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for key, value in out.items():
+            print(f"{key:20} {value}")

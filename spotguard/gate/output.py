@@ -1,0 +1,138 @@
+"""Reading the engine's answer into a journal entry: SSE deltas as they stream, or the final JSON body.
+
+OpenAI-compatible shapes only, first choice only (``n > 1`` keeps choice 0):
+
+- chat: stream ``choices[0].delta.content``, final ``choices[0].message.content``;
+- completions: ``choices[0].text`` in both.
+
+``finish_reason`` is kept when the engine sends one. The llama.cpp slot (``slot_id``) is known when the
+request pins one (``"id_slot": N`` in its body); otherwise llama.cpp (0.3.36's server) reports it only in
+``__verbose`` of the final answer, when the client asked ``"verbose": true`` (stream chunks before the
+last carry -1). The gate never rewrites a request to ask for it.
+
+Parsing must never break the proxy: anything unexpected is counted in ``errors`` and the bytes are
+still passed through untouched by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from spotguard.gate.journal import InflightRequest
+
+MAX_PENDING = 1 << 20
+"""Bytes of an unfinished SSE line kept before giving up on parsing this stream (no newline = not SSE)."""
+
+_DONE = b"[DONE]"
+
+
+class OutputParser:
+    """Incremental SSE parser that appends output deltas to one journal entry."""
+
+    __slots__ = ("_entry", "_chat", "_tail", "_data", "_broken", "errors")
+
+    def __init__(self, entry: InflightRequest, *, chat: bool) -> None:
+        self._entry = entry
+        self._chat = chat
+        self._tail = b""
+        self._data: list[bytes] = []
+        self._broken = False
+        self.errors = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """One chunk of the raw SSE stream, cut anywhere; complete lines are handled now."""
+        if self._broken:
+            return
+        if self._tail:
+            chunk = self._tail + chunk
+            self._tail = b""
+        find = chunk.find
+        start = 0
+        end = find(b"\n")
+        while end >= 0:
+            self._line(chunk[start:end])
+            start = end + 1
+            end = find(b"\n", start)
+        if start < len(chunk):
+            if len(chunk) - start > MAX_PENDING:
+                self._broken = True
+                self.errors += 1
+                return
+            self._tail = chunk[start:]
+
+    def finish(self) -> None:
+        """The stream ended: an event left without its blank line is still taken."""
+        if self._tail and not self._broken:
+            self._line(self._tail)
+        self._tail = b""
+        if self._data:
+            self._dispatch()
+
+    def _line(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if self._data:
+                self._dispatch()
+        elif line.startswith(b"data:"):
+            # One leading space is part of the field syntax, not of the value.
+            self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        # event:, id:, retry: and ":" comments (llama.cpp pings) carry no output.
+
+    def _dispatch(self) -> None:
+        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data.clear()
+        if data == _DONE:
+            return
+        try:
+            self._take(json.loads(data), final=False)
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+            self.errors += 1
+
+    def parse_body(self, body: bytes) -> None:
+        """The whole non-streaming answer (a JSON object)."""
+        try:
+            self._take(json.loads(body), final=True)
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+            self.errors += 1
+
+    def _take(self, event: Any, *, final: bool) -> None:
+        entry = self._entry
+        choices = event.get("choices")
+        if choices:
+            choice = choices[0]
+            if self._chat:
+                part = choice.get("message" if final else "delta")
+                text = part.get("content") if part else None
+            else:
+                text = choice.get("text")
+            if text:
+                if not isinstance(text, str):
+                    raise TypeError("content is not a string")
+                entry.output.append(text)
+            reason = choice.get("finish_reason")
+            if reason:
+                entry.finish_reason = str(reason)
+        elif "error" not in event and "choices" not in event:
+            raise KeyError("no choices")
+        verbose = event.get("__verbose")
+        if verbose:
+            slot = verbose.get("id_slot")
+            if isinstance(slot, int) and slot >= 0:  # llama.cpp sends -1 in chunks before the last
+                entry.slot_id = slot
+
+
+def request_meta(body: bytes) -> tuple[str, bool, int | None] | None:
+    """(model, stream, id_slot) of a chat/completions request body; None when it is not a JSON object."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    model = request.get("model")
+    slot = request.get("id_slot")
+    return (model if isinstance(model, str) else "",
+            request.get("stream") is True,
+            slot if isinstance(slot, int) and slot >= 0 else None)

@@ -1,0 +1,393 @@
+"""The snapshot drain step's work: save in-flight context to the store within the step's budget.
+
+Order, so that what matters most lands first when time runs short:
+
+1. continuation records (request body + output so far) for every in-flight request: small, one
+   batch object per few MiB, uploaded in parallel;
+2. llama.cpp KV slot files, most compute saved per byte first (tokens / bytes), in parallel,
+   multipart for big files;
+3. manifest.json, last, in a slice of the budget kept for it. It lists only objects whose upload
+   finished, and says what is missing and why. No manifest = incomplete snapshot.
+
+An unreachable or stalled store ends the step on time with a clear ``StoreError`` after a manifest
+attempt; the drain goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+
+from spotguard.drain.step import step_time_left
+from spotguard.errors import EngineError, SpotguardError, StoreError
+from spotguard.notice import rfc3339, utcnow
+from spotguard.storage import crypto, llamacpp
+from spotguard.storage.format import (
+    KV_DIR,
+    MANIFEST,
+    RECORDS_DIR,
+    ContinuationRecord,
+    EngineState,
+    Entry,
+    Manifest,
+    Missing,
+    safe_segment,
+)
+from spotguard.storage.store import Store, StoreOptions, open_store
+
+if TYPE_CHECKING:
+    from spotguard.config import Config
+    from spotguard.drain.step import DrainContext
+    from spotguard.gate.journal import InflightRequest
+
+RECORD_BATCH_BYTES = 4 * 1024 * 1024
+UPLOAD_CONCURRENCY = 8
+SAFETY = 0.05
+"""Seconds kept back from the budget so our own scopes end before the engine's."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What is worked out once at startup, not in the drain (hashing a model file takes seconds)."""
+
+    store: Store
+    key: crypto.Key | None
+    model_sha256: str
+
+
+def prepare_blocking(config: Config) -> Prepared:
+    """Open the store, load the key and hash the model; raises ConfigError / StoreError. Blocking."""
+    snap = config.snapshot
+    store = open_store(snap.url, StoreOptions.from_config(snap))
+    key = crypto.load_key(snap.encryption_key_file) if snap.encryption_key_file else None
+    model_sha = ""
+    if config.server.kind == "llamacpp" and snap.model_path:
+        try:
+            model_sha = llamacpp.sha256_file(snap.model_path)
+        except OSError as exc:
+            raise StoreError(f"[snapshot] model_path {snap.model_path!r} cannot be read: {exc.strerror}") from None
+    return Prepared(store, key, model_sha)
+
+
+@dataclass(frozen=True)
+class Snapshotter:
+    """The ``Services.snapshot`` callable, built at startup by ``prepare``."""
+
+    prepared: Prepared
+
+    async def __call__(self, ctx: DrainContext) -> str:
+        return await take_snapshot(ctx, self.prepared)
+
+
+async def prepare(config: Config) -> Snapshotter:
+    return Snapshotter(await anyio.to_thread.run_sync(prepare_blocking, config))
+
+
+@dataclass
+class _Progress:
+    """What one snapshot has written so far (local to one call)."""
+
+    entries: list[Entry] = field(default_factory=list)
+    missing: list[Missing] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)
+    """Objects planned and not yet stored: name -> what it is (for the manifest's missing list)."""
+    requests: int = 0
+    engine: EngineState | None = None
+    interrupted: list[str] = field(default_factory=list)
+    """Requests we cut: the gate leaves them in the journal for us to remove once their records are stored."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    ctx: DrainContext
+    prepared: Prepared
+    prefix: str
+    progress: _Progress
+
+    def problem(self, reason: str, message: str) -> None:
+        """Record, log and count a problem; messages name objects and endpoints, never user data."""
+        self.progress.errors.append(message)
+        self.ctx.metrics.config_errors.labels(component="snapshot", reason=reason).inc()
+        self.ctx.log.warning("snapshot.problem", reason=reason, error=message)
+
+    async def store_object(self, name: str, kind: str, plain: bytes, **extra: object) -> None:
+        key = self.prepared.key
+        try:
+            size, digest = await seal_and_put(self.prepared.store, key, f"{self.prefix}/{name}", name, plain)
+        except StoreError:
+            self.ctx.metrics.snapshot_objects.labels(kind=kind, result="failed").inc()
+            raise
+        self.ctx.metrics.snapshot_objects.labels(kind=kind, result="ok").inc()
+        self.ctx.metrics.snapshot_bytes.labels(kind=kind).inc(size)
+        self.progress.pending.pop(name, None)
+        self.progress.entries.append(Entry(name=name, kind=kind, size=size, sha256=digest,
+                                           encrypted=key is not None, **extra))  # type: ignore[arg-type]
+
+
+SMALL = 256 * 1024
+"""Below this, hashing and sealing inline is cheaper than a worker thread."""
+
+
+async def seal_and_put(store: Store, key: crypto.Key | None, path: str, name: str, plain: bytes) -> tuple[int, str]:
+    """Encrypt (if a key is set), upload, and hash the stored bytes; returns (size, sha256).
+
+    For big objects the hash runs in a worker thread while the upload is in flight (both release
+    the GIL), so integrity costs no upload time.
+    """
+    if len(plain) < SMALL:
+        stored = crypto.encrypt(key, name, plain) if key else plain
+        await store.put(path, stored)
+        return len(stored), hashlib.sha256(stored).hexdigest()
+    # abandon_on_cancel: at the budget's end a thread still hashing a big file must not hold the step.
+    sealed = (await anyio.to_thread.run_sync(crypto.encrypt, key, name, plain, abandon_on_cancel=True)
+              if key else plain)
+    digests: list[str] = []
+
+    async def digest() -> None:
+        digests.append(await anyio.to_thread.run_sync(lambda: hashlib.sha256(sealed).hexdigest(),
+                                                      abandon_on_cancel=True))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(digest)
+        await store.put(path, sealed)
+    return len(sealed), digests[0]
+
+
+def _records(requests: list[InflightRequest]) -> list[tuple[list[str], bytes]]:
+    """Records as JSON Lines batches of at most RECORD_BATCH_BYTES (one record may exceed it alone)."""
+    now = rfc3339(utcnow())
+    batches: list[tuple[list[str], bytes]] = []
+    ids: list[str] = []
+    lines: list[bytes] = []
+    size = 0
+    for request in requests:
+        body, encoding = ContinuationRecord.encode_body(request.body)
+        line = ContinuationRecord(
+            id=request.id, endpoint=request.endpoint, model=request.model, stream=request.stream, body=body,
+            body_encoding=encoding, output=request.output_text, started_at=rfc3339(request.started_at),
+            captured_at=now, finish_reason=request.finish_reason, slot_id=request.slot_id,
+        ).to_json().encode() + b"\n"
+        if lines and size + len(line) > RECORD_BATCH_BYTES:
+            batches.append((ids, b"".join(lines)))
+            ids, lines, size = [], [], 0
+        ids.append(request.id)
+        lines.append(line)
+        size += len(line)
+    if lines:
+        batches.append((ids, b"".join(lines)))
+    return batches
+
+
+async def _upload_records(job: _Job, batches: list[tuple[list[str], bytes]]) -> None:
+    started = time.monotonic()
+    limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
+
+    async def one(index: int, ids: list[str], data: bytes) -> None:
+        async with limiter:
+            try:
+                await job.store_object(f"{RECORDS_DIR}/{index:06d}.jsonl", "records", data, request_ids=tuple(ids))
+            except StoreError as exc:
+                job.problem("store", f"records: {exc}")
+
+    async with anyio.create_task_group() as tg:
+        for index, (ids, data) in enumerate(batches):
+            job.progress.pending[f"{RECORDS_DIR}/{index:06d}.jsonl"] = f"records of {len(ids)} requests"
+            tg.start_soon(one, index, ids, data)
+    job.progress.timings["records_s"] = round(time.monotonic() - started, 4)
+
+
+async def _save_slots(job: _Job, slot_ids: list[int], time_for_saves: float) -> list[llamacpp.SavedSlot]:
+    """Ask llama-server to write each slot to its --slot-save-path; slots still busy after the time are skipped."""
+    ctx = job.ctx
+    saved: list[llamacpp.SavedSlot] = []
+    started = time.monotonic()
+    tag = safe_segment(ctx.notice.event_id)[:40]
+
+    async def one(slot_id: int) -> None:
+        try:
+            saved.append(await llamacpp.save(ctx.http, ctx.config.server.url, slot_id,
+                                             f"spotguard-{tag}-slot{slot_id}.bin", timeout=time_for_saves))
+        except EngineError as exc:
+            job.progress.missing.append(Missing(what=f"kv slot {slot_id}", reason=f"save failed: {exc}"))
+            job.ctx.metrics.config_errors.labels(component="snapshot", reason="engine").inc()
+
+    with anyio.move_on_after(time_for_saves) as scope:
+        async with anyio.create_task_group() as tg:
+            for slot_id in slot_ids:
+                tg.start_soon(one, slot_id)
+    if scope.cancelled_caught:
+        done = {s.slot_id for s in saved}
+        job.progress.missing.extend(Missing(what=f"kv slot {s}", reason="slot still busy when the save time ran out")
+                                    for s in slot_ids if s not in done)
+    job.progress.timings["kv_save_s"] = round(time.monotonic() - started, 4)
+    return saved
+
+
+def order_by_value(saved: list[llamacpp.SavedSlot]) -> list[llamacpp.SavedSlot]:
+    """Most compute saved per byte first (tokens / bytes), then smaller first: when time runs out, what is
+    left behind is the cheapest to redo."""
+    return sorted(saved, key=lambda s: (-(s.tokens / max(s.bytes, 1)), s.bytes))
+
+
+async def _upload_slots(job: _Job, saved: list[llamacpp.SavedSlot], owners: dict[int, str],
+                        engine: EngineState) -> None:
+    directory = job.ctx.config.snapshot.slot_save_path
+    started = time.monotonic()
+    ordered = order_by_value(saved)
+    for slot in ordered:
+        job.progress.pending[f"{KV_DIR}/slot-{slot.slot_id}.bin"] = f"kv slot {slot.slot_id} ({slot.tokens} tokens)"
+    limiter = anyio.CapacityLimiter(4)
+
+    async def one(slot: llamacpp.SavedSlot) -> None:
+        path = llamacpp.slot_file(directory, slot.filename)
+        async with limiter:
+            try:
+                data = await anyio.to_thread.run_sync(path.read_bytes, abandon_on_cancel=True)
+                owner = owners.get(slot.slot_id)
+                meta = {"slot_id": slot.slot_id, "request_id": owner, "tokens": slot.tokens, "bytes": slot.bytes,
+                        "model_sha256": engine.model_sha256, "n_ctx": engine.n_ctx,
+                        "total_slots": engine.total_slots, "kv_cache_types": engine.kv_cache_types}
+                name = f"{KV_DIR}/slot-{slot.slot_id}.bin"
+                await job.store_object(name, "kv", data, slot_id=slot.slot_id, tokens=slot.tokens,
+                                       request_ids=(owner,) if owner else ())
+                await job.store_object(f"{KV_DIR}/slot-{slot.slot_id}.json", "kv_meta",
+                                       json.dumps(meta, sort_keys=True).encode(), slot_id=slot.slot_id)
+            except (StoreError, OSError) as exc:
+                job.progress.pending.pop(f"{KV_DIR}/slot-{slot.slot_id}.bin", None)
+                job.progress.missing.append(Missing(what=f"kv slot {slot.slot_id}", reason=f"upload failed: {exc}"))
+                job.ctx.metrics.config_errors.labels(component="snapshot", reason="store").inc()
+            finally:
+                # The engine's copy is ours to clean up; a leftover slot file is disk the next VM never sees.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+
+    async with anyio.create_task_group() as tg:
+        for slot in ordered:
+            tg.start_soon(one, slot)
+    job.progress.timings["kv_upload_s"] = round(time.monotonic() - started, 4)
+
+
+async def _engine_state(job: _Job) -> EngineState:
+    config = job.ctx.config
+    try:
+        props = await llamacpp.props(job.ctx.http, config.server.url, timeout=1.0)
+    except EngineError as exc:
+        job.problem("engine", f"engine props: {exc}")
+        props = llamacpp.Props(0, 0, "", "")
+    return EngineState(kind="llamacpp", model_sha256=job.prepared.model_sha256, model_path=props.model_path,
+                       n_ctx=props.n_ctx, total_slots=props.total_slots,
+                       kv_cache_types=config.snapshot.kv_cache_types, build_info=props.build_info)
+
+
+async def _work(job: _Job, work_budget: float) -> None:
+    ctx = job.ctx
+    config = ctx.config
+    journal = ctx.services.journal
+    kv = config.server.kind == "llamacpp" and bool(config.server.url)
+    busy: list[int] = []
+    if kv:
+        try:
+            busy = [s.id for s in await llamacpp.slots(ctx.http, config.server.url, timeout=1.0) if s.is_processing]
+        except EngineError as exc:
+            job.problem("engine", f"engine slots: {exc}")
+    # llama.cpp: cut the streams first and let the gate settle them (output final, slot free, ~50 ms),
+    # so the records and the saved KV hold the same tokens.
+    requests: list[InflightRequest] = []
+    if journal is not None:
+        requests = (await journal.interrupt_and_wait(min(1.0, work_budget * 0.1)) if kv else journal.active())
+    job.progress.requests = len(requests)
+    owners = {r.slot_id: r.id for r in requests if r.slot_id is not None}
+    if len(requests) == 1 and len(busy) == 1 and not owners:
+        owners = {busy[0]: requests[0].id}
+    slot_ids = sorted(set(busy) | set(owners))
+    batches = _records(requests)
+    if kv and journal is not None:
+        job.progress.interrupted = [r.id for r in requests]
+    saved: list[llamacpp.SavedSlot] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_upload_records, job, batches)
+        if kv:
+            job.progress.engine = await _engine_state(job)
+            if slot_ids and not config.snapshot.slot_save_path:
+                job.progress.missing.append(Missing(what="kv slots", reason="[snapshot] slot_save_path is not set"))
+            elif slot_ids:
+                saved = await _save_slots(job, slot_ids, max(0.5, work_budget * 0.5))
+    if saved and job.progress.engine is not None:
+        await _upload_slots(job, saved, owners, job.progress.engine)
+
+
+async def take_snapshot(ctx: DrainContext, prepared: Prepared | None = None) -> str:
+    """Save in-flight context under ``<url>/<instance_id>/<event_id>/``; returns a one-line detail.
+
+    Raises ``StoreError`` (after a manifest attempt) when records or the manifest could not be stored.
+    """
+    config = ctx.config
+    budget = min(step_time_left(), ctx.seconds_left(), config.drain.snapshot_budget) - SAFETY
+    instance = ctx.services.identity.instance_id or config.agent.instance_id or socket.gethostname()
+    prefix = f"{safe_segment(instance)}/{safe_segment(ctx.notice.event_id)}"
+    requests = len(ctx.services.journal) if ctx.services.journal is not None else 0
+    if ctx.dry_run:
+        return f"would save {requests} in-flight requests to {config.snapshot.url}/{prefix}/"
+    if budget <= 0:
+        raise StoreError("no time left for a snapshot")
+    if prepared is None:
+        prepared = await anyio.to_thread.run_sync(prepare_blocking, config.replace("snapshot", model_path=""))
+    started = time.monotonic()
+    created = rfc3339(utcnow())
+    job = _Job(ctx, prepared, prefix, _Progress(requests=requests))
+    # The manifest's slice: enough for one small put, never more than half the budget.
+    reserve = min(max(0.5, budget * 0.15), 3.0, budget / 2)
+    with anyio.move_on_after(budget - reserve) as scope:
+        await _work(job, budget - reserve)
+    progress = job.progress
+    requests = progress.requests
+    if scope.cancelled_caught:
+        progress.errors.append(f"snapshot budget of {budget:.1f}s ran out")
+    progress.missing.extend(Missing(what=f"{name}: {what}", reason="failed" if not scope.cancelled_caught
+                                    else "budget ran out") for name, what in sorted(progress.pending.items()))
+    progress.timings["work_s"] = round(time.monotonic() - started, 4)
+    complete = not progress.missing and not progress.errors
+    manifest = Manifest(
+        instance_id=instance, event_id=ctx.notice.event_id, source=ctx.notice.source, notice_kind=ctx.notice.kind,
+        created_at=created, completed_at=rfc3339(utcnow()), complete=complete, requests=requests,
+        objects=tuple(sorted(progress.entries, key=lambda e: e.name)), missing=tuple(progress.missing),
+        encryption=prepared.key.describe() if prepared.key else {},
+        server_side_encryption=config.snapshot.server_side_encryption, engine=progress.engine,
+        timings={**progress.timings, "budget_s": round(budget, 3)},
+    )
+    where = f"{prepared.store.url}/{prefix}/"
+    manifest_error = ""
+    left = max(0.05, budget - (time.monotonic() - started))
+    with anyio.move_on_after(left) as manifest_scope:
+        try:
+            await prepared.store.put(f"{prefix}/{MANIFEST}", manifest.to_json())
+            ctx.metrics.snapshot_objects.labels(kind="manifest", result="ok").inc()
+        except SpotguardError as exc:
+            manifest_error = str(exc)
+    if manifest_scope.cancelled_caught:
+        manifest_error = f"manifest not stored within {left:.2f}s"
+    if manifest_error:
+        ctx.metrics.snapshot_objects.labels(kind="manifest", result="failed").inc()
+    stored_ids = {i for e in progress.entries if e.kind == "records" for i in e.request_ids}
+    if ctx.services.journal is not None:
+        for request_id in progress.interrupted:
+            if request_id in stored_ids:
+                ctx.services.journal.remove(request_id)
+    records = len(stored_ids)
+    kv = sum(1 for e in progress.entries if e.kind == "kv")
+    summary = f"{records}/{requests} records, {kv} kv slots, {len(progress.missing)} missing"
+    ctx.log.info("snapshot.done", where=where, complete=complete and not manifest_error, records=records,
+                 requests=requests, kv_slots=kv, missing=len(progress.missing),
+                 seconds=round(time.monotonic() - started, 3))
+    if manifest_error or records < requests:
+        problems = "; ".join([*progress.errors, *([manifest_error] if manifest_error else [])])
+        raise StoreError(f"snapshot {where} incomplete ({summary}): {problems or 'records not stored'}")
+    return f"{where}: {summary}" + ("" if complete else f" ({'; '.join(progress.errors) or 'see manifest'})")

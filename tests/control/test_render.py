@@ -1,0 +1,64 @@
+"""``spotguard status`` text from a status document shaped like the daemon's."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from spotguard.control.render import format_status
+from spotguard.notice import parse_rfc3339
+
+NOW = parse_rfc3339("2026-11-23T06:00:30Z")
+
+
+def doc() -> dict[str, object]:
+    return {
+        "state": "draining",
+        "cloud": "aws",
+        "notice": {"source": "aws", "kind": "spot-interruption", "event_id": "i-0abc",
+                   "deadline": "2026-11-23T06:02:00.000Z", "detected_at": "2026-11-23T06:00:00.120Z"},
+        "drain_deadline": "2026-11-23T06:01:55.000Z",
+        "steps": [
+            {"name": "readiness", "state": "done", "outcome": "ok", "started_at": "2026-11-23T06:00:00.200Z",
+             "finished_at": "2026-11-23T06:00:00.201Z", "detail": "marked not ready", "duration": 0.001},
+            {"name": "deregister", "state": "done", "outcome": "timed_out",
+             "started_at": "2026-11-23T06:00:00.200Z", "finished_at": "2026-11-23T06:00:15.200Z",
+             "detail": "hung-lb: no answer within 15.00s " + "x" * 100, "duration": 15.0},
+            {"name": "wait_inflight", "state": "running", "outcome": None,
+             "started_at": "2026-11-23T06:00:10.000Z", "finished_at": None, "detail": "", "duration": None},
+            {"name": "snapshot", "state": "pending", "outcome": None, "started_at": None, "finished_at": None,
+             "detail": "", "duration": None},
+        ],
+    }
+
+
+def test_a_drain_in_progress_reads_as_a_timeline() -> None:
+    text = format_status(doc(), now=NOW)
+    lines = text.splitlines()
+    assert lines[0] == "state:    draining"
+    assert lines[1] == "cloud:    aws"
+    assert lines[2] == "notice:   aws spot-interruption (event i-0abc)"
+    assert lines[3] == "deadline: 2026-11-23T06:02:00Z (in 1m30s)"
+    header = next(line for line in lines if line.startswith("STEP"))
+    assert header.split() == ["STEP", "STATE", "OUTCOME", "STARTED", "DURATION", "LEFT", "DETAIL"]
+    readiness = next(line for line in lines if line.startswith("readiness"))
+    assert readiness.split()[:6] == ["readiness", "done", "ok", "06:00:00.200Z", "0.0s", "1m55s"]
+    dereg = next(line for line in lines if line.startswith("deregister"))
+    assert "timed_out" in dereg and "15.0s" in dereg and "1m40s" in dereg and dereg.endswith("…")
+    running = next(line for line in lines if line.startswith("wait_inflight"))
+    assert running.split()[:6] == ["wait_inflight", "running", "-", "06:00:10.000Z", "20.0s…", "1m25s"]
+    assert next(line for line in lines if line.startswith("snapshot")).split() == \
+        ["snapshot", "pending", "-", "-", "-", "-"]
+    assert lines[-1] == "2 of 4 steps done"
+
+
+def test_serving_without_a_notice_and_a_passed_deadline() -> None:
+    assert format_status({"state": "serving", "cloud": None, "notice": None, "steps": []}, now=NOW) == (
+        "state:    serving\ncloud:    none\nnotice:   none\ndrain:    no drain has run\n")
+    late = format_status(doc(), now=NOW + timedelta(minutes=3))
+    assert "(passed 1m30s ago)" in late
+
+
+def test_a_malformed_document_still_renders() -> None:
+    text = format_status({"state": "drained", "notice": {"deadline": "garbage"}, "steps": [{"name": "x"}, 5]},
+                         now=NOW)
+    assert "notice:   ? ? (event ?)" in text and "x     pending" in text

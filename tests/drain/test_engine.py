@@ -1,0 +1,313 @@
+"""The drain engine with the real steps: DAG order, budgets, deadline, tighten, resume, dry run."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import httpx
+import pytest
+
+from spotguard.drain import STEP_NAMES, DrainEngine, Timeline, plan
+from spotguard.drain.step import DrainContext, StepResult
+from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.metrics import Metrics
+from spotguard.notice import utcnow, window
+from tests.drain.support import (
+    FakeBalancer,
+    FakeEngine,
+    Receiver,
+    config,
+    context,
+    notice,
+    receivers,
+    seconds_between,
+    services,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_full_drain_reaches_every_target() -> None:
+    engine = FakeEngine(inflight=3, finish_every=0.05)
+    lb = FakeBalancer()
+    ready: list[bool] = []
+    acked: list[str] = []
+    saved: list[float] = []
+
+    async def acknowledge(event_id: str) -> str:
+        acked.append(event_id)
+        return f"approved {event_id}"
+
+    async def snapshot(ctx: DrainContext) -> str:
+        saved.append(ctx.seconds_left())
+        return "saved 0 requests"
+
+    persisted: list[str] = []
+    async with receivers(Receiver()) as (hook,):
+        cfg = config(urls=[hook.url])
+        the_notice = notice(seconds=20, source="azure", kind="Preempt", event_id="C7061BAC")
+        svc = services(engine, lb, set_ready=ready.append, acknowledge=acknowledge, snapshot=snapshot)
+        metrics = Metrics()
+        async with httpx.AsyncClient() as http:
+            ctx = context(cfg, the_notice, svc, http, metrics=metrics)
+            drain = DrainEngine(plan(cfg), ctx, on_change=lambda t: persisted.append(json.dumps(t.to_json())))
+            with anyio.fail_after(10):
+                timeline = await drain.run()
+
+    assert [r.name for r in timeline.steps] == list(STEP_NAMES)
+    outcomes = {r.name: r.outcome for r in timeline.steps}
+    assert outcomes == dict.fromkeys(STEP_NAMES, "ok"), timeline.to_json()
+    assert ready == [False]
+    assert acked == ["C7061BAC"]
+    assert lb.completed == [False] and lb.heartbeats >= 1
+    assert len(saved) == 1
+    assert "no requests in flight" in timeline.step("wait_inflight").detail
+    # Start webhook at once, end webhook after the work, both Slack-compatible text.
+    assert [d.body["text"].split(":")[0] for d in hook.deliveries] == ["spotguard", "spotguard"]
+    assert "draining i-0abc" in hook.deliveries[0].body["text"]
+    assert "finished" in hook.deliveries[1].body["text"]
+    assert "snapshot ok" in hook.deliveries[1].body["text"]
+    # Every transition was handed over; the last one is the finished timeline, and it reads back.
+    assert len(persisted) >= 2 * len(STEP_NAMES) + 1
+    assert Timeline.from_json(json.loads(persisted[-1])).to_json() == timeline.to_json()
+    assert timeline.result == "ok" and timeline.finished_at is not None
+    assert sample(metrics, "spotguard_drains_total", source="azure", result="ok") == 1
+    assert sample(metrics, "spotguard_drain_step_duration_seconds_count", step="snapshot", outcome="ok") == 1
+    assert sample(metrics, "spotguard_drain_slack_seconds") > 10
+
+
+async def test_stop_accepting_and_deregister_run_concurrently() -> None:
+    engine = FakeEngine(stop_delay=0.5)
+    lb = FakeBalancer(delay=0.5)
+    cfg = config()
+    async with httpx.AsyncClient() as http:
+        ctx = context(cfg, notice(seconds=20), services(engine, lb), http)
+        with anyio.fail_after(10):
+            timeline = await DrainEngine(plan(cfg), ctx).run()
+    stop, dereg = timeline.step("stop_accepting"), timeline.step("deregister")
+    assert stop.outcome == dereg.outcome == "ok"
+    assert abs(seconds_between(stop.started_at, dereg.started_at)) < 0.1
+    # Had one waited for the other, the pair would take 1 s; together they overlap.
+    assert seconds_between(min(stop.started_at, dereg.started_at),  # type: ignore[type-var]
+                           max(stop.finished_at, dereg.finished_at)) < 0.85  # type: ignore[type-var]
+    # wait_inflight starts only once stop_accepting is over.
+    assert seconds_between(stop.finished_at, timeline.step("wait_inflight").started_at) >= 0
+
+
+async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadline() -> None:
+    engine = FakeEngine(inflight=1, finish_every=0.0)  # a request that never finishes
+    hung_lb = FakeBalancer("hung-lb", delay=None)
+    ok_lb = FakeBalancer("ok-lb")
+
+    async def hanging_snapshot(ctx: DrainContext) -> str:
+        await anyio.sleep_forever()
+        return "unreachable"
+
+    cfg = config(deregister_budget=0.5, wait_inflight_budget=60, snapshot_budget=60)
+    the_notice = notice(seconds=4)
+    svc = services(engine, hung_lb, ok_lb, snapshot=hanging_snapshot)
+    async with httpx.AsyncClient() as http:
+        ctx = context(cfg, the_notice, svc, http)
+        with anyio.fail_after(10):
+            timeline = await DrainEngine(plan(cfg), ctx).run()
+    dereg = timeline.step("deregister")
+    assert dereg.outcome == "timed_out" and dereg.duration is not None and 0.4 < dereg.duration < 0.7
+    assert "ok-lb: deregistered" in dereg.detail and "hung-lb: no answer" in dereg.detail
+    assert timeline.step("wait_inflight").outcome == "timed_out"
+    assert "1 requests still in flight" in timeline.step("wait_inflight").detail
+    assert timeline.step("snapshot").outcome == "timed_out"
+    # The steps after the hung ones still ran, inside the deadline.
+    assert timeline.step("acknowledge").outcome == "ok"
+    assert timeline.step("notify_end").outcome == "skipped"
+    assert timeline.finished_at is not None and timeline.finished_at < the_notice.deadline
+    assert timeline.result == "failed"
+
+
+async def test_failed_step_never_stops_the_ones_after_it() -> None:
+    engine = FakeEngine(fail_stop=True, knows_inflight=False)
+    journal = Journal()
+    cfg = config()
+    async with httpx.AsyncClient() as http:
+        ctx = context(cfg, notice(seconds=10), services(engine, journal=journal), http)
+        with anyio.fail_after(10):
+            timeline = await DrainEngine(plan(cfg), ctx).run()
+    assert timeline.step("stop_accepting").outcome == "failed"
+    assert "EngineError: engine refused to stop" in timeline.step("stop_accepting").detail
+    # The gate journal still tells wait_inflight there is nothing running.
+    assert timeline.step("wait_inflight").outcome == "ok"
+    assert timeline.step("deregister").outcome == "skipped"
+    assert timeline.step("deregister").detail == "no load balancer configured"
+    assert timeline.step("snapshot").detail == "no snapshot store configured"
+    assert all(r.state == "done" for r in timeline.steps)
+
+
+async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_snapshot() -> None:
+    journal = Journal()
+    request = InflightRequest(id=journal.new_id(), endpoint="/v1/completions", model="m", body=b"{}", stream=True)
+    journal.add(request)
+    engine = FakeEngine(inflight=0)
+    snap_left: list[float] = []
+
+    async def snapshot(ctx: DrainContext) -> str:
+        snap_left.append(ctx.seconds_left())
+        return "saved 1 request"
+
+    cfg = config(wait_inflight_budget=60, snapshot_budget=3)
+    async with httpx.AsyncClient() as http:
+        ctx = context(cfg, notice(seconds=6), services(engine, journal=journal, snapshot=snapshot), http)
+        with anyio.fail_after(10):
+            timeline = await DrainEngine(plan(cfg), ctx).run()
+    waited = timeline.step("wait_inflight")
+    assert waited.outcome == "timed_out" and waited.duration is not None
+    # 6 s left: wait_inflight keeps min(3, 50%) for the snapshot and 0.6 s for the tail.
+    assert 2.0 < waited.duration < 2.6
+    assert snap_left and snap_left[0] > 2.5
+
+    journal.remove(request.id)
+
+
+async def test_tighten_moves_running_scopes_to_the_earlier_deadline() -> None:
+    started = anyio.Event()
+
+    async def slow_snapshot(ctx: DrainContext) -> str:
+        started.set()
+        await anyio.sleep_forever()
+        return "unreachable"
+
+    cfg = config(snapshot_budget=60)
+    first = notice(seconds=60)
+    changes: list[Timeline] = []
+    async with httpx.AsyncClient() as http:
+        ctx = context(cfg, first, services(FakeEngine(), snapshot=slow_snapshot), http)
+        drain = DrainEngine(plan(cfg), ctx, on_change=changes.append)
+        result: list[Timeline] = []
+
+        async def run() -> None:
+            result.append(await drain.run())
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await started.wait()
+                earlier = window(2.0)
+                assert drain.tighten(earlier) is True
+                assert drain.tighten(window(30.0)) is False  # a later deadline never loosens it
+    timeline = result[0]
+    assert timeline.deadline == earlier
+    snap = timeline.step("snapshot")
+    assert snap.outcome == "timed_out" and snap.duration is not None and snap.duration < 2.0
+    # The snapshot kept the tail's share of the new deadline, so acknowledge and notify_end ran.
+    assert timeline.step("acknowledge").outcome == "skipped"
+    assert timeline.finished_at is not None and timeline.finished_at <= earlier
+    assert any(t.deadline == earlier and not t.done for t in changes)
+
+
+async def test_resume_never_repeats_finished_steps() -> None:
+    engine = FakeEngine(inflight=0)
+    lb = FakeBalancer()
+    cfg = config()
+    the_notice = notice(seconds=20)
+    now = utcnow()
+    persisted = {
+        "version": 1, "notice_key": the_notice.key, "deadline": the_notice.to_json()["deadline"],
+        "started_at": now.isoformat(), "finished_at": None, "dry_run": False, "result": None,
+        "steps": [
+            {"name": "readiness", "state": "done", "outcome": "ok", "started_at": now.isoformat(),
+             "finished_at": now.isoformat(), "duration": 0.0, "detail": "marked not ready", "attempts": 1},
+            {"name": "stop_accepting", "state": "done", "outcome": "ok", "duration": 0.2, "detail": "stopped",
+             "attempts": 1},
+            {"name": "deregister", "state": "done", "outcome": "failed", "duration": 1.0, "detail": "denied",
+             "attempts": 1},
+            {"name": "wait_inflight", "state": "running", "started_at": now.isoformat(), "attempts": 1},
+        ],
+    }
+    resumed = Timeline.from_json(json.loads(json.dumps(persisted)))
+    ready: list[bool] = []
+    async with httpx.AsyncClient() as http:
+        ctx = context(cfg, the_notice, services(engine, lb, set_ready=ready.append), http)
+        with anyio.fail_after(10):
+            timeline = await DrainEngine(plan(cfg), ctx, timeline=resumed).run()
+    assert engine.stop_calls == [] and lb.deregistered == [] and ready == []
+    assert timeline.step("deregister").outcome == "failed"  # kept as it was, not retried
+    wait = timeline.step("wait_inflight")
+    assert wait.outcome == "ok" and wait.attempts == 2  # left running by the crash: run again
+    assert timeline.step("notify_start").attempts == 1
+    assert timeline.started_at == resumed.started_at
+    assert all(r.state == "done" for r in timeline.steps)
+
+
+async def test_dry_run_does_nothing_and_says_what_it_would_do() -> None:
+    engine = FakeEngine(inflight=2)
+    lb = FakeBalancer()
+    ready: list[bool] = []
+    acked: list[str] = []
+
+    async def acknowledge(event_id: str) -> str:
+        acked.append(event_id)
+        return "approved"
+
+    async def snapshot(ctx: DrainContext) -> str:
+        raise AssertionError("a dry run must not snapshot")
+
+    async with receivers(Receiver()) as (hook,):
+        cfg = config(urls=[hook.url])
+        svc = services(engine, lb, set_ready=ready.append, acknowledge=acknowledge, snapshot=snapshot)
+        async with httpx.AsyncClient() as http:
+            ctx = context(cfg, notice(seconds=20, source="azure", kind="Preempt"), svc, http, dry_run=True)
+            with anyio.fail_after(10):
+                timeline = await DrainEngine(plan(cfg), ctx).run()
+        assert hook.requests == 0
+    assert {r.outcome for r in timeline.steps} == {"dry_run"}, timeline.to_json()
+    assert ready == [] and acked == [] and engine.stopped_at is None
+    assert [dry for _, dry in engine.stop_calls] == [True]
+    assert [dry for _, _, dry in lb.deregistered] == [True] and lb.completed == [True]
+    assert "would wait up to" in timeline.step("wait_inflight").detail
+    assert "2 in-flight" in timeline.step("snapshot").detail
+    assert "SECRET" not in timeline.step("notify_start").detail
+    assert timeline.result == "dry_run" and timeline.dry_run
+
+
+async def test_a_step_that_raises_in_its_budget_and_one_without_time() -> None:
+    class Broken:
+        name = "broken"
+        after: tuple[str, ...] = ()
+
+        def budget(self, ctx: DrainContext) -> float:
+            raise ZeroDivisionError("bad budget")
+
+        async def run(self, ctx: DrainContext) -> str | StepResult:
+            return StepResult("skipped", "nothing to do")
+
+    cfg = config()
+    async with httpx.AsyncClient() as http:
+        ctx = context(cfg, notice(seconds=0), services(FakeEngine()), http)  # deadline already reached
+        with anyio.fail_after(5):
+            timeline = await DrainEngine([Broken()], ctx).run()
+    assert timeline.step("broken").outcome == "timed_out"
+    assert timeline.step("broken").detail == "no time left before the drain deadline"
+
+
+def test_a_plan_with_a_cycle_is_refused() -> None:
+    class Loop:
+        def __init__(self, name: str, after: str) -> None:
+            self.name, self.after = name, (after,)
+
+        def budget(self, ctx: DrainContext) -> float:
+            return 1.0
+
+        async def run(self, ctx: DrainContext) -> str:
+            return ""
+
+    from spotguard.drain import check_plan
+
+    with pytest.raises(ValueError, match="cycle"):
+        check_plan([Loop("a", "b"), Loop("b", "a")])
+    with pytest.raises(ValueError, match="unknown"):
+        check_plan([Loop("a", "zzz")])
+    check_plan(plan(config()))

@@ -1,0 +1,81 @@
+"""Single steps, run by the engine, where their choice depends on the cloud and the configuration."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+
+from spotguard.config import Config
+from spotguard.drain import DrainContext, DrainEngine, Step, StepResult, Timeline
+from spotguard.drain.balancers import Acknowledge
+from spotguard.drain.serving import WaitInflight
+from spotguard.errors import MetadataUnavailable
+from spotguard.notice import Notice
+from spotguard.services import Services
+from tests.drain.support import FakeBalancer, FakeEngine, config, context, notice, services
+
+pytestmark = pytest.mark.anyio
+
+
+class Alone:
+    """The step itself, without the steps it normally waits for."""
+
+    after: tuple[str, ...] = ()
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        self.name = step.name
+
+    def budget(self, ctx: DrainContext) -> float:
+        return self.step.budget(ctx)
+
+    async def run(self, ctx: DrainContext) -> str | StepResult:
+        return await self.step.run(ctx)
+
+
+async def run_one(step: Step, cfg: Config, the_notice: Notice, svc: Services) -> Timeline:
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            return await DrainEngine([Alone(step)], context(cfg, the_notice, svc, http), background=()).run()
+
+
+async def test_acknowledge_only_approves_azure_events_when_configured() -> None:
+    approved: list[str] = []
+
+    async def approve(event_id: str) -> str:
+        approved.append(event_id)
+        return f"approved {event_id}"
+
+    svc = services(FakeEngine(), acknowledge=approve)
+    aws = await run_one(Acknowledge(), config(), notice(source="aws"), svc)
+    assert aws.step("acknowledge").outcome == "skipped"
+    assert aws.step("acknowledge").detail == ("nothing to acknowledge: a aws notice has no approval call "
+                                              "and no load balancer configured")
+    off = config().replace("azure", acknowledge=False)
+    azure_off = await run_one(Acknowledge(), off, notice(source="azure", kind="Preempt"), svc)
+    assert "[azure] acknowledge is off" in azure_off.step("acknowledge").detail
+    assert approved == []
+    azure = await run_one(Acknowledge(), config(), notice(source="azure", kind="Preempt", event_id="E-1"), svc)
+    assert azure.step("acknowledge").outcome == "ok" and approved == ["E-1"]
+
+
+async def test_a_failed_approval_is_reported_and_lifecycle_hooks_still_complete() -> None:
+    async def approve(event_id: str) -> str:
+        raise MetadataUnavailable("POST scheduledevents: HTTP 500")
+
+    lb = FakeBalancer("asg-hook")
+    svc = services(FakeEngine(), lb, acknowledge=approve)
+    timeline = await run_one(Acknowledge(), config(), notice(source="azure", kind="Preempt"), svc)
+    step = timeline.step("acknowledge")
+    assert step.outcome == "failed"
+    assert "azure: MetadataUnavailable: POST scheduledevents: HTTP 500" in step.detail
+    assert "asg-hook: no lifecycle hook configured" in step.detail and lb.completed == [False]
+
+
+async def test_wait_inflight_without_any_count_does_not_wait() -> None:
+    svc = services(FakeEngine(knows_inflight=False))
+    timeline = await run_one(WaitInflight(), config(), notice(), svc)
+    step = timeline.step("wait_inflight")
+    assert step.outcome == "skipped" and step.duration is not None and step.duration < 0.5
+    assert "cannot report in-flight requests" in step.detail

@@ -1,0 +1,86 @@
+"""The incremental SSE / final-body parser that fills journal entries."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotguard.gate.journal import InflightRequest
+from spotguard.gate.output import MAX_PENDING, OutputParser, request_meta
+from tests.support.openai_upstream import chat_chunk, completion_chunk, final_body, token
+
+pytestmark = pytest.mark.anyio  # anyio.Event in InflightRequest wants a running loop
+
+
+def entry() -> InflightRequest:
+    return InflightRequest(id="req-1", endpoint="/v1/chat/completions", model="m", body=b"{}", stream=True)
+
+
+def chat_stream(n: int) -> bytes:
+    return b"".join(chat_chunk(i, token(i)) for i in range(n)) + chat_chunk(n, None, "stop") + b"data: [DONE]\n\n"
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=30), crlf=st.booleans())
+async def test_any_chunking_gives_the_same_output(cuts: list[int], crlf: bool) -> None:
+    stream = chat_stream(12)
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    request = entry()
+    parser = OutputParser(request, chat=True)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    for start, end in itertools.pairwise(bounds):
+        parser.feed(stream[start:end])
+    parser.finish()
+    assert request.output_text == "".join(token(i) for i in range(12))
+    assert request.finish_reason == "stop" and parser.errors == 0
+
+
+async def test_completions_stream_and_final_bodies() -> None:
+    request = entry()
+    parser = OutputParser(request, chat=False)
+    parser.feed(completion_chunk("a") + completion_chunk("b", "length") + b"data: [DONE]\n\n")
+    assert (request.output_text, request.finish_reason) == ("ab", "length")
+    for chat in (True, False):
+        final = entry()
+        OutputParser(final, chat=chat).parse_body(final_body(chat, "whole answer"))
+        assert final.output == ["whole answer"] and final.finish_reason == "length"
+
+
+async def test_llama_cpp_extras_are_understood() -> None:
+    request = entry()
+    parser = OutputParser(request, chat=False)
+    verbose = {"choices": [{"text": "x", "index": 0, "finish_reason": None}], "__verbose": {"id_slot": 3}}
+    parser.feed(b": ping\n\nevent: message\ndata: " + json.dumps(verbose).encode() + b"\n\n")
+    usage_only = {"choices": [], "usage": {"completion_tokens": 1}}
+    parser.feed(b"data: " + json.dumps(usage_only).encode() + b"\n\n")
+    parser.feed(b'data: {"error": {"message": "context full"}}\n\n')
+    parser.finish()
+    assert (request.output, request.slot_id, parser.errors) == (["x"], 3, 0)
+
+
+@pytest.mark.parametrize("garbage", [b"data: {nope\n\n", b"data: [1,2]\n\n", b"data: {}\n\n",
+                                     b'data: {"choices": [{"delta": {"content": 5}}]}\n\n', b"data: null\n\n"])
+async def test_garbage_is_counted_not_raised(garbage: bytes) -> None:
+    request = entry()
+    parser = OutputParser(request, chat=True)
+    parser.feed(chat_chunk(0, "ok") + garbage + chat_chunk(1, "!"))
+    assert request.output_text == "ok!" and parser.errors == 1
+
+
+async def test_a_stream_without_newlines_stops_being_parsed() -> None:
+    request = entry()
+    parser = OutputParser(request, chat=True)
+    parser.feed(b"x" * (MAX_PENDING + 1))
+    parser.feed(chat_chunk(0, "late"))
+    parser.finish()
+    assert request.output == [] and parser.errors == 1
+
+
+def test_request_meta() -> None:
+    assert request_meta(b'{"model": "m", "stream": true, "id_slot": 1}') == ("m", True, 1)
+    assert request_meta(b'{"stream": "yes", "id_slot": -1}') == ("", False, None)
+    assert request_meta(b"[1]") is None and request_meta(b"{") is None

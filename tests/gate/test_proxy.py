@@ -1,0 +1,247 @@
+"""The gate in front of a fake OpenAI-compatible engine, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import pytest
+
+from tests.support.gate import StartGate
+from tests.support.moto import free_port
+from tests.support.openai_upstream import FakeEngine, token
+
+pytestmark = pytest.mark.anyio
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+async def wait_for(condition: object, timeout: float = 5.0) -> None:
+    """Poll ``condition()`` until true, failing after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while not condition():  # type: ignore[operator]
+            await anyio.sleep(0.005)
+
+
+async def read_events(lines: AsyncIterator[str], count: int) -> list[str]:
+    """The next ``count`` SSE data payloads."""
+    events: list[str] = []
+    async for line in lines:
+        if line.startswith("data: "):
+            events.append(line[6:])
+            if len(events) == count:
+                break
+    return events
+
+
+def chat_body(**extra: object) -> bytes:
+    return json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], **extra}).encode()
+
+
+async def test_stream_is_journaled_with_output_so_far(fake_engine: FakeEngine, start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    body = chat_body(stream=True, max_tokens=6, x_hold_after=3)
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        with anyio.fail_after(10):
+            async with client.stream("POST", CHAT, content=body, headers={"content-type": "application/json"}) as resp:
+                assert resp.status_code == 200
+                assert resp.headers["content-type"] == "text/event-stream"
+                lines = resp.aiter_lines()
+                assert len(await read_events(lines, 3)) == 3
+                [entry] = gw.journal.active()
+                assert entry.endpoint == CHAT and entry.model == "fake-model" and entry.stream
+                assert entry.body == body  # unchanged, byte for byte
+                assert entry.output_text == token(0) + token(1) + token(2)
+                assert gw.metrics.registry.get_sample_value("spotguard_gate_inflight_requests") == 1
+                fake_engine.release.set()
+                rest = [event async for event in _data(lines)]
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
+    assert len(gw.journal) == 0
+    assert gw.count("chat", "ok") == 1
+
+
+async def _data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    async for line in lines:
+        if line.startswith("data: "):
+            yield line[6:]
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_answers_are_passed_through_byte_for_byte(fake_engine: FakeEngine, start_gate: StartGate,
+                                                        path: str, stream: bool) -> None:
+    gw = await start_gate(fake_engine.url)
+    body = json.dumps({"model": "m", "prompt": "x", "messages": [], "stream": stream, "max_tokens": 5}).encode()
+    async with httpx.AsyncClient() as client:
+        with anyio.fail_after(10):
+            direct = await client.post(fake_engine.url + path, content=body)
+            gated = await client.post(gw.url + path, content=body)
+    assert gated.status_code == direct.status_code == 200
+    assert gated.content == direct.content
+    assert gated.headers["content-type"] == direct.headers["content-type"]
+    assert len(gw.journal) == 0
+    assert gw.count("chat" if path == CHAT else "completions", "ok") == 1
+
+
+async def test_non_streaming_request_is_journaled_while_the_engine_works(fake_engine: FakeEngine,
+                                                                         start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    body = json.dumps({"model": "m", "prompt": "p", "max_tokens": 3, "x_hold_after": 0}).encode()
+    async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
+        answers: list[httpx.Response] = []
+
+        async def call() -> None:
+            answers.append(await client.post(gw.url + COMPLETIONS, content=body, timeout=10))
+
+        tg.start_soon(call)
+        await wait_for(lambda: fake_engine.holding == 1)
+        [entry] = gw.journal.active()
+        assert (entry.endpoint, entry.model, entry.stream, entry.output) == (COMPLETIONS, "m", False, [])
+        fake_engine.release.set()
+        await wait_for(lambda: bool(answers))
+    assert answers[0].json()["choices"][0]["text"] == "tok0 tok1 tok2 "
+    assert len(gw.journal) == 0
+
+
+async def test_draining_refuses_new_requests_while_in_flight_streams_continue(fake_engine: FakeEngine,
+                                                                              start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url, retry_after=7)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        with anyio.fail_after(10):
+            async with client.stream("POST", CHAT, content=chat_body(stream=True, max_tokens=4, x_hold_after=2)) as resp:
+                lines = resp.aiter_lines()
+                await read_events(lines, 2)
+                gw.gate.set_draining(True)
+                for method, path in (("POST", CHAT), ("POST", COMPLETIONS), ("GET", "/v1/models")):
+                    refused = await client.request(method, path, content=chat_body() if method == "POST" else None)
+                    assert refused.status_code == 503
+                    assert refused.headers["retry-after"] == "7"
+                    assert refused.json()["error"]["type"] == "unavailable"
+                fake_engine.release.set()
+                rest = [event async for event in _data(lines)]
+            assert rest[-1] == "[DONE]"  # the in-flight stream ran to its end
+            assert gw.count("chat", "rejected") == 1 and gw.count("other", "rejected") == 1
+            gw.gate.set_draining(False)
+            assert (await client.post(COMPLETIONS, content=b'{"prompt":"x"}')).status_code == 200
+
+
+async def test_interrupt_closes_upstream_and_ends_the_stream_cleanly(fake_engine: FakeEngine,
+                                                                     start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        with anyio.fail_after(10):
+            async with client.stream("POST", CHAT, content=chat_body(stream=True, max_tokens=9, x_hold_after=2)) as resp:
+                lines = resp.aiter_lines()
+                await read_events(lines, 2)
+                cut = await gw.journal.interrupt_and_wait(timeout=5)
+                rest = [event async for event in _data(lines)]  # ends: the gate closed the body
+    assert len(cut) == 1 and cut[0].settled.is_set()
+    assert rest == [rest[-1]] and json.loads(rest[-1])["error"]["type"] == "interrupted_for_migration"
+    await wait_for(lambda: fake_engine.disconnects == 1)  # the engine saw its connection close
+    assert fake_engine.streams_open == 0
+    # The entry stays, with its output, until the snapshot step releases it.
+    [entry] = gw.journal.active()
+    assert entry is cut[0] and entry.output_text == token(0) + token(1) and entry.finish_reason is None
+    gw.journal.remove(entry.id)
+    assert len(gw.journal) == 0
+    assert gw.count("chat", "interrupted") == 1
+
+
+async def test_interrupt_before_a_non_streaming_answer_gives_503(fake_engine: FakeEngine,
+                                                                 start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url, retry_after=3)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client, anyio.create_task_group() as tg:
+        answers: list[httpx.Response] = []
+
+        async def call() -> None:
+            answers.append(await client.post(COMPLETIONS, content=b'{"prompt":"p","x_hold_after":0}'))
+
+        tg.start_soon(call)
+        await wait_for(lambda: fake_engine.holding == 1)
+        with anyio.fail_after(5):
+            await gw.journal.interrupt_and_wait(timeout=5)
+        await wait_for(lambda: bool(answers))
+        await wait_for(lambda: fake_engine.holding == 0)  # the engine's request was cancelled
+    assert answers[0].status_code == 503 and answers[0].headers["retry-after"] == "3"
+    assert answers[0].json()["error"]["type"] == "interrupted_for_migration"
+    assert len(gw.journal) == 1
+
+
+async def test_client_disconnect_cancels_upstream_and_drops_the_entry(fake_engine: FakeEngine,
+                                                                      start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        with anyio.fail_after(10):
+            async with client.stream("POST", CHAT, content=chat_body(stream=True, max_tokens=9, x_hold_after=2)) as resp:
+                await read_events(resp.aiter_lines(), 2)
+                assert len(gw.journal) == 1
+            # leaving the block closes the client's connection mid-stream
+    await wait_for(lambda: fake_engine.disconnects == 1 and len(gw.journal) == 0)
+    await wait_for(lambda: gw.count("chat", "client_disconnect") == 1)
+
+
+async def test_other_requests_pass_through_untouched(fake_engine: FakeEngine, start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    headers = {"authorization": "Bearer s3cret", "x-custom": "a b", "content-type": "application/octet-stream"}
+    payload = bytes(range(256)) * 10
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        with anyio.fail_after(10):
+            put = await client.put("/slots/0?action=save&x=%2F1", content=payload, headers=headers)
+            teapot = await client.get("/v1/models?status=418")
+            get_chat = await client.get(CHAT)  # not a POST: not journaled
+            streamed = await client.get("/stream-other")
+    assert put.status_code == 200 and put.headers["x-engine"] == "fake"
+    echo = put.json()
+    assert (echo["method"], echo["path"], echo["query"]) == ("PUT", "/slots/0", "action=save&x=%2F1")
+    assert base64.b64decode(echo["body"]) == payload
+    seen = dict((k, v) for k, v in echo["headers"])
+    assert {k: seen[k] for k in headers} == headers  # authorization forwarded as is
+    assert seen["host"] == fake_engine.url.removeprefix("http://")
+    assert teapot.status_code == 418
+    assert get_chat.json()["method"] == "GET" and len(gw.journal) == 0
+    assert streamed.text == "".join(f"part{i}\n" for i in range(5))
+    assert gw.count("other", "ok") == 4
+
+
+async def test_malformed_upstream_is_passed_through_and_counted(fake_engine: FakeEngine,
+                                                                start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    async with httpx.AsyncClient(timeout=10) as client:
+        with anyio.fail_after(10):
+            for extra in ({"stream": True, "x_malformed": "sse"}, {"x_malformed": "json"}):
+                body = chat_body(max_tokens=3, **extra)
+                direct = await client.post(fake_engine.url + CHAT, content=body)
+                gated = await client.post(gw.url + CHAT, content=body)
+                assert gated.status_code == 200 and gated.content == direct.content
+            again = await client.post(gw.url + CHAT, content=chat_body(max_tokens=2))
+    assert again.status_code == 200
+    assert gw.count("chat", "malformed") == 2 and gw.count("chat", "ok") == 1
+    assert len(gw.journal) == 0
+
+
+async def test_request_body_that_is_not_json_goes_to_the_engine_unjournaled(fake_engine: FakeEngine,
+                                                                            start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    async with httpx.AsyncClient(timeout=10) as client:
+        with anyio.fail_after(10):
+            answer = await client.post(gw.url + CHAT, content=b"{nope")
+    assert answer.status_code == 400  # the engine's own answer
+    assert fake_engine.requests[-1].body == b"{nope"
+    assert gw.count("chat", "bad_request") == 1
+
+
+async def test_unreachable_engine_gives_502(start_gate: StartGate) -> None:
+    gw = await start_gate(f"http://127.0.0.1:{free_port()}")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        with anyio.fail_after(10):
+            chat = await client.post(CHAT, content=chat_body(stream=True))
+            other = await client.get("/health")
+    assert chat.status_code == other.status_code == 502
+    assert chat.json()["error"]["type"] == "upstream_error"
+    assert len(gw.journal) == 0
+    assert gw.count("chat", "upstream_error") == 1 and gw.count("other", "upstream_error") == 1

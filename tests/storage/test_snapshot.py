@@ -1,0 +1,214 @@
+"""The snapshot step against real stores over loopback: moto S3, Azurite, local files, and faulty stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from spotguard.config import Config
+from spotguard.errors import ConfigError, StoreError
+from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.storage import crypto
+from spotguard.storage.format import Manifest
+from spotguard.storage.llamacpp import SavedSlot
+from spotguard.storage.reader import IncompleteSnapshot, list_snapshots, open_snapshot
+from spotguard.storage.snapshot import order_by_value, prepare, take_snapshot
+from spotguard.storage.store import MissingObject, StoreOptions, open_store
+from tests.storage.conftest import StallWhen, fill_journal, make_ctx
+from tests.support.azurite import create_container
+
+pytestmark = pytest.mark.anyio
+
+
+def s3_config(bucket: str, endpoint: str, **snapshot: object) -> Config:
+    return Config().replace("snapshot", url=f"s3://{bucket}/spotguard", endpoint_url=endpoint, **snapshot)
+
+
+async def test_records_for_1000_requests_commit_within_a_second(moto_url: str, bucket: str) -> None:
+    config = s3_config(bucket, moto_url)
+    journal = fill_journal(1000)
+    snapshotter = await prepare(config)
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(30):
+            detail = await snapshotter(make_ctx(config, http, journal))
+            snap = await open_snapshot(f"s3://{bucket}/spotguard/i-test/evt-1", StoreOptions(endpoint_url=moto_url))
+            records = await snap.records()
+            problems = await snap.verify()
+    assert "1000/1000 records" in detail
+    assert snap.manifest.complete and snap.manifest.requests == 1000 and not snap.manifest.missing
+    assert snap.manifest.timings["records_s"] <= 1.0, snap.manifest.timings
+    assert problems == []
+    by_id = {r.id: r for r in records}
+    assert len(by_id) == 1000
+    for request in journal.active():
+        record = by_id[request.id]
+        assert record.body_bytes() == request.body  # the original body, unchanged
+        assert record.output == request.output_text
+        assert (record.endpoint, record.model, record.stream) == (request.endpoint, request.model, True)
+
+
+async def test_body_that_is_not_utf8_is_kept_byte_for_byte(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps")
+    journal = Journal()
+    raw = b"\xff\xfe{not utf-8}\x00"
+    journal.add(InflightRequest(id="r1", endpoint="/v1/completions", model="m", body=raw, stream=False))
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            await take_snapshot(make_ctx(config, http, journal, event_id="evt/../2"))
+            summaries = await list_snapshots(f"file://{tmp_path}/snaps")
+            assert [(s.instance_id, s.event_id, s.has_manifest) for s in summaries] == [("i-test", "evt_.._2", True)]
+            (record,) = await (await open_snapshot(summaries[0].url)).records()
+    assert record.body_encoding == "base64" and record.body_bytes() == raw
+
+
+async def test_encryption_round_trip(moto_url: str, bucket: str, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(os.urandom(32).hex() + "\n")
+    config = s3_config(bucket, moto_url, encryption_key_file=str(key_file))
+    journal = fill_journal(3)
+    secret = json.loads(journal.active()[0].body)["messages"][0]["content"]
+    url = f"s3://{bucket}/spotguard/i-test/evt-1"
+    options = StoreOptions(endpoint_url=moto_url)
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(30):
+            await take_snapshot(make_ctx(config, http, journal))
+            stored = await open_store(url, options).get("records/000000.jsonl")
+            plain = await open_snapshot(url, options)
+            with pytest.raises(StoreError, match="encrypted"):
+                await plain.records()
+            wrong = await open_snapshot(url, options, key=crypto.Key(os.urandom(32)))
+            with pytest.raises(StoreError, match="key"):
+                await wrong.records()
+            right = await open_snapshot(url, options, key=crypto.load_key(str(key_file)))
+            records = await right.records()
+    assert secret.encode() not in stored and stored.startswith(crypto.MAGIC)
+    assert right.manifest.encryption["algorithm"] == "AES-256-GCM"
+    assert all(e.encrypted for e in right.manifest.objects)
+    assert [r.body_bytes() for r in records] == [r.body for r in journal.active()]
+
+
+def test_key_file_must_be_32_bytes_or_64_hex(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"k" * 32)
+    assert crypto.load_key(str(raw)).raw == b"k" * 32
+    for content in (b"short", b"z" * 64, b"k" * 33):
+        bad = tmp_path / "bad"
+        bad.write_bytes(content)
+        with pytest.raises(ConfigError, match="encryption_key_file"):
+            crypto.load_key(str(bad))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        crypto.load_key(str(tmp_path / "absent"))
+
+
+def test_swapped_ciphertext_fails_authentication() -> None:
+    key = crypto.Key(os.urandom(32))
+    sealed = crypto.encrypt(key, "records/000000.jsonl", b"data")
+    with pytest.raises(StoreError, match="authentication failed"):
+        crypto.decrypt(key, "kv/slot-0.bin", sealed)
+
+
+def _dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again at once: nothing listens there
+
+
+async def test_unreachable_store_ends_within_budget(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url="s3://bucket/x", endpoint_url=f"http://127.0.0.1:{_dead_port()}")
+    config = config.replace("drain", snapshot_budget=3.0)
+    started = time.monotonic()
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10), pytest.raises(StoreError, match="incomplete") as caught:
+            await take_snapshot(make_ctx(config, http, fill_journal(5)))
+    assert time.monotonic() - started <= 3.5
+    assert "manifest" in str(caught.value) and "0/5 records" in str(caught.value)
+
+
+async def test_stalled_store_manifest_says_what_is_missing(moto_url: str, bucket: str,
+                                                           stalling_proxy: Callable[[StallWhen], str]) -> None:
+    proxy = await stalling_proxy(lambda path: "/records/" in path)
+    config = s3_config(bucket, proxy).replace("drain", snapshot_budget=3.0)
+    started = time.monotonic()
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10), pytest.raises(StoreError, match="budget"):
+            await take_snapshot(make_ctx(config, http, fill_journal(4)))
+        elapsed = time.monotonic() - started
+        with anyio.fail_after(10):
+            raw = await open_store(f"s3://{bucket}/spotguard/i-test/evt-1",
+                                   StoreOptions(endpoint_url=moto_url)).get("manifest.json")
+    assert elapsed <= 3.5
+    manifest = Manifest.from_json(raw)
+    assert not manifest.complete and manifest.objects == ()
+    assert [m.reason for m in manifest.missing] == ["budget ran out"]
+    assert "records of 4 requests" in manifest.missing[0].what
+
+
+async def test_cancelled_upload_leaves_no_manifest(moto_url: str, bucket: str,
+                                                   stalling_proxy: Callable[[StallWhen], str]) -> None:
+    """Cut from outside mid-upload (no deadline it could see coming): no manifest may claim anything."""
+    stalled: list[str] = []
+
+    def stall(path: str) -> bool:
+        if "/records/" in path:
+            stalled.append(path)
+            return True
+        return False
+
+    proxy = await stalling_proxy(stall)
+    config = s3_config(bucket, proxy)
+    async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
+        async def snapshot() -> None:
+            await take_snapshot(make_ctx(config, http, fill_journal(10)))
+
+        tg.start_soon(snapshot)
+        with anyio.fail_after(10):
+            while not stalled:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    url = f"s3://{bucket}/spotguard/i-test/evt-1"
+    with anyio.fail_after(10):
+        with pytest.raises(MissingObject):
+            await open_store(url, StoreOptions(endpoint_url=moto_url)).get("manifest.json")
+        with pytest.raises(IncompleteSnapshot):
+            await open_snapshot(url, StoreOptions(endpoint_url=moto_url))
+        summaries = await list_snapshots(f"s3://{bucket}/spotguard", StoreOptions(endpoint_url=moto_url))
+    assert all(not s.has_manifest for s in summaries)
+
+
+@pytest.mark.azurite
+async def test_azurite_snapshot(azurite_url: str) -> None:
+    create_container(azurite_url, "drains")
+    config = Config().replace("snapshot", url="az://drains/spotguard", endpoint_url=azurite_url)
+    journal = fill_journal(50)
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(30):
+            detail = await take_snapshot(make_ctx(config, http, journal))
+            snap = await open_snapshot("az://drains/spotguard/i-test/evt-1", StoreOptions(endpoint_url=azurite_url))
+            assert await snap.verify() == []
+            assert len(await snap.records()) == 50
+    assert "50/50 records" in detail
+
+
+async def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/s")
+    async with httpx.AsyncClient() as http:
+        ctx = make_ctx(config, http, fill_journal(2))
+        ctx = type(ctx)(**{**ctx.__dict__, "dry_run": True})
+        with anyio.fail_after(5):
+            detail = await take_snapshot(ctx)
+    assert detail.startswith("would save 2 in-flight requests")
+    assert not (tmp_path / "s").exists()
+
+
+def test_kv_files_go_up_most_valuable_per_byte_first() -> None:
+    saved = [SavedSlot(0, "a", tokens=100, bytes=40_000), SavedSlot(1, "b", tokens=100, bytes=20_000),
+             SavedSlot(2, "c", tokens=300, bytes=60_000), SavedSlot(3, "d", tokens=10, bytes=9_000)]
+    assert [s.slot_id for s in order_by_value(saved)] == [1, 2, 0, 3]

@@ -1,0 +1,44 @@
+"""The gate served on a free loopback port, in front of whatever upstream a test names."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+
+from spotguard.gate.journal import Journal
+from spotguard.gate.proxy import Gate, run_gate
+from spotguard.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class RunningGate:
+    gate: Gate
+    url: str
+    journal: Journal
+    metrics: Metrics
+
+    def count(self, endpoint: str, result: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "spotguard_gate_requests_total", {"endpoint": endpoint, "result": result})
+        return value or 0.0
+
+
+StartGate = Callable[..., Awaitable[RunningGate]]
+
+
+@pytest.fixture
+async def start_gate() -> AsyncIterator[StartGate]:
+    """``await start_gate(upstream_url, **gate_kwargs)`` serves a Gate until the test ends."""
+    async with anyio.create_task_group() as tg:
+        async def start(upstream: str, **kwargs: Any) -> RunningGate:
+            journal, metrics = Journal(), Metrics()
+            gate = Gate(upstream=upstream, journal=journal, metrics=metrics, **kwargs)
+            bound = await tg.start(run_gate, gate, "127.0.0.1:0")
+            return RunningGate(gate=gate, url=bound.url, journal=journal, metrics=metrics)
+
+        yield start
+        tg.cancel_scope.cancel()
