@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Awaitable, Callable, MutableMapping
 
 import anyio
@@ -71,8 +73,14 @@ def _config(app: ASGIApp) -> uvicorn.Config:
 
 
 class _Server(uvicorn.Server):
+    """Signals belong to the daemon's runner, not to each listener (uvicorn would stop on SIGTERM)."""
+
     def install_signal_handlers(self) -> None:
-        """Signals belong to the daemon's runner, not to each listener."""
+        return None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def serve(app: ASGIApp, sock: socket.socket, *, task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:

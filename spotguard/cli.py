@@ -37,6 +37,21 @@ def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None)
         _fail(str(exc))
 
 
+def _control_result(doc: dict[str, Any]) -> str:
+    """What drain/undrain print: the daemon's message, then the timeline when there is one."""
+    from spotguard.control import render
+
+    lines = []
+    if doc.get("message"):
+        lines.append(str(doc["message"]))
+    if doc.get("dry_run"):
+        lines.append("dry run: nothing was done; each step says what it would do")
+    if "state" in doc or "steps" in doc:
+        lines.append(render.format_status({"state": doc.get("state", "serving"), "cloud": doc.get("cloud", ""),
+                                           "notice": doc.get("notice"), "steps": doc.get("steps", [])}))
+    return "\n".join(lines)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"spotguard {__version__}")
@@ -94,7 +109,7 @@ def status(config: ConfigOpt = None,
 
     cfg = _load(config)
     try:
-        doc = anyio.run(client.status, cfg, backend="asyncio")
+        doc = anyio.run(lambda: client.status(cfg.control.socket, group=cfg.control.group), backend="asyncio")
     except SpotguardError as exc:
         _fail(str(exc), 1)
     typer.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render.format_status(doc))
@@ -108,15 +123,16 @@ def drain(config: ConfigOpt = None,
     """Drain this node now (through the local control socket)."""
     import anyio
 
-    from spotguard.control import client, render
+    from spotguard.control import client
 
     cfg = _load(config)
     try:
-        doc = anyio.run(lambda: client.drain(cfg, reason=reason, deadline_seconds=deadline, dry_run=dry_run),
+        doc = anyio.run(lambda: client.drain(cfg.control.socket, reason=reason, deadline_seconds=deadline,
+                                             dry_run=dry_run),
                         backend="asyncio")
     except SpotguardError as exc:
         _fail(str(exc), 1)
-    typer.echo(render.format_control_result(doc))
+    typer.echo(_control_result(doc))
     if not doc.get("accepted", True):
         raise typer.Exit(1)
 
@@ -127,14 +143,14 @@ def undrain(config: ConfigOpt = None,
     """Return to serving after a manual drain."""
     import anyio
 
-    from spotguard.control import client, render
+    from spotguard.control import client
 
     cfg = _load(config)
     try:
-        doc = anyio.run(lambda: client.undrain(cfg, force=force), backend="asyncio")
+        doc = anyio.run(lambda: client.undrain(cfg.control.socket, force=force), backend="asyncio")
     except SpotguardError as exc:
         _fail(str(exc), 1)
-    typer.echo(render.format_control_result(doc))
+    typer.echo(_control_result(doc))
     if not doc.get("accepted", True):
         raise typer.Exit(1)
 

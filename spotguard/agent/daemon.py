@@ -46,6 +46,7 @@ class Daemon:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
         async with httpx.AsyncClient(limits=limits, trust_env=False) as http:
             wiring = self.wiring = await build_wiring(config, http)
+            assert wiring.driver is not None
             agent = self.agent = Agent(config=config, cloud=wiring.cloud, metrics=wiring.metrics,
                                        log=logs.get("runner"), store=StateStore(config.agent.state_dir),
                                        sources=wiring.sources, driver=wiring.driver)

@@ -116,7 +116,7 @@ class Agent:
             "cloud": self.cloud,
             "notice": _public_notice(notice),
             "seconds_left": round(notice.seconds_left(), 3) if notice else None,
-            "steps": self._persisted.timeline,
+            "steps": _steps(self._persisted.timeline),
             "live_notices": [_public_notice(n) for n in self.live_notices()],
             "observed": [_public_notice(n) for n in self._observed.values()],
             "sources": self.health(),
@@ -135,7 +135,7 @@ class Agent:
             self._tg = tg
             if self._persisted.state == "draining" and self._persisted.notice:
                 self.log.warning("resuming_drain", notice=_public_notice(self._persisted.notice),
-                                 steps_done=sum(1 for s in self._persisted.timeline if s.get("state") == "done"))
+                                 steps_done=sum(1 for s in _steps(self._persisted.timeline) if s.get("state") == "done"))
                 tg.start_soon(self._drain, self._persisted.notice, name="drain")
             elif self._persisted.state == "drained":
                 self._drain_done.set()
@@ -309,7 +309,8 @@ class Agent:
         current = self._persisted.notice or notice
         slack = current.seconds_left()
         self.metrics.drain_slack.set(slack)
-        self.metrics.drains.labels(source=current.source, result=result).inc()
+        if result != "ok":  # the drain engine counts the drains it finished itself
+            self.metrics.drains.labels(source=current.source, result=result).inc()
         self._set(self._persisted.with_(state="drained", timeline=timeline))
         self.log.warning("drain_finished", result=result, slack_seconds=round(slack, 3))
         self._drain_done.set()
@@ -321,7 +322,7 @@ class Agent:
         notice = manual_notice(reason, seconds)
         if dry_run:
             timeline = await self.driver.run(notice, [], dry_run=True, on_change=lambda _t: None)
-            return {"dry_run": True, "notice": _public_notice(notice), "steps": timeline}
+            return {"dry_run": True, "notice": _public_notice(notice), "steps": _steps(timeline)}
         if self._persisted.state != "serving":
             if self._persisted.notice and notice.deadline < self._persisted.notice.deadline:
                 self._tighten(notice)
@@ -353,6 +354,13 @@ class Agent:
         self.log.warning("undrained", forced=force)
         self._changed.set()
         return {"accepted": True, "state": "serving"}
+
+
+def _steps(timeline: Timeline) -> list[dict[str, Any]]:
+    """The step records of a persisted timeline (the drain engine persists one document with ``steps``)."""
+    if len(timeline) == 1 and isinstance(timeline[0].get("steps"), list):
+        return list(timeline[0]["steps"])
+    return timeline
 
 
 def _public_notice(notice: Notice | None) -> dict[str, Any] | None:
