@@ -6,7 +6,8 @@ Nothing here mutates state: drain and undrain exist only on the local control so
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
 

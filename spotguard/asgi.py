@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
-from collections.abc import Iterator
-from typing import Any, Awaitable, Callable, MutableMapping
+from typing import Any
 
 import anyio
 import uvicorn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -19,7 +19,7 @@ snapshots_app = typer.Typer(no_args_is_help=True, help="List, inspect and downlo
 app.add_typer(config_app, name="config")
 app.add_typer(snapshots_app, name="snapshots")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file "  # noqa: UP007
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file "  # noqa: UP007
                                                     "(default $SPOTGUARD_CONFIG or /etc/spotguard/spotguard.toml).")]
 
 
@@ -73,8 +73,8 @@ def version(config: ConfigOpt = None) -> None:
 @app.command()
 def run(config: ConfigOpt = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Every drain step logs what it would do and does nothing.")] = False,
-        listen: Annotated[Optional[str], typer.Option(help="Override [http] listen (host:port).")] = None,  # noqa: UP007
-        cloud: Annotated[Optional[str], typer.Option(help="Override [agent] cloud.")] = None) -> None:  # noqa: UP007
+        listen: Annotated[str | None, typer.Option(help="Override [http] listen (host:port).")] = None,  # noqa: UP007
+        cloud: Annotated[str | None, typer.Option(help="Override [agent] cloud.")] = None) -> None:  # noqa: UP007
     """Run the daemon."""
     import anyio
 
@@ -118,7 +118,7 @@ def status(config: ConfigOpt = None,
 @app.command()
 def drain(config: ConfigOpt = None,
           reason: Annotated[str, typer.Option(help="Why (shown in status, logs and webhooks).")] = "manual drain",
-          deadline: Annotated[Optional[float], typer.Option(help="Seconds from now the drain must end by.")] = None,  # noqa: UP007
+          deadline: Annotated[float | None, typer.Option(help="Seconds from now the drain must end by.")] = None,  # noqa: UP007
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each step would do.")] = False) -> None:
     """Drain this node now (through the local control socket)."""
     import anyio
@@ -221,6 +221,101 @@ def config_show(config: ConfigOpt = None,
             typer.echo(f"[{section}] {key} ({kind}, default {default}): {help_text}")
         return
     typer.echo(config_module.to_toml(_load(config)))
+
+
+def _store(cfg: Any) -> tuple[Any, Any]:
+    from spotguard.storage import crypto
+    from spotguard.storage.store import StoreOptions
+
+    key = crypto.load_key(cfg.snapshot.encryption_key_file) if cfg.snapshot.encryption_key_file else None
+    return StoreOptions.from_config(cfg.snapshot), key
+
+
+@snapshots_app.command("list")
+def snapshots_list(config: ConfigOpt = None,
+                   url: Annotated[str | None, typer.Option(help="Store URL; default [snapshot] url.")] = None) -> None:  # noqa: UP007
+    """List the snapshots under the store URL (those without a manifest are incomplete)."""
+    import anyio
+
+    from spotguard.storage.reader import list_snapshots
+
+    cfg = _load(config)
+    target = url or cfg.snapshot.url
+    if not target:
+        _fail("no store: pass --url or set [snapshot] url")
+    options, _ = _store(cfg)
+    try:
+        found = anyio.run(lambda: list_snapshots(target, options), backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    for snap in found:
+        typer.echo(f"{snap.url}  objects={snap.objects} bytes={snap.bytes} "
+                   f"{'complete' if snap.has_manifest else 'INCOMPLETE (no manifest)'}")
+
+
+@snapshots_app.command("show")
+def snapshots_show(snapshot_url: str, config: ConfigOpt = None) -> None:
+    """Print a snapshot's manifest (objects, sizes, hashes, what was skipped, timings)."""
+    import anyio
+
+    from spotguard.storage.reader import open_snapshot
+
+    cfg = _load(config)
+    options, key = _store(cfg)
+    try:
+        snap = anyio.run(lambda: open_snapshot(snapshot_url, options, key=key), backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    typer.echo(json.dumps(json.loads(snap.manifest.to_json()), indent=2, sort_keys=True))
+
+
+@snapshots_app.command("get")
+def snapshots_get(snapshot_url: str, directory: Path, config: ConfigOpt = None) -> None:
+    """Download (and decrypt) every object of a snapshot, checking each hash."""
+    import anyio
+
+    from spotguard.storage.reader import open_snapshot
+
+    cfg = _load(config)
+    options, key = _store(cfg)
+
+    async def fetch() -> list[Path]:
+        snap = await open_snapshot(snapshot_url, options, key=key)
+        return await snap.download(str(directory))
+
+    try:
+        written = anyio.run(fetch, backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command()
+def resume(snapshot_url: str, config: ConfigOpt = None,
+           to: Annotated[str, typer.Option("--to", help="Base URL of the OpenAI-compatible server to resume on.")] = "",
+           engine: Annotated[str, typer.Option(help="openai, vllm or llamacpp.")] = "openai",
+           slot_dir: Annotated[str | None, typer.Option(help="Target llama-server's --slot-save-path.")] = None) -> None:  # noqa: UP007
+    """Replay a snapshot's in-flight requests to another server so each answer continues where it stopped."""
+    import anyio
+
+    from spotguard.storage.resume import resume as replay
+
+    if not to:
+        _fail("--to URL is required")
+    if engine not in ("openai", "vllm", "llamacpp"):
+        _fail("--engine must be openai, vllm or llamacpp")
+    cfg = _load(config)
+    options, key = _store(cfg)
+    try:
+        results = anyio.run(lambda: replay(snapshot_url, to, engine=engine, slot_dir=slot_dir,  # type: ignore[arg-type]
+                                           options=options, key=key), backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+    for result in results:  # the continuation text is user data: counts only
+        typer.echo(f"{result.id}: {'ok' if result.ok else 'FAILED ' + result.error} "
+                   f"kv_restored={result.kv_restored} cache_n={result.cache_n}")
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
 
 
 def main() -> None:

@@ -8,19 +8,20 @@ Sources report; the runner owns polling, backoff, error counting and the node's 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import anyio
 import tenacity
 from anyio.abc import TaskGroup, TaskStatus
 
 from spotguard.agent.state import NodeState, Persisted, StateStore, current_boot_id
+from spotguard.clouds.operator import manual_notice
 from spotguard.config import Config
 from spotguard.errors import MetadataError, SpotguardError
 from spotguard.metrics import Metrics
-from spotguard.clouds.operator import manual_notice
 from spotguard.notice import Notice, NoticeSource, rfc3339, utcnow
 
 OPERATOR_SOURCES = ("manual", "shutdown")
