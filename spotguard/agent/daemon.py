@@ -9,6 +9,7 @@ draining a serving node.
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -51,37 +52,39 @@ class Daemon:
                                        log=logs.get("runner"), store=StateStore(config.agent.state_dir),
                                        sources=wiring.sources, driver=wiring.driver)
             wiring.bind_agent(agent)
-            async with anyio.create_task_group() as tg:
-                host, port = parse_listen(config.http.listen, "[http] listen")
-                api = HttpApi(agent, wiring.metrics, before_metrics=wiring.refresh_gpu)
-                self.http_bound = await tg.start(asgi.serve_tcp, api, host, port, name="http")
-                await wiring.start_listeners(tg, agent)
-                await tg.start(agent.run, name="runner")
-                tg.start_soon(self._watchdog, name="watchdog")
-                self.log.info("started", version=__version__, cloud=wiring.cloud, http=self.http_bound.url,
-                              sources=[s.name for s in wiring.sources], state=agent.state,
-                              engine=config.server.kind, dry_run=config.agent.dry_run, **wiring.describe())
-                if wiring.cloud == "none":
-                    self.log.warning("no_cloud", message="no cloud detected or configured: only the OS shutdown "
-                                     "and manual drain sources are running")
-                sdnotify.notify("READY=1", f"STATUS=serving ({wiring.cloud})")
-                task_status.started(self)
-                await self._handle_signals(tg, agent)
+            # Signals are captured before anything listens, so a SIGTERM right after start-up still drains.
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with anyio.create_task_group() as tg:
+                    host, port = parse_listen(config.http.listen, "[http] listen")
+                    api = HttpApi(agent, wiring.metrics, before_metrics=wiring.refresh_gpu)
+                    self.http_bound = await tg.start(asgi.serve_tcp, api, host, port, name="http")
+                    await wiring.start_listeners(tg, agent)
+                    await tg.start(agent.run, name="runner")
+                    tg.start_soon(self._watchdog, name="watchdog")
+                    self.log.info("started", version=__version__, cloud=wiring.cloud, http=self.http_bound.url,
+                                  sources=[s.name for s in wiring.sources], state=agent.state,
+                                  engine=config.server.kind, dry_run=config.agent.dry_run, **wiring.describe())
+                    if wiring.cloud == "none":
+                        self.log.warning("no_cloud", message="no cloud detected or configured: only the OS "
+                                         "shutdown and manual drain sources are running")
+                    sdnotify.notify("READY=1", f"STATUS=serving ({wiring.cloud})")
+                    task_status.started(self)
+                    await self._handle_signals(tg, agent, signals)
         sdnotify.notify("STOPPING=1")
         self.log.info("stopped", exit_code=self.exit_code)
         return self.exit_code
 
-    async def _handle_signals(self, tg: TaskGroup, agent: Agent) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if getattr(self, "_stopping", False):
-                    self.log.warning("forced_exit", signal=signal.Signals(signum).name)
-                    self.exit_code = 1
-                    tg.cancel_scope.cancel()
-                    return
-                self._stopping = True
-                sdnotify.notify("STOPPING=1")
-                tg.start_soon(self._stop_after_drain, tg, agent, signum, name="shutdown")
+    async def _handle_signals(self, tg: TaskGroup, agent: Agent, signals: AsyncIterator[int]) -> None:
+        stopping = False
+        async for signum in signals:
+            if stopping:
+                self.log.warning("forced_exit", signal=signal.Signals(signum).name)
+                self.exit_code = 1
+                tg.cancel_scope.cancel()
+                return
+            stopping = True
+            sdnotify.notify("STOPPING=1")
+            tg.start_soon(self._stop_after_drain, tg, agent, signum, name="shutdown")
 
     async def _stop_after_drain(self, tg: TaskGroup, agent: Agent, signum: int) -> None:
         name = signal.Signals(signum).name
