@@ -102,9 +102,10 @@ async def serve(app: ASGIApp, sock: socket.socket, *, task_status: TaskStatus[Bo
 
 async def serve_tcp(app: ASGIApp, host: str, port: int, *,
                     task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:
+    # No ``with sock``: uvicorn closes the listening socket's descriptor on shutdown, and closing it
+    # again here could close whatever descriptor reused that number meanwhile.
     sock = tcp_socket(host, port)
-    with sock:
-        await serve(app, sock, task_status=task_status)
+    await serve(app, sock, task_status=task_status)
 
 
 async def read_body(receive: Receive, limit: int = 1 << 20) -> bytes:
