@@ -74,6 +74,30 @@ def path_check(name: str, path: Path, *, want_dir: bool, max_mode: int) -> Check
     return Check(name, "ok", f"{path} mode {mode:04o}")
 
 
+UNIT_DIRS = (Path("/etc/systemd/system"), Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"))
+
+
+def unit_order_check(config: Config, unit_dirs: tuple[Path, ...] = UNIT_DIRS) -> Check:
+    """spotguard must stop (and drain) before the engine: systemd stops units in reverse start order."""
+    units = [d / "spotguard.service" for d in unit_dirs if (d / "spotguard.service").exists()]
+    if not units:
+        return Check("unit ordering", "warning", "spotguard.service is not installed (packer/scripts/install-spotguard.sh)")
+    engine = config.server.unit
+    if not engine:
+        return Check("unit ordering", "warning", "[server] unit is not set: cannot check that spotguard stops "
+                     "before the inference server on OS shutdown")
+    texts = [u.read_text(errors="replace") for u in units]
+    texts += [c.read_text(errors="replace") for d in unit_dirs
+              for c in sorted((d / "spotguard.service.d").glob("*.conf")) if (d / "spotguard.service.d").is_dir()]
+    after = {word for text in texts for line in text.splitlines() if line.strip().startswith("After=")
+             for word in line.split("=", 1)[1].split()}
+    if engine in after:
+        return Check("unit ordering", "ok", f"spotguard.service is ordered After={engine}: it drains before "
+                     f"{engine} is stopped")
+    return Check("unit ordering", "error", f"spotguard.service is not ordered After={engine}: on shutdown systemd "
+                 f"may stop the engine first; install the drop-in (install-spotguard.sh --inference-unit {engine})")
+
+
 async def _timed(name: str, probe: Callable[[], Awaitable[str]], timeout: float) -> Check:
     try:
         with anyio.fail_after(timeout):
@@ -102,6 +126,7 @@ async def run_checks(config: Config) -> list[Check]:
     checks.append(Check("nvml", "ok" if report.ok else "warning",
                         f"{report.count} GPU(s), driver {report.driver}" if report.ok else report.error))
     checks.append(budget_check(config, cloud))
+    checks.append(unit_order_check(config))
     checks.append(path_check("state dir", Path(config.agent.state_dir), want_dir=True, max_mode=0o755))
     checks.append(path_check("control socket", Path(config.control.socket), want_dir=False,
                              max_mode=int(config.control.mode, 8)))
