@@ -127,6 +127,7 @@ class Agent:
         return doc
 
     async def wait_drained(self) -> None:
+        """Returns once the current (or next) drain has finished; undrain arms a fresh event."""
         await self._drain_done.wait()
 
     # ---- running -----------------------------------------------------------------------------------
@@ -293,7 +294,6 @@ class Agent:
 
     async def _drain(self, notice: Notice) -> None:
         resuming = self._persisted.state == "draining"
-        self._drain_done = anyio.Event()
         timeline = self._persisted.timeline if resuming else []
         self._set(self._persisted.with_(state="draining", notice=notice, timeline=timeline))
         self.metrics.deadline.set(notice.deadline.timestamp())
