@@ -55,15 +55,20 @@ def daemon(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(timeout=10)
 
 
-async def readyz(http: httpx.AsyncClient, url: str, want: int, timeout: float = 15.0) -> None:
-    with anyio.fail_after(timeout):
-        while True:
-            try:
-                if (await http.get(url + "/readyz")).status_code == want:
-                    return
-            except httpx.TransportError:
-                pass
-            await anyio.sleep(0.02)
+async def readyz(http: httpx.AsyncClient, url: str, want: int, timeout: float = 30.0) -> None:
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    if (await http.get(url + "/readyz")).status_code == want:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        logs = sorted(Path("/tmp").glob("pytest-of-*/pytest-current/*/daemon.log"), key=lambda p: p.stat().st_mtime)
+        tail = logs[-1].read_text()[-3000:] if logs else "(no daemon log found)"
+        raise AssertionError(f"/readyz never answered {want} within {timeout}s; daemon log:\n{tail}") from None
 
 
 @pytest.mark.parametrize(("cloud", "kind", "params"), [
