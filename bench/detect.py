@@ -57,7 +57,7 @@ async def trial_run(emu: EmulatorControl, emu_url: str, cloud: str, poll: float,
                 latencies.append(seen - raised)
                 await emu.withdraw(cloud, event_id)
                 with anyio.fail_after(30):
-                    while (await control.undrain(cfg, force=True)).get("accepted") is not True:
+                    while (await control.undrain(cfg.control.socket, force=True)).get("state") != "serving":
                         await anyio.sleep(0.01)
                 await wait_status(http, d.url + "/readyz", 200, timeout=10)
     return {"cloud": cloud, "poll_interval": poll, "startup_s": startup, **summary(latencies)}
