@@ -37,6 +37,23 @@ def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None)
         _fail(str(exc))
 
 
+def _run(call: Any) -> Any:
+    """Run an async call to completion; a SpotguardError becomes a one-line message and exit 1."""
+    import anyio
+
+    try:
+        return anyio.run(call, backend="asyncio")
+    except SpotguardError as exc:
+        _fail(str(exc), 1)
+
+
+def _report(doc: dict[str, Any]) -> None:
+    """Print a drain/undrain answer; a refused request exits 1."""
+    typer.echo(_control_result(doc))
+    if not doc.get("accepted", True):
+        raise typer.Exit(1)
+
+
 def _control_result(doc: dict[str, Any]) -> str:
     """What drain/undrain print: the daemon's message, then the timeline when there is one."""
     from spotguard.control import render
@@ -76,7 +93,6 @@ def run(config: ConfigOpt = None,
         listen: Annotated[str | None, typer.Option(help="Override [http] listen (host:port).")] = None,  # noqa: UP007
         cloud: Annotated[str | None, typer.Option(help="Override [agent] cloud.")] = None) -> None:  # noqa: UP007
     """Run the daemon."""
-    import anyio
 
     from spotguard import logs
     from spotguard.agent.daemon import run_daemon
@@ -91,9 +107,7 @@ def run(config: ConfigOpt = None,
     cfg = _load(config, overrides)
     logs.configure(cfg.agent.log_format, cfg.agent.log_level)
     try:
-        code = anyio.run(run_daemon, cfg, backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
+        code = _run(lambda: run_daemon(cfg))
     except KeyboardInterrupt:
         code = 1
     raise typer.Exit(code)
@@ -103,15 +117,11 @@ def run(config: ConfigOpt = None,
 def status(config: ConfigOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print the /status document.")] = False) -> None:
     """Show the node's state, the notice, and the drain timeline."""
-    import anyio
 
     from spotguard.control import client, render
 
     cfg = _load(config)
-    try:
-        doc = anyio.run(lambda: client.status(cfg.control.socket, group=cfg.control.group), backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
+    doc = _run(lambda: client.status(cfg.control.socket, group=cfg.control.group))
     typer.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render.format_status(doc))
 
 
@@ -121,38 +131,23 @@ def drain(config: ConfigOpt = None,
           deadline: Annotated[float | None, typer.Option(help="Seconds from now the drain must end by.")] = None,  # noqa: UP007
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each step would do.")] = False) -> None:
     """Drain this node now (through the local control socket)."""
-    import anyio
 
     from spotguard.control import client
 
     cfg = _load(config)
-    try:
-        doc = anyio.run(lambda: client.drain(cfg.control.socket, reason=reason, deadline_seconds=deadline,
-                                             dry_run=dry_run),
-                        backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
-    typer.echo(_control_result(doc))
-    if not doc.get("accepted", True):
-        raise typer.Exit(1)
+    _report(_run(lambda: client.drain(cfg.control.socket, reason=reason, deadline_seconds=deadline,
+                                      dry_run=dry_run)))
 
 
 @app.command()
 def undrain(config: ConfigOpt = None,
             force: Annotated[bool, typer.Option("--force", help="Serve again even while a cloud notice is live.")] = False) -> None:
     """Return to serving after a manual drain."""
-    import anyio
 
     from spotguard.control import client
 
     cfg = _load(config)
-    try:
-        doc = anyio.run(lambda: client.undrain(cfg.control.socket, force=force), backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
-    typer.echo(_control_result(doc))
-    if not doc.get("accepted", True):
-        raise typer.Exit(1)
+    _report(_run(lambda: client.undrain(cfg.control.socket, force=force)))
 
 
 @app.command()
@@ -235,7 +230,6 @@ def _store(cfg: Any) -> tuple[Any, Any]:
 def snapshots_list(config: ConfigOpt = None,
                    url: Annotated[str | None, typer.Option(help="Store URL; default [snapshot] url.")] = None) -> None:  # noqa: UP007
     """List the snapshots under the store URL (those without a manifest are incomplete)."""
-    import anyio
 
     from spotguard.storage.reader import list_snapshots
 
@@ -244,10 +238,7 @@ def snapshots_list(config: ConfigOpt = None,
     if not target:
         _fail("no store: pass --url or set [snapshot] url")
     options, _ = _store(cfg)
-    try:
-        found = anyio.run(lambda: list_snapshots(target, options), backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
+    found = _run(lambda: list_snapshots(target, options))
     for snap in found:
         typer.echo(f"{snap.url}  objects={snap.objects} bytes={snap.bytes} "
                    f"{'complete' if snap.has_manifest else 'INCOMPLETE (no manifest)'}")
@@ -256,23 +247,18 @@ def snapshots_list(config: ConfigOpt = None,
 @snapshots_app.command("show")
 def snapshots_show(snapshot_url: str, config: ConfigOpt = None) -> None:
     """Print a snapshot's manifest (objects, sizes, hashes, what was skipped, timings)."""
-    import anyio
 
     from spotguard.storage.reader import open_snapshot
 
     cfg = _load(config)
     options, key = _store(cfg)
-    try:
-        snap = anyio.run(lambda: open_snapshot(snapshot_url, options, key=key), backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
+    snap = _run(lambda: open_snapshot(snapshot_url, options, key=key))
     typer.echo(json.dumps(json.loads(snap.manifest.to_json()), indent=2, sort_keys=True))
 
 
 @snapshots_app.command("get")
 def snapshots_get(snapshot_url: str, directory: Path, config: ConfigOpt = None) -> None:
     """Download (and decrypt) every object of a snapshot, checking each hash."""
-    import anyio
 
     from spotguard.storage.reader import open_snapshot
 
@@ -283,10 +269,7 @@ def snapshots_get(snapshot_url: str, directory: Path, config: ConfigOpt = None) 
         snap = await open_snapshot(snapshot_url, options, key=key)
         return await snap.download(str(directory))
 
-    try:
-        written = anyio.run(fetch, backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
+    written = _run(fetch)
     for path in written:
         typer.echo(str(path))
 
@@ -297,7 +280,6 @@ def resume(snapshot_url: str, config: ConfigOpt = None,
            engine: Annotated[str, typer.Option(help="openai, vllm or llamacpp.")] = "openai",
            slot_dir: Annotated[str | None, typer.Option(help="Target llama-server's --slot-save-path.")] = None) -> None:  # noqa: UP007
     """Replay a snapshot's in-flight requests to another server so each answer continues where it stopped."""
-    import anyio
 
     from spotguard.storage.resume import resume as replay
 
@@ -307,11 +289,8 @@ def resume(snapshot_url: str, config: ConfigOpt = None,
         _fail("--engine must be openai, vllm or llamacpp")
     cfg = _load(config)
     options, key = _store(cfg)
-    try:
-        results = anyio.run(lambda: replay(snapshot_url, to, engine=engine, slot_dir=slot_dir,  # type: ignore[arg-type]
-                                           options=options, key=key), backend="asyncio")
-    except SpotguardError as exc:
-        _fail(str(exc), 1)
+    results = _run(lambda: replay(snapshot_url, to, engine=engine, slot_dir=slot_dir,  # type: ignore[arg-type]
+                                           options=options, key=key))
     for result in results:  # the continuation text is user data: counts only
         typer.echo(f"{result.id}: {'ok' if result.ok else 'FAILED ' + result.error} "
                    f"kv_restored={result.kv_restored} cache_n={result.cache_n}")

@@ -21,6 +21,9 @@ from spotguard.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/spotguard/spotguard.toml")
 ENV_PREFIX = "SPOTGUARD_"
+# Variables under the prefix that are not configuration keys: where the config file is, and the build/test tool
+# cache the Makefile exports. Listed so they do not trip the unknown-variable check, which exists to catch typos.
+ENV_NOT_CONFIG = frozenset({"SPOTGUARD_CONFIG", "SPOTGUARD_CACHE", "SPOTGUARD_LLAMA_SERVER"})
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] = ()) -> Any:
@@ -321,7 +324,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     known = sections()
     for var, value in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == "SPOTGUARD_CONFIG":
+        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_CONFIG:
             continue
         rest = var[len(ENV_PREFIX):].lower()
         for name in sorted(known, key=len, reverse=True):

@@ -1,0 +1,52 @@
+"""Configuration layering (file -> environment -> flags) and the errors an operator sees for a broken one."""
+
+from pathlib import Path
+
+import pytest
+
+from spotguard.config import load
+from spotguard.errors import ConfigError
+
+
+def test_environment_beats_file_and_flags_beat_environment(tmp_path: Path) -> None:
+    path = tmp_path / "spotguard.toml"
+    path.write_text('[agent]\npoll_interval = 3.0\ncloud = "gcp"\n[drain]\nsafety_margin = 7\n')
+    config = load(path, environ={"SPOTGUARD_AGENT_POLL_INTERVAL": "2", "SPOTGUARD_DRAIN_SAFETY_MARGIN": "4"},
+                  overrides={"drain": {"safety_margin": 5.0}})
+    assert config.agent.poll_interval == 2.0
+    assert config.agent.cloud == "gcp"
+    assert config.drain.safety_margin == 5.0
+
+
+def test_tooling_variables_under_the_prefix_are_not_configuration() -> None:
+    # The Makefile exports SPOTGUARD_CACHE; a daemon started from that shell must not refuse to run.
+    environ = {"SPOTGUARD_CACHE": "/tmp/cache", "SPOTGUARD_LLAMA_SERVER": "/bin/true", "SPOTGUARD_CONFIG": "/nope"}
+    assert load(None, environ=environ).agent.cloud == "auto"
+
+
+@pytest.mark.parametrize(("environ", "names"), [
+    ({"SPOTGUARD_AGNT_POLL_INTERVAL": "1"}, "SPOTGUARD_AGNT_POLL_INTERVAL"),
+    ({"SPOTGUARD_AGENT_POLL_INTERVL": "1"}, "poll_intervl"),
+    ({"SPOTGUARD_AGENT_POLL_INTERVAL": "soon"}, "poll_interval"),
+    ({"SPOTGUARD_AGENT_CLOUD": "oracle"}, "oracle"),
+])
+def test_a_typo_in_the_environment_is_an_error_that_names_it(environ: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load(None, environ=environ)
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("[agnet]\ncloud = 'aws'\n", "agnet"),
+    ("[agent]\ncloud = \n", "not valid TOML"),
+    ("[control]\nmode = 'rw'\n", "mode"),
+])
+def test_a_broken_file_is_an_error_that_names_the_file_and_the_key(tmp_path: Path, text: str, names: str) -> None:
+    path = tmp_path / "spotguard.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=names):
+        load(path, environ={})
+
+
+def test_an_explicit_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.toml", environ={})
