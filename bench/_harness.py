@@ -76,7 +76,7 @@ def daemon(sections: dict[str, dict[str, Any]]) -> Iterator[DaemonProcess]:
         port = free_port()
         sock = f"{tmp}/control.sock"
         merged = {
-            "agent": {"state_dir": f"{tmp}/state", "log_format": "json", "log_level": "warning"},
+            "agent": {"state_dir": f"{tmp}/state", "log_format": "json", "log_level": os.environ.get("BENCH_LOG_LEVEL", "warning")},
             "http": {"listen": f"127.0.0.1:{port}"},
             "control": {"socket": sock},
         }
@@ -89,6 +89,12 @@ def daemon(sections: dict[str, dict[str, Any]]) -> Iterator[DaemonProcess]:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             yield DaemonProcess(proc, f"http://127.0.0.1:{port}", config, sock, spawned)
+        except BaseException:
+            # a failed trial is only debuggable with what the daemon said; the temp dir goes away below
+            log.flush()
+            tail = (Path(tmp) / "daemon.log").read_text(errors="replace").splitlines()[-40:]
+            print("daemon log (last 40 lines):", *tail, sep="\n", file=sys.stderr)
+            raise
         finally:
             proc.terminate()
             try:

@@ -8,7 +8,7 @@ Sources report; the runner owns polling, backoff, error counting and the node's 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -68,6 +68,8 @@ class Agent:
         self._health = {source.name: SourceHealth() for source in self.sources}
         self._changed = anyio.Event()
         self._drain_done = anyio.Event()
+        self._drain_scope: anyio.CancelScope | None = None
+        """The running drain, so that a forced undrain can stop it rather than be overwritten by its end."""
         self._tg: TaskGroup | None = None
         self._drain_dry_run = False
         persisted, problem = store.load()
@@ -126,9 +128,12 @@ class Agent:
         }
         return doc
 
-    async def wait_drained(self) -> None:
-        """Returns once the current (or next) drain has finished; undrain arms a fresh event."""
-        await self._drain_done.wait()
+    def wait_drained(self) -> Awaitable[None]:
+        """Resolves once the drain current at the time of the call (or the next one) has finished.
+
+        Bound at call time, not when first awaited: undrain arms a fresh event for later drains.
+        """
+        return self._drain_done.wait()
 
     # ---- running -----------------------------------------------------------------------------------
 
@@ -293,6 +298,16 @@ class Agent:
         self._set(self._persisted.with_(timeline=list(timeline)))
 
     async def _drain(self, notice: Notice) -> None:
+        with anyio.CancelScope() as scope:
+            self._drain_scope = scope
+            await self._run_drain(notice)
+        if self._drain_scope is scope:  # a forced undrain may already have let the next drain start
+            self._drain_scope = None
+        if scope.cancelled_caught:
+            self.metrics.drains.labels(source=notice.source, result="cancelled").inc()
+            self.log.warning("drain_cancelled", reason="undrain --force", **_public_notice(notice) or {})
+
+    async def _run_drain(self, notice: Notice) -> None:
         resuming = self._persisted.state == "draining"
         timeline = self._persisted.timeline if resuming else []
         self._set(self._persisted.with_(state="draining", notice=notice, timeline=timeline))
@@ -307,6 +322,9 @@ class Agent:
             result = "error"
             self.log.exception("drain_failed", error=f"{type(exc).__name__}: {exc}")
             timeline = self._persisted.timeline
+        # A forced undrain cancels this drain; when it came after the last step's last await, this checkpoint is
+        # where the cancellation lands, before the drain marks the node drained over the operator's decision.
+        await anyio.lowlevel.checkpoint()
         current = self._persisted.notice or notice
         slack = current.seconds_left()
         self.metrics.drain_slack.set(slack)
@@ -350,6 +368,9 @@ class Agent:
                 self._first_seen.pop(notice.key, None)
         if force:
             self._suppressed.update(n.key for n in cloud_live)
+        if self._drain_scope is not None:  # only reachable with force: stop the drain before it marks us drained
+            self._drain_scope.cancel()
+            self._drain_done.set()  # whoever waits on that drain (a SIGTERM exit) sees it end
         self._set(Persisted(boot_id=self._persisted.boot_id))
         self._drain_done = anyio.Event()
         self.log.warning("undrained", forced=force)

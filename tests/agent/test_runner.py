@@ -218,3 +218,54 @@ async def test_manual_drain_and_undrain_rules(tmp_path: Path) -> None:
         await until(lambda: source.polls > polls + 5)  # the forced-away notice does not drain again
         assert agent.state == "serving"
         tg.cancel_scope.cancel()
+
+
+async def test_forced_undrain_stops_a_running_drain_so_its_end_does_not_undo_it(tmp_path: Path) -> None:
+    source, driver = ScriptedSource(), RecordingDriver()
+    driver.block = anyio.Event()  # the drain is still in a step (e.g. acknowledging) when the operator steps in
+    agent = make_agent(tmp_path, source, driver)
+    async with anyio.create_task_group() as tg:
+        await tg.start(agent.run)
+        source.live = [notice()]
+        await until(lambda: agent.state == "draining")
+        waiting_on_drain = anyio.Event()
+
+        drain_done = agent.wait_drained()  # what the SIGTERM handler holds while the drain runs
+
+        async def sigterm_waiter() -> None:
+            await drain_done
+            waiting_on_drain.set()
+
+        tg.start_soon(sigterm_waiter)
+        assert not (await agent.undrain(force=False))["accepted"]
+        assert (await agent.undrain(force=True))["accepted"]
+        driver.block.set()  # had the drain not been stopped, it would now finish and mark the node drained
+        with anyio.fail_after(5):
+            await waiting_on_drain.wait()
+        polls = source.polls
+        await until(lambda: source.polls > polls + 5)
+        assert agent.state == "serving"
+        assert agent.metrics.drains.labels(source="aws", result="cancelled")._value.get() == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_forced_undrain_after_the_last_step_still_wins(tmp_path: Path) -> None:
+    # The undrain lands after the drain's last await: no checkpoint is left in the steps to deliver the cancel.
+    source = ScriptedSource()
+    agent: Agent | None = None
+
+    class UndrainAtTheEnd(RecordingDriver):
+        async def run(self, notice: Notice, timeline: Timeline, *, dry_run: bool,
+                      on_change: Callable[[Timeline], None]) -> Timeline:
+            steps = await super().run(notice, timeline, dry_run=dry_run, on_change=on_change)
+            assert agent is not None
+            await agent.undrain(force=True)  # no await inside: runs to completion without yielding
+            return steps
+
+    agent = make_agent(tmp_path, source, UndrainAtTheEnd())
+    async with anyio.create_task_group() as tg:
+        await tg.start(agent.run)
+        source.live = [notice()]
+        await until(lambda: agent.metrics.drains.labels(source="aws", result="cancelled")._value.get() == 1)
+        assert agent.state == "serving"
+        tg.cancel_scope.cancel()
