@@ -77,7 +77,7 @@ class WaitInflight:
         reserve = tail_reserve(left)
         if ctx.services.snapshot is not None:
             # The snapshot saves whatever is still running: never let waiting eat all of its time.
-            reserve += min(ctx.config.drain.snapshot_budget, 0.5 * left)
+            reserve += min(ctx.config.drain.snapshot_budget, 0.5 * (left - reserve))
         return max(0.0, min(ctx.config.drain.wait_inflight_budget, left - reserve))
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
