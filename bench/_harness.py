@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 import httpx
+
+from spotguard.control import client as control
 
 REPO = Path(__file__).resolve().parent.parent
 SPOTGUARD = Path(sys.executable).with_name("spotguard")
@@ -116,6 +118,22 @@ async def wait_status(client: httpx.AsyncClient, url: str, status: int, timeout:
             except httpx.TransportError:
                 pass
             await anyio.sleep(interval)
+
+
+async def back_to_serving(http: httpx.AsyncClient, d: DaemonProcess, withdraw: Callable[[], Awaitable[None]]) -> None:
+    """End a trial: withdraw its notice, wait until the daemon has seen it go, undrain, wait for /readyz 200.
+
+    Waiting for the withdrawal matters: a forced undrain ignores the notices still live at that moment
+    until they go away, and the next trial's notice can carry the same id (AWS's instance-action has
+    whole-second times), so the daemon must see the old one leave first.
+    """
+    await withdraw()
+    with anyio.fail_after(30):
+        while (await http.get(d.url + "/status")).json()["live_notices"]:
+            await anyio.sleep(0.01)
+        while (await control.undrain(d.socket, force=True)).get("state") != "serving":
+            await anyio.sleep(0.01)
+    await wait_status(http, d.url + "/readyz", 200, timeout=10)
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -11,6 +11,7 @@ through the control socket.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -23,9 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import daemon, proc_cpu_seconds, proc_rss_mb, summary, wait_status  # noqa: E402
-from spotguard.config import load  # noqa: E402
-from spotguard.control import client as control  # noqa: E402
+from bench._harness import back_to_serving, daemon, proc_cpu_seconds, proc_rss_mb, summary, wait_status  # noqa: E402
 from spotguard.emulator import EmulatorApp, EmulatorControl, run_emulator  # noqa: E402
 
 NOTICES = {
@@ -51,7 +50,6 @@ async def trial_run(emu: EmulatorControl, emu_url: str, cloud: str, poll: float,
         async with httpx.AsyncClient(timeout=2.0) as http:
             ready_at = await wait_status(http, d.url + "/readyz", 200, timeout=30)
             startup = ready_at - d.spawned_at
-            cfg = load(d.config, environ={})
             kind, params = NOTICES[cloud]
             for _ in range(trials):
                 await anyio.sleep(random.uniform(0.05, 0.3))  # random phase against the poll cadence
@@ -59,11 +57,7 @@ async def trial_run(emu: EmulatorControl, emu_url: str, cloud: str, poll: float,
                 event_id = await emu.raise_notice(cloud, kind, **params)
                 seen = await wait_status(http, d.url + "/readyz", 503, timeout=poll * 3 + 5)
                 latencies.append(seen - raised)
-                await emu.withdraw(cloud, event_id)
-                with anyio.fail_after(30):
-                    while (await control.undrain(cfg.control.socket, force=True)).get("state") != "serving":
-                        await anyio.sleep(0.01)
-                await wait_status(http, d.url + "/readyz", 200, timeout=10)
+                await back_to_serving(http, d, functools.partial(emu.withdraw, cloud, event_id))
     return {"cloud": cloud, "poll_interval": poll, "startup_s": startup, **summary(latencies)}
 
 

@@ -20,6 +20,7 @@ the drain's own budgets must end it; deadlines shortened to 10 s to keep the run
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -36,9 +37,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import daemon, free_port, summary, wait_status  # noqa: E402
+from bench._harness import back_to_serving, daemon, free_port, summary, wait_status  # noqa: E402
 from spotguard.config import load  # noqa: E402
-from spotguard.control import client as control  # noqa: E402
 from spotguard.emulator import EmulatorApp, EmulatorControl, run_emulator  # noqa: E402
 
 STUCK_DEADLINE = 10.0
@@ -114,11 +114,7 @@ async def _trials(emu: EmulatorControl, d: Any, cloud: str, name: str, trials: i
             ready_ms.append((epoch(readiness["finished_at"]) - detected) * 1000)
             slack.append(epoch(doc["notice"]["deadline"]) - margin - max(ends))
             drain_s.append(max(ends) - detected)
-            await emu.withdraw(cloud, event_id)
-            with anyio.fail_after(30):
-                while (await control.undrain(d.socket, force=True)).get("state") != "serving":
-                    await anyio.sleep(0.01)
-            await wait_status(http, d.url + "/readyz", 200, timeout=10)
+            await back_to_serving(http, d, functools.partial(emu.withdraw, cloud, event_id))
     return {"cloud": cloud, "scenario": name, "deadline_s": deadline, "safety_margin_s": margin,
             "stop_after_detection_ms": summary(stop_ms), "readiness_after_detection_ms": summary(ready_ms),
             "drain_seconds": summary(drain_s), "slack_before_margin_s": summary(slack),

@@ -1,6 +1,6 @@
 """What the gate costs: added latency and streaming throughput, gate vs direct, side by side.
 
-    .venv/bin/python bench/gate.py [--quick] [--json bench/results/gate.json]
+    .venv/bin/python bench/gate.py [--quick] [--rounds 3] [--extra-site DIR] [--json bench/results/gate.json]
 
 Three processes: a fast fake OpenAI engine, the gate in front of it, and this load generator. For
 1, 50 and 200 concurrent clients it measures, alternating direct and gated rounds so machine noise
@@ -179,36 +179,39 @@ def median(rounds: list[Round], name: str) -> float:
     return float(statistics.median(getattr(r, name) for r in rounds))
 
 
-async def measure(direct: str, gated: str, rounds: int, seconds: float) -> list[dict[str, object]]:
+async def measure(direct: str, gates: dict[str, str], rounds: int, seconds: float) -> list[dict[str, object]]:
+    """One row per (mode, clients, gate variant); every variant's rounds interleave with the direct ones."""
     rows: list[dict[str, object]] = []
     for stream in (False, True):
         for clients in CONCURRENCY:
-            results: dict[str, list[Round]] = {"direct": [], "gate": []}
+            results: dict[str, list[Round]] = {"direct": [], **{name: [] for name in gates}}
             for i in range(rounds):
-                order = [("direct", direct), ("gate", gated)]
+                order = [("direct", direct), *gates.items()]
                 for name, url in order if i % 2 == 0 else order[::-1]:
                     results[name].append(await run_round(url, clients, seconds, stream))
-            d, g = results["direct"], results["gate"]
-            row: dict[str, object] = {
-                "mode": "stream" if stream else "plain", "clients": clients,
-                "direct_p50_ms": median(d, "p50_ms"), "gate_p50_ms": median(g, "p50_ms"),
-                "direct_p99_ms": median(d, "p99_ms"), "gate_p99_ms": median(g, "p99_ms"),
-                "added_p50_ms": median(g, "p50_ms") - median(d, "p50_ms"),
-                "added_p99_ms": median(g, "p99_ms") - median(d, "p99_ms"),
-                "requests": sum(r.requests for r in d + g), "errors": sum(r.errors for r in d + g),
-                "rounds": {k: [asdict(r) for r in v] for k, v in results.items()},
-            }
-            if stream:
-                row["throughput_ratio"] = median(g, "tokens_per_s") / max(median(d, "tokens_per_s"), 1e-9)
-                row["direct_tokens_per_s"] = median(d, "tokens_per_s")
-                row["gate_tokens_per_s"] = median(g, "tokens_per_s")
-            rows.append(row)
-            print(_line(row), flush=True)
+            d = results["direct"]
+            for variant in gates:
+                g = results[variant]
+                row: dict[str, object] = {
+                    "mode": "stream" if stream else "plain", "clients": clients, "variant": variant,
+                    "direct_p50_ms": median(d, "p50_ms"), "gate_p50_ms": median(g, "p50_ms"),
+                    "direct_p99_ms": median(d, "p99_ms"), "gate_p99_ms": median(g, "p99_ms"),
+                    "added_p50_ms": median(g, "p50_ms") - median(d, "p50_ms"),
+                    "added_p99_ms": median(g, "p99_ms") - median(d, "p99_ms"),
+                    "requests": sum(r.requests for r in d + g), "errors": sum(r.errors for r in d + g),
+                    "rounds": {k: [asdict(r) for r in results[k]] for k in ("direct", variant)},
+                }
+                if stream:
+                    row["throughput_ratio"] = median(g, "tokens_per_s") / max(median(d, "tokens_per_s"), 1e-9)
+                    row["direct_tokens_per_s"] = median(d, "tokens_per_s")
+                    row["gate_tokens_per_s"] = median(g, "tokens_per_s")
+                rows.append(row)
+                print(_line(row), flush=True)
     return rows
 
 
 def _line(row: dict[str, object]) -> str:
-    text = (f"{row['mode']:>6} c={row['clients']:<3} "
+    text = (f"{row['mode']:>6} c={row['clients']:<3} {row['variant']:<14} "
             f"p50 direct {row['direct_p50_ms']:7.2f} gate {row['gate_p50_ms']:7.2f} added {row['added_p50_ms']:+6.2f} ms | "
             f"p99 direct {row['direct_p99_ms']:7.2f} gate {row['gate_p99_ms']:7.2f} added {row['added_p99_ms']:+6.2f} ms")
     if "throughput_ratio" in row:
@@ -248,34 +251,49 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="one short round per point (smoke run)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per point and variant (median reported)")
+    parser.add_argument("--extra-site", default="",
+                        help="directory added to a second gate process's PYTHONPATH (a candidate dependency)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gate.json")
     args = parser.parse_args()
     if args.serve:
         serve_role(args.serve, args.port, args.upstream)
         return
-    engine_port, gate_port = _free_port(), _free_port()
-    engine_url, gate_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gate_port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    engine_port = _free_port()
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    pythonpath = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, pythonpath))}
     me = [sys.executable, str(Path(__file__).resolve())]
     procs = [subprocess.Popen([*me, "--serve", "engine", "--port", str(engine_port)], env=env)]
+    # The gate as installed, and optionally a second gate process that also sees --extra-site (a
+    # directory holding e.g. httptools): a candidate dependency judged against the stock one in the same run.
+    variants = {"gate": env}
+    if args.extra_site:
+        variants["gate+extra"] = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [*pythonpath, args.extra_site]))}
+    gates: dict[str, str] = {}
     try:
         _wait_up(engine_url, procs[0])
-        procs.append(subprocess.Popen([*me, "--serve", "gate", "--port", str(gate_port), "--upstream", engine_url],
-                                      env=env))
-        _wait_up(gate_url, procs[1])
-        rounds, seconds = (1, 1.0) if args.quick else (3, 1.5)
+        for name, variant_env in variants.items():
+            port = _free_port()
+            gates[name] = f"http://127.0.0.1:{port}"
+            procs.append(subprocess.Popen([*me, "--serve", "gate", "--port", str(port), "--upstream", engine_url],
+                                          env=variant_env))
+            _wait_up(gates[name], procs[-1])
+        rounds, seconds = (1, 1.0) if args.quick else (args.rounds, 1.5)
         print(f"gate bench: rounds={rounds} x {seconds}s, rate={RATE:.0f} req/s with many clients, "
               f"{TOKENS} tokens every {TOKEN_INTERVAL * 1000:.0f} ms when streaming; cpus={os.cpu_count()}; "
-              f"httptools={_has('httptools')} sniffio={_has('sniffio')}")
-        rows = anyio.run(measure, engine_url, gate_url, rounds, seconds)
+              f"httptools={_has('httptools')} extra site={args.extra_site or '-'}")
+        rows = anyio.run(measure, engine_url, gates, rounds, seconds)
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
-    plain50 = next(r for r in rows if r["mode"] == "plain" and r["clients"] == 50)
-    ratios = [float(r["throughput_ratio"]) for r in rows if r["mode"] == "stream"]  # type: ignore[arg-type]
-    summary = {"p99_added_ms_plain_50": plain50["added_p99_ms"], "p99_target_ms": 1.0,
-               "min_stream_throughput_ratio": min(ratios), "throughput_target": 0.95}
+    summary: dict[str, object] = {"p99_target_ms": 1.0, "throughput_target": 0.95}
+    for variant in gates:
+        plain50 = next(r for r in rows if r["mode"] == "plain" and r["clients"] == 50 and r["variant"] == variant)
+        ratios = [float(r["throughput_ratio"]) for r in rows  # type: ignore[arg-type]
+                  if r["mode"] == "stream" and r["variant"] == variant]
+        summary[variant] = {"p99_added_ms_plain_50": plain50["added_p99_ms"], "min_stream_throughput_ratio": min(ratios)}
     print(json.dumps(summary))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
