@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -23,6 +24,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
                                                     "(default $SPOTGUARD_CONFIG or /etc/spotguard/spotguard.toml).")]
 
 
+T = TypeVar("T")
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"spotguard: {message}", err=True)
     raise typer.Exit(code)
@@ -37,7 +41,7 @@ def _load(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None)
         _fail(str(exc))
 
 
-def _run(call: Any) -> Any:
+def _run(call: Callable[[], Awaitable[T]]) -> T:
     """Run an async call to completion; a SpotguardError becomes a one-line message and exit 1."""
     import anyio
 
@@ -93,7 +97,6 @@ def run(config: ConfigOpt = None,
         listen: Annotated[str | None, typer.Option(help="Override [http] listen (host:port).")] = None,  # noqa: UP007
         cloud: Annotated[str | None, typer.Option(help="Override [agent] cloud.")] = None) -> None:  # noqa: UP007
     """Run the daemon."""
-
     from spotguard import logs
     from spotguard.agent.daemon import run_daemon
 
@@ -117,7 +120,6 @@ def run(config: ConfigOpt = None,
 def status(config: ConfigOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print the /status document.")] = False) -> None:
     """Show the node's state, the notice, and the drain timeline."""
-
     from spotguard.control import client, render
 
     cfg = _load(config)
@@ -131,7 +133,6 @@ def drain(config: ConfigOpt = None,
           deadline: Annotated[float | None, typer.Option(help="Seconds from now the drain must end by.")] = None,  # noqa: UP007
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each step would do.")] = False) -> None:
     """Drain this node now (through the local control socket)."""
-
     from spotguard.control import client
 
     cfg = _load(config)
@@ -143,7 +144,6 @@ def drain(config: ConfigOpt = None,
 def undrain(config: ConfigOpt = None,
             force: Annotated[bool, typer.Option("--force", help="Serve again even while a cloud notice is live.")] = False) -> None:
     """Return to serving after a manual drain."""
-
     from spotguard.control import client
 
     cfg = _load(config)
@@ -230,7 +230,6 @@ def _store(cfg: Any) -> tuple[Any, Any]:
 def snapshots_list(config: ConfigOpt = None,
                    url: Annotated[str | None, typer.Option(help="Store URL; default [snapshot] url.")] = None) -> None:  # noqa: UP007
     """List the snapshots under the store URL (those without a manifest are incomplete)."""
-
     from spotguard.storage.reader import list_snapshots
 
     cfg = _load(config)
@@ -247,7 +246,6 @@ def snapshots_list(config: ConfigOpt = None,
 @snapshots_app.command("show")
 def snapshots_show(snapshot_url: str, config: ConfigOpt = None) -> None:
     """Print a snapshot's manifest (objects, sizes, hashes, what was skipped, timings)."""
-
     from spotguard.storage.reader import open_snapshot
 
     cfg = _load(config)
@@ -259,7 +257,6 @@ def snapshots_show(snapshot_url: str, config: ConfigOpt = None) -> None:
 @snapshots_app.command("get")
 def snapshots_get(snapshot_url: str, directory: Path, config: ConfigOpt = None) -> None:
     """Download (and decrypt) every object of a snapshot, checking each hash."""
-
     from spotguard.storage.reader import open_snapshot
 
     cfg = _load(config)
@@ -280,7 +277,6 @@ def resume(snapshot_url: str, config: ConfigOpt = None,
            engine: Annotated[str, typer.Option(help="openai, vllm or llamacpp.")] = "openai",
            slot_dir: Annotated[str | None, typer.Option(help="Target llama-server's --slot-save-path.")] = None) -> None:  # noqa: UP007
     """Replay a snapshot's in-flight requests to another server so each answer continues where it stopped."""
-
     from spotguard.storage.resume import resume as replay
 
     if not to:
@@ -290,7 +286,7 @@ def resume(snapshot_url: str, config: ConfigOpt = None,
     cfg = _load(config)
     options, key = _store(cfg)
     results = _run(lambda: replay(snapshot_url, to, engine=engine, slot_dir=slot_dir,  # type: ignore[arg-type]
-                                           options=options, key=key))
+                                  options=options, key=key))
     for result in results:  # the continuation text is user data: counts only
         typer.echo(f"{result.id}: {'ok' if result.ok else 'FAILED ' + result.error} "
                    f"kv_restored={result.kv_restored} cache_n={result.cache_n}")
