@@ -85,7 +85,7 @@ async def main() -> None:
     async with anyio.create_task_group() as tg:
         bound = await tg.start(run_emulator, "127.0.0.1", 0, EmulatorApp())
         async with EmulatorControl(bound.url) as emu:
-            for item in args.runs.split(","):
+            for item in filter(None, args.runs.split(",")):
                 cloud, poll_text = item.split(":")
                 poll = float(poll_text)
                 run = await trial_run(emu, bound.url, cloud, poll, args.trials)

@@ -61,6 +61,9 @@ class AwsConfig:
     token_ttl: int = _opt(21600, "IMDSv2 token lifetime in seconds (1..21600); refreshed before expiry.")
     rebalance_action: str = _opt("observe", "Rebalance recommendations: observe (count, report) or drain.",
                                  choices=("observe", "drain"))
+    slow_poll_interval: float = _opt(5.0, "Seconds between polls of the documents that warn minutes to days ahead "
+                                          "(rebalance, scheduled events, ASG lifecycle state); the spot "
+                                          "instance-action keeps [agent] poll_interval.")
     scheduled_lead: float = _opt(300.0, "Drain this many seconds before an active scheduled event's NotBefore.")
     region: str = _opt("", "AWS region for API calls; empty = from instance metadata.")
     endpoint_url: str = _opt("", "API endpoint override (an API-compatible server such as moto).")
@@ -288,6 +291,8 @@ def _build(data: Mapping[str, Any], origin: str) -> Config:
 def _validate(config: Config) -> None:
     if config.agent.poll_interval <= 0:
         raise ConfigError("[agent] poll_interval must be > 0 seconds")
+    if config.aws.slow_poll_interval <= 0:
+        raise ConfigError("[aws] slow_poll_interval must be > 0 seconds")
     if not 1 <= config.aws.token_ttl <= 21600:
         raise ConfigError("[aws] token_ttl must be between 1 and 21600 seconds")
     if config.drain.safety_margin < 0:

@@ -111,11 +111,13 @@ class NoticeSource(Protocol):
     ``poll`` returns every notice that is live right now (an empty list when none is). A notice that
     was returned before and is missing now has been withdrawn. A hanging source (``hanging = True``)
     blocks inside ``poll`` until something changes or its own wait ends, so the runner does not sleep
-    between its polls. Failures raise ``MetadataError``; the runner counts and retries them.
+    between its polls; otherwise it sleeps ``interval`` between them. Failures raise ``MetadataError``; the runner counts and retries them.
     """
 
     name: str
     hanging: bool
+    interval: float | None
+    """Seconds between polls when not hanging; None = ``[agent] poll_interval``."""
 
     async def poll(self) -> Sequence[Notice]: ...
 

@@ -166,7 +166,7 @@ class Agent:
                     notices = await self._poll_once(source)
             self._reconcile(source.name, notices)
             if not source.hanging:
-                await anyio.sleep(interval)
+                await anyio.sleep(source.interval or interval)
 
     async def _poll_once(self, source: NoticeSource) -> Sequence[Notice]:
         health = self._health[source.name]

@@ -193,8 +193,9 @@ class AwsSource:
     hanging = False
 
     def __init__(self, name: str, session: ImdsSession, path: str,
-                 parse: Callable[[str, Seen], list[Notice]]) -> None:
+                 parse: Callable[[str, Seen], list[Notice]], *, interval: float | None = None) -> None:
         self.name = name
+        self.interval = interval
         self._session = session
         self._path = path
         self._parse = parse
@@ -214,13 +215,17 @@ def build_sources(config: Config, http: httpx.AsyncClient) -> list[AwsSource]:
     session = ImdsSession(config, http)
     lead = config.aws.scheduled_lead
     action: Action = "drain" if config.aws.rebalance_action == "drain" else "observe"
+    # Only the spot notice gives as little as 2 minutes; the others warn minutes to days ahead (or, for
+    # the ASG state, wait on a lifecycle hook), and polling four documents every second was most of an
+    # idle daemon's CPU on AWS (bench/detect.py).
+    slow = config.aws.slow_poll_interval
     return [
         AwsSource("aws-spot", session, SPOT_PATH, parse_instance_action),
         AwsSource("aws-rebalance", session, REBALANCE_PATH,
-                  lambda text, seen: parse_rebalance(text, seen, action=action)),
+                  lambda text, seen: parse_rebalance(text, seen, action=action), interval=slow),
         AwsSource("aws-scheduled", session, SCHEDULED_PATH,
-                  lambda text, seen: parse_scheduled(text, seen, lead=lead)),
-        AwsSource("aws-asg", session, LIFECYCLE_PATH, parse_lifecycle),
+                  lambda text, seen: parse_scheduled(text, seen, lead=lead), interval=slow),
+        AwsSource("aws-asg", session, LIFECYCLE_PATH, parse_lifecycle, interval=slow),
     ]
 
 

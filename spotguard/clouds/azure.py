@@ -93,6 +93,7 @@ class AzureSource:
 
     name = "azure"
     hanging = False
+    interval: float | None = None
 
     def __init__(self, config: Config, http: httpx.AsyncClient) -> None:
         self._config = config

@@ -97,6 +97,7 @@ class GcpWatch:
                  hang_again_after: float = HANGING_RETRY_AFTER) -> None:
         self.name = name
         self.hanging = True
+        self.interval: float | None = None  # when hanging GETs fail it falls back to [agent] poll_interval
         self._url = config.gcp.metadata_url.rstrip("/") + path
         self._path = path
         self._http = http

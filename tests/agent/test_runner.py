@@ -29,6 +29,7 @@ class ScriptedSource:
     """Reports whatever the test put in ``live``; raises ``fail`` once if set."""
 
     hanging = False
+    interval: float | None = None
 
     def __init__(self, name: str = "aws") -> None:
         self.name = name

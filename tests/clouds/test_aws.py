@@ -22,6 +22,14 @@ def sources(emulator: RunningEmulator, http: httpx.AsyncClient, **aws_config: ob
     return {source.name: source for source in aws.build_sources(config, http)}
 
 
+async def test_only_the_spot_notice_is_polled_at_the_agent_cadence(emulator: RunningEmulator,
+                                                                   http: httpx.AsyncClient) -> None:
+    found = sources(emulator, http, slow_poll_interval=7.0)
+    assert found["aws-spot"].interval is None  # [agent] poll_interval: it can give only 2 minutes
+    assert {name: s.interval for name, s in found.items() if name != "aws-spot"} == {
+        "aws-rebalance": 7.0, "aws-scheduled": 7.0, "aws-asg": 7.0}
+
+
 async def test_nothing_raised_means_no_notices(emulator: RunningEmulator, http: httpx.AsyncClient) -> None:
     with anyio.fail_after(10):
         for source in sources(emulator, http).values():
