@@ -217,7 +217,12 @@ class Gate:
 
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
-        content = _request_body(receive) if has_body else None
+        if await self._relay(scope, send, _request_body(receive) if has_body else None, "other"):
+            self._count("other", "ok")
+
+    async def _relay(self, scope: Scope, send: Send, content: bytes | AsyncIterator[bytes] | None,
+                     kind: str) -> bool:
+        """Send the request upstream and stream its answer back as is; False when the upstream failed."""
         started = False
         response: httpx.Response | None = None
         try:
@@ -228,9 +233,10 @@ class Gate:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
-            self._count("other", "ok")
+            return True
         except httpx.HTTPError as exc:
-            await self._upstream_failed(send, "other", exc, started)
+            await self._upstream_failed(send, kind, exc, started)
+            return False
         finally:
             if response is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
@@ -361,22 +367,7 @@ class Gate:
         self._metrics.gate_inflight.set(len(self.journal))
 
     async def _passthrough_buffered(self, scope: Scope, send: Send, body: bytes) -> None:
-        response: httpx.Response | None = None
-        started = False
-        try:
-            response = await self._send(scope, body)
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": self._response_headers(response)})
-            started = True
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        except httpx.HTTPError as exc:
-            await self._upstream_failed(send, JOURNALED[scope["path"]], exc, started)
-        finally:
-            if response is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
-                    await response.aclose()
+        await self._relay(scope, send, body, JOURNALED[scope["path"]])
 
 
 @dataclass(eq=False)
