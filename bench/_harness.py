@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import httpx
 
+from spotguard.config import Config, to_toml
 from spotguard.control import client as control
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,23 +44,22 @@ def summary(values: Sequence[float]) -> dict[str, float]:
             "min": min(values), "max": max(values)}
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    """moto_server on a free loopback port, up and answering; returns the process and its URL."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{url}/moto-api/", timeout=1)
+            return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("moto_server did not start") from None
+            time.sleep(0.1)  # bounded by the deadline: process start-up
 
 
 @dataclass
@@ -84,7 +84,11 @@ def daemon(sections: dict[str, dict[str, Any]]) -> Iterator[DaemonProcess]:
         }
         for name, values in sections.items():
             merged.setdefault(name, {}).update(values)
-        config = write_config(Path(tmp) / "spotguard.toml", merged)
+        effective = Config()
+        for name, values in merged.items():
+            effective = effective.replace(name, **values)
+        config = Path(tmp) / "spotguard.toml"
+        config.write_text(to_toml(effective))
         log = open(Path(tmp) / "daemon.log", "wb")
         spawned = time.perf_counter()
         proc = subprocess.Popen([str(SPOTGUARD), "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import free_port, summary  # noqa: E402
+from bench._harness import start_moto, summary  # noqa: E402
 from spotguard import logs  # noqa: E402
 from spotguard.config import AwsConfig  # noqa: E402
 from spotguard.emulator import EmulatorApp, EmulatorControl, run_emulator  # noqa: E402
@@ -39,23 +38,6 @@ from spotguard.services import Identity  # noqa: E402
 
 REGION = "us-east-1"
 TARGET_P99 = 1.5
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{url}/moto-api/", timeout=1)
-            return proc, url
-        except httpx.TransportError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("moto_server did not start") from None
-            time.sleep(0.1)
 
 
 def setup(url: str, groups: int) -> tuple[Any, str, list[str]]:

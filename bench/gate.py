@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._harness import free_port  # noqa: E402
 from spotguard.asgi import Receive, Scope, Send, read_body, serve  # noqa: E402
 from spotguard.gate.proxy import nodelay_socket  # noqa: E402
 
@@ -226,14 +227,6 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and proc.poll() is None:
@@ -259,7 +252,7 @@ def main() -> None:
     if args.serve:
         serve_role(args.serve, args.port, args.upstream)
         return
-    engine_port = _free_port()
+    engine_port = free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"
     pythonpath = [str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, pythonpath))}
@@ -274,7 +267,7 @@ def main() -> None:
     try:
         _wait_up(engine_url, procs[0])
         for name, variant_env in variants.items():
-            port = _free_port()
+            port = free_port()
             gates[name] = f"http://127.0.0.1:{port}"
             procs.append(subprocess.Popen([*me, "--serve", "gate", "--port", str(port), "--upstream", engine_url],
                                           env=variant_env))

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,9 @@ import httpx
 import obstore
 import structlog
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._harness import start_moto  # noqa: E402
 from spotguard.config import Config
 from spotguard.drain.step import DrainContext
 from spotguard.gate.journal import InflightRequest, Journal
@@ -40,30 +41,6 @@ from spotguard.services import Identity, Services
 from spotguard.storage.format import Manifest
 from spotguard.storage.snapshot import prepare, seal_and_put
 from spotguard.storage.store import Store, StoreOptions, open_store
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{url}/moto-api/", timeout=1)
-            return proc, url
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("moto_server did not start") from None
-            time.sleep(0.1)
 
 
 async def throughput(store: Store, data: bytes, reps: int) -> dict[str, float]:
@@ -131,6 +108,7 @@ async def records_commit(moto_url: str, bucket: str, reps: int) -> dict[str, flo
 
 async def main(size_mb: int, reps: int) -> dict[str, object]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # keep the output to results
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     proc, moto_url = start_moto()
     try:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
