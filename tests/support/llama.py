@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support._processes import stop
+
 LLAMA_VERSION = "0.3.36"
 VOCAB_NAME = "ggml-vocab-llama-spm.gguf"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -89,12 +91,7 @@ def run_llama_server(binary: Path, model: Path, workdir: Path, *, slots: int = 2
         yield LlamaServer(url=url, port=port, slots=slots, ctx=ctx, slot_save_path=slot_save_path, log=log,
                           proc=proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
 
 
 @pytest.fixture(scope="session")
