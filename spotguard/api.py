@@ -16,9 +16,6 @@ from spotguard.metrics import Metrics
 
 
 class StatusView(Protocol):
-    @property
-    def ready(self) -> bool: ...
-
     def status(self) -> dict[str, Any]: ...
 
     def health(self) -> dict[str, dict[str, Any]]: ...
@@ -28,12 +25,17 @@ def _json(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
+Verdict = Callable[[], tuple[bool, list[str]]]
+"""(ready, what fails): see ``agent/readiness.py``."""
+
+
 class HttpApi:
     """ASGI app; ``before_metrics`` refreshes gauges (GPU facts) just before a scrape."""
 
-    def __init__(self, view: StatusView, metrics: Metrics,
+    def __init__(self, view: StatusView, metrics: Metrics, readiness: Verdict,
                  before_metrics: Callable[[], None] | None = None) -> None:
         self.view = view
+        self.readiness = readiness
         self.metrics = metrics
         self.before_metrics = before_metrics
 
@@ -46,9 +48,9 @@ class HttpApi:
                                headers=[(b"allow", b"GET, HEAD")])
             return
         if path == "/readyz":
-            ready = self.view.ready
-            state = self.view.status()["state"] if not ready else "serving"
-            await asgi.respond(send, 200 if ready else 503, f"{state}\n")
+            ready, failing = self.readiness()
+            await asgi.respond(send, 200 if ready else 503,
+                               "serving\n" if ready else "not ready: " + "; ".join(failing) + "\n")
         elif path == "/healthz":
             await asgi.respond(send, 200, _json({"alive": True, "sources": self.view.health()}),
                                content_type="application/json")

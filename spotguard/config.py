@@ -100,9 +100,9 @@ class AzureConfig:
 class ShutdownConfig:
     enabled: bool = _opt(True, "Treat SIGTERM while serving as a notice (on GCP it often is the only one).")
     budget: float = _opt(25.0, "Seconds the drain may take after SIGTERM.")
-    trigger: str = _opt("always", "When SIGTERM drains: always, or system-shutdown (only while systemd is "
-                        "shutting the machine down, so restarting spotguard alone does not drain).",
-                        choices=("always", "system-shutdown"))
+    trigger: str = _opt("system-shutdown", "When SIGTERM drains a serving node: system-shutdown (only while "
+                        "systemd says the machine is stopping, or when that cannot be told; restarting spotguard "
+                        "alone does not drain) or always.", choices=("always", "system-shutdown"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +121,8 @@ class DrainConfig:
     deregister_budget: float = _opt(15.0, "Most seconds for load-balancer deregistration.")
     snapshot_budget: float = _opt(30.0, "Most seconds for saving in-flight context.")
     notify_budget: float = _opt(10.0, "Most seconds for webhooks.")
+    restore_budget: float = _opt(60.0, "Most seconds an undrain may take to put back what the drain changed "
+                                 "(start the engine's unit, reopen the gate, re-register with load balancers).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +130,9 @@ class ServerConfig:
     kind: str = _opt("none", "Inference engine adapter.",
                      choices=("none", "vllm", "sglang", "tgi", "triton", "llamacpp", "http", "command"))
     url: str = _opt("", "Base URL of the engine's HTTP API.")
+    health_url: str = _opt("", "The engine's readiness URL, checked about once a second for /readyz; empty = the "
+                           "kind's own (vllm, sglang, tgi, llamacpp: url + /health; triton: url + "
+                           "/v2/health/ready); none for http, command and none unless set.")
     metrics_url: str = _opt("", "Prometheus endpoint of the engine; empty = url + /metrics.")
     unit: str = _opt("", "systemd unit of the engine (signalled with systemctl kill).")
     pid_file: str = _opt("", "File holding the engine's pid.")

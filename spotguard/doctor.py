@@ -110,11 +110,11 @@ async def _timed(name: str, probe: Callable[[], Awaitable[str]], timeout: float)
 
 async def run_checks(config: Config) -> list[Check]:
     from spotguard import gpu
-    from spotguard.agent.wiring import detect
+    from spotguard.clouds.detect import detect_cloud
 
     checks: list[Check] = [Check("configuration", "ok", "loaded and valid")]
     async with httpx.AsyncClient(trust_env=False) as http:
-        cloud = await detect(config, http)
+        cloud = await detect_cloud(config, http)
         checks.append(Check("cloud", "ok" if cloud != "none" else "warning",
                             cloud if cloud != "none" else "no cloud detected: only OS shutdown and manual drains"))
         if cloud != "none":

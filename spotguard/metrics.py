@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-STATES = ("serving", "draining", "drained")
+STATES = ("serving", "draining", "drained", "restoring")
 
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -32,6 +32,12 @@ class Metrics:
             "From the notice appearing (its own notice time where the cloud gives one) to our detection",
             ["source"], buckets=_SLOW, registry=r)
         self.state = Gauge("spotguard_state", "1 for the current state", ["state"], registry=r)
+        self.ready = Gauge("spotguard_ready", "1 while /readyz answers 200", registry=r)
+        self.engine_healthy = Gauge("spotguard_engine_healthy",
+                                    "1 while the engine's health URL answers 200 (last check)", registry=r)
+        self.gate_up = Gauge("spotguard_gate_up", "1 while the gate accepts connections (last check)", registry=r)
+        self.cloud_known = Gauge("spotguard_cloud_known",
+                                 "0 while [agent] cloud = auto has not been confirmed by a probe yet", registry=r)
         self.deadline = Gauge("spotguard_drain_deadline_timestamp_seconds", "Unix time of the active deadline",
                               registry=r)
         self.step_duration = Histogram("spotguard_drain_step_duration_seconds", "Drain step duration",
@@ -40,6 +46,8 @@ class Metrics:
                                  "Seconds between the end of the last drain and its deadline", registry=r)
         self.drains = Counter("spotguard_drains_total", "Drains finished, by trigger source and result",
                               ["source", "result"], registry=r)
+        self.restores = Counter("spotguard_restores_total", "Undrains that put back what a drain changed "
+                                "(source = undrain), by result", ["source", "result"], registry=r)
         self.webhooks = Counter("spotguard_webhook_deliveries_total", "Webhook deliveries by result",
                                 ["result"], registry=r)
         self.lb_calls = Counter("spotguard_lb_calls_total", "Load-balancer API calls by provider and result",

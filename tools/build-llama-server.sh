@@ -24,6 +24,15 @@ if [[ -f "$DEST/.complete" && -x "$DEST/llama-server" ]]; then
     exit 0
 fi
 
+# Two builds in one tree corrupt each other (seen: two worktrees' `make test` at once): the second waits.
+mkdir -p "$CACHE_ROOT"
+exec 9>"$CACHE_ROOT/.llama-server-build.lock"
+flock 9
+if [[ -f "$DEST/.complete" && -x "$DEST/llama-server" ]]; then
+    echo "$DEST/llama-server"
+    exit 0
+fi
+
 PIP=(python3 -m pip)
 if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
     PIP=("$REPO_ROOT/.venv/bin/python" -m pip)

@@ -1,9 +1,14 @@
 """The daemon's lifecycle in one place: capture signals -> start listeners and sources -> main loop -> shutdown.
 
-SIGTERM while serving is itself a notice (the OS shutdown is often GCP's only warning): the daemon drains
-within ``[shutdown] budget`` and then exits. SIGTERM during a drain lets the drain finish within its
-budget. A second SIGTERM or SIGINT forces exit at once. SIGINT alone (an operator's Ctrl-C) stops without
-draining a serving node.
+Signals are captured before anything else, so one that arrives during start-up is handled, not fatal.
+READY=1 (and /readyz 200) come only once the gate listens and the engine's health has been checked.
+
+SIGTERM while serving drains when the machine is going away (``[shutdown] trigger``: by default only while
+systemd says the system is stopping, or when that cannot be told); otherwise it is a restart of spotguard
+itself and the daemon exits at once. SIGTERM during a drain brings that drain's deadline to ``[shutdown]
+budget`` when the machine is going away, and otherwise exits at once, leaving the drain persisted for the
+restarted daemon to finish. A second SIGTERM or SIGINT forces exit at once. SIGINT alone (an operator's
+Ctrl-C) stops without draining.
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ import httpx
 from anyio.abc import TaskGroup, TaskStatus
 
 from spotguard import __version__, asgi, logs, sdnotify
+from spotguard.agent.readiness import Readiness
 from spotguard.agent.runner import Agent
 from spotguard.agent.state import StateStore
 from spotguard.agent.wiring import Wiring, build_wiring
 from spotguard.api import HttpApi
 from spotguard.clouds.operator import shutdown_notice, system_is_stopping
 from spotguard.config import Config, parse_listen
+from spotguard.errors import ConfigError
 
 GPU_REFRESH_SECONDS = 15.0
+READY_WAIT_FOR_CLOUD = 2.0
+"""Seconds start-up waits for the cloud to attach before READY (it goes on in the background after)."""
 
 
 async def run_daemon(config: Config, *, task_status: TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED) -> int:
@@ -41,38 +50,57 @@ class Daemon:
         self.http_bound: asgi.Bound | None = None
         self.wiring: Wiring | None = None
         self.agent: Agent | None = None
+        self.readiness: Readiness | None = None
 
     async def run(self, *, task_status: TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED) -> int:
         config = self.config
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
-        async with httpx.AsyncClient(limits=limits, trust_env=False) as http:
-            wiring = self.wiring = await build_wiring(config, http)
-            assert wiring.driver is not None
-            agent = self.agent = Agent(config=config, cloud=wiring.cloud, metrics=wiring.metrics,
-                                       log=logs.get("runner"), store=StateStore(config.agent.state_dir),
-                                       sources=wiring.sources, driver=wiring.driver)
-            wiring.bind_agent(agent)
-            # Signals are captured before anything listens, so a SIGTERM right after start-up still drains.
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # Signals first: a SIGTERM during start-up waits in the receiver and is handled once the agent runs.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with httpx.AsyncClient(limits=limits, trust_env=False) as http:
+                wiring = self.wiring = await build_wiring(config, http)
+                assert wiring.driver is not None
+                agent = self.agent = Agent(config=config, cloud=wiring.cloud, metrics=wiring.metrics,
+                                           log=logs.get("runner"), store=StateStore(config.agent.state_dir),
+                                           sources=[], driver=wiring.driver)
+                readiness = self.readiness = Readiness(config, http, wiring.metrics, state=lambda: agent.state,
+                                                       gate_draining=wiring.gate_draining, log=logs.get("readiness"))
+                agent.status_extras += [lambda: {"readiness": readiness.describe()}, wiring.status]
                 async with anyio.create_task_group() as tg:
+                    await tg.start(agent.run, name="runner")
+                    tg.start_soon(self._attach, wiring, agent, name="attach-cloud")
                     host, port = parse_listen(config.http.listen, "[http] listen")
-                    api = HttpApi(agent, wiring.metrics, before_metrics=wiring.refresh_gpu)
+                    api = HttpApi(agent, wiring.metrics, readiness.verdict, before_metrics=wiring.refresh_gpu)
                     self.http_bound = await tg.start(asgi.serve_tcp, api, host, port, name="http")
                     await wiring.start_listeners(tg, agent)
-                    await tg.start(agent.run, name="runner")
+                    await tg.start(readiness.run, name="readiness")
+                    with anyio.move_on_after(READY_WAIT_FOR_CLOUD):
+                        await wiring.attached.wait()
+                    if wiring.problem:  # a setting that cannot work: refuse to start rather than run blind
+                        self.exit_code = 2
+                        tg.cancel_scope.cancel()
+                        return self.exit_code
                     tg.start_soon(self._watchdog, name="watchdog")
                     self.log.info("started", version=__version__, cloud=wiring.cloud, http=self.http_bound.url,
-                                  sources=[s.name for s in wiring.sources], state=agent.state,
-                                  engine=config.server.kind, dry_run=config.agent.dry_run, **wiring.describe())
-                    if wiring.cloud == "none":
-                        self.log.warning("no_cloud", message="no cloud detected or configured: only the OS "
-                                         "shutdown and manual drain sources are running")
-                    sdnotify.notify("READY=1", f"STATUS=serving ({wiring.cloud})")
+                                  sources=[s.name for s in agent.sources], state=agent.state,
+                                  engine=config.server.kind, dry_run=config.agent.dry_run,
+                                  ready=readiness.verdict()[0], **wiring.describe())
+                    sdnotify.notify("READY=1", f"STATUS={agent.state} ({wiring.cloud})")
                     task_status.started(self)
                     await self._handle_signals(tg, agent, signals)
         sdnotify.notify("STOPPING=1")
         self.log.info("stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    async def _attach(self, wiring: Wiring, agent: Agent) -> None:
+        try:
+            await wiring.attach_cloud(agent)
+        except ConfigError as exc:
+            wiring.metrics.config_errors.labels(component="wiring", reason="balancers").inc()
+            self.log.error("cloud_attach_failed", error=str(exc))
+        if wiring.cloud == "none":
+            self.log.warning("no_cloud", message="no cloud detected or configured: only the OS "
+                             "shutdown and manual drain sources are running")
 
     async def _handle_signals(self, tg: TaskGroup, agent: Agent, signals: AsyncIterator[int]) -> None:
         stopping = False
@@ -84,26 +112,40 @@ class Daemon:
                 return
             stopping = True
             sdnotify.notify("STOPPING=1")
-            tg.start_soon(self._stop_after_drain, tg, agent, signum, name="shutdown")
+            tg.start_soon(self._stop, tg, agent, signum, name="shutdown")
 
-    async def _stop_after_drain(self, tg: TaskGroup, agent: Agent, signum: int) -> None:
+    async def _machine_going_away(self) -> bool:
+        shutdown = self.config.shutdown
+        if shutdown.trigger == "always":
+            return True
+        stopping = await anyio.to_thread.run_sync(system_is_stopping)
+        if stopping is None:
+            self.log.warning("system_state_unknown", action="treating SIGTERM as the machine going away")
+        return stopping is not False
+
+    async def _stop(self, tg: TaskGroup, agent: Agent, signum: int) -> None:
         name = signal.Signals(signum).name
         shutdown = self.config.shutdown
-        trigger_drain = (signum == signal.SIGTERM and shutdown.enabled and agent.state == "serving"
-                         and (shutdown.trigger == "always" or await anyio.to_thread.run_sync(system_is_stopping)))
-        if trigger_drain:
+        going_away = signum == signal.SIGTERM and shutdown.enabled and await self._machine_going_away()
+        if going_away and agent.state in ("serving", "restoring"):
             self.log.warning("shutdown_notice", signal=name, budget=shutdown.budget)
             agent.inject(shutdown_notice(shutdown.budget))
-        if trigger_drain or agent.state == "draining":
-            notice = agent.notice
-            limit = shutdown.budget if notice is None else max(1.0, notice.seconds_left())
-            with anyio.move_on_after(limit + 1) as scope:
-                while agent.state != "drained":
-                    await agent.wait_drained()
-            if scope.cancelled_caught:
-                self.log.error("drain_overran_shutdown_budget", budget=limit)
+            await self._wait_for_drain(agent, shutdown.budget)
+        elif going_away and agent.state == "draining":
+            agent.shorten_drain(shutdown.budget, why=f"{name} while draining")
+            await self._wait_for_drain(agent, shutdown.budget)
+        elif agent.state == "draining":
+            self.log.warning("drain_left_for_restart", signal=name,
+                             message="the machine is not shutting down: the restarted daemon resumes this drain")
         self.log.info("stopping", signal=name, state=agent.state)
         tg.cancel_scope.cancel()
+
+    async def _wait_for_drain(self, agent: Agent, budget: float) -> None:
+        with anyio.move_on_after(budget + 1) as scope:
+            while agent.state != "drained":
+                await agent.wait_drained()
+        if scope.cancelled_caught:
+            self.log.error("drain_overran_shutdown_budget", budget=budget)
 
     async def _watchdog(self) -> None:
         interval = sdnotify.watchdog_interval()

@@ -2,7 +2,12 @@
 
 Sources report; the runner owns polling, backoff, error counting and the node's state machine:
 
-    serving --(due drain notice)--> draining --(plan finished)--> drained --(undrain)--> serving
+    serving --(due drain notice)--> draining --(plan finished)--> drained
+    drained --(undrain)--> restoring --(undo plan finished)--> serving
+
+``restoring`` puts back what the drain changed (engine, gate, load balancers); a notice that comes due
+meanwhile stops the restore and drains. A daemon restarted in ``draining`` or ``restoring`` picks the
+plan up where it was, without re-running finished steps.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ import anyio
 import tenacity
 from anyio.abc import TaskGroup, TaskStatus
 
-from spotguard.agent.state import NodeState, Persisted, StateStore, current_boot_id
-from spotguard.clouds.operator import manual_notice
+from spotguard.agent.state import NodeState, Persisted, StateStore, StateWriter, current_boot_id
+from spotguard.clouds.operator import manual_notice, shutdown_notice
 from spotguard.config import Config
 from spotguard.errors import MetadataError, SpotguardError
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, NoticeSource, rfc3339, utcnow
 
 OPERATOR_SOURCES = ("manual", "shutdown")
+UNDRAIN_ANSWER_WAIT = 8.0
+"""Seconds ``undrain`` waits for the restore before answering (the control socket allows 10)."""
 Timeline = list[dict[str, Any]]
 
 
@@ -35,6 +42,11 @@ class DrainDriver(Protocol):
                   on_change: Callable[[Timeline], None]) -> Timeline: ...
 
     def tighten(self, deadline: datetime) -> None: ...
+
+    async def restore(self, drained: Timeline, timeline: Timeline, *,
+                      on_change: Callable[[Timeline], None]) -> Timeline:
+        """Undo what the drain recorded in ``drained`` (engine, gate, load balancers); resumes ``timeline``."""
+        ...
 
 
 @dataclass
@@ -63,24 +75,32 @@ class Agent:
         self._live: dict[str, dict[str, Notice]] = {}
         self._first_seen: dict[str, datetime] = {}
         self._observed: dict[str, Notice] = {}
-        self._suppressed: set[str] = set()
-        """Keys of cloud notices an operator forced away (undrain --force); ignored until withdrawn."""
+        self._writer = StateWriter(store, self._write_failed)
         self._health = {source.name: SourceHealth() for source in self.sources}
         self._changed = anyio.Event()
         self._drain_done = anyio.Event()
         self._drain_scope: anyio.CancelScope | None = None
         """The running drain, so that a forced undrain can stop it rather than be overwritten by its end."""
+        self._restore_scope: anyio.CancelScope | None = None
+        """The running restore, so that a notice coming due can stop it and drain."""
         self._tg: TaskGroup | None = None
         self._drain_dry_run = False
+        self._restored = anyio.Event()
+        self.status_extras: list[Callable[[], dict[str, Any]]] = []
+        """Sections other parts of the daemon add to the status document (readiness, cloud)."""
         persisted, problem = store.load()
         if problem:
             log.error("state_unreadable", problem=problem, action="starting as serving")
             metrics.config_errors.labels(component="state", reason="unreadable").inc()
         boot = current_boot_id()
-        if persisted.state != "serving" and persisted.boot_id and boot and persisted.boot_id != boot:
-            log.warning("state_from_previous_boot", state=persisted.state, action="starting as serving")
+        if persisted.boot_id and boot and persisted.boot_id != boot:
+            if persisted.state != "serving":
+                log.warning("state_from_previous_boot", state=persisted.state, action="starting as serving")
+            # Notices (and an operator's decision to ignore them) do not outlive the VM's boot.
             persisted = Persisted(boot_id=boot)
         self._persisted = persisted.with_(boot_id=boot or persisted.boot_id)
+        self._suppressed: set[str] = set(self._persisted.suppressed)
+        """Keys of cloud notices an operator forced away (undrain --force); ignored until withdrawn."""
         metrics.set_state(self._persisted.state)
 
     # ---- what the outside reads ------------------------------------------------------------------
@@ -96,6 +116,10 @@ class Agent:
     @property
     def ready(self) -> bool:
         return self._persisted.state == "serving"
+
+    @property
+    def suppressed(self) -> frozenset[str]:
+        return frozenset(self._suppressed)
 
     def live_notices(self) -> list[Notice]:
         return [n for by_key in self._live.values() for n in by_key.values()]
@@ -120,12 +144,15 @@ class Agent:
             "notice": _public_notice(notice),
             "seconds_left": round(notice.seconds_left(), 3) if notice else None,
             "steps": _steps(self._persisted.timeline),
+            "restore_steps": _steps(self._persisted.restore),
             "live_notices": [_public_notice(n) for n in self.live_notices()],
             "observed": [_public_notice(n) for n in self._observed.values()],
             "sources": self.health(),
             "dry_run": self.config.agent.dry_run,
             "started_at": rfc3339(self.started_at),
         }
+        for extra in self.status_extras:
+            doc.update(extra())
         return doc
 
     def wait_drained(self) -> Awaitable[None]:
@@ -138,18 +165,34 @@ class Agent:
     # ---- running -----------------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            if self._persisted.state == "draining" and self._persisted.notice:
-                self.log.warning("resuming_drain", notice=_public_notice(self._persisted.notice),
-                                 steps_done=sum(1 for s in _steps(self._persisted.timeline) if s.get("state") == "done"))
-                tg.start_soon(self._drain, self._persisted.notice, name="drain")
-            elif self._persisted.state == "drained":
-                self._drain_done.set()
-            for source in self.sources:
-                tg.start_soon(self._poll_forever, source, name=f"poll:{source.name}")
-            tg.start_soon(self._decide_forever, name="decide")
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._writer.run, name="state-writer")
+                if self._persisted.state == "draining" and self._persisted.notice:
+                    self.log.warning("resuming_drain", notice=_public_notice(self._persisted.notice),
+                                     steps_done=sum(1 for s in _steps(self._persisted.timeline)
+                                                    if s.get("state") == "done"))
+                    tg.start_soon(self._drain, self._persisted.notice, name="drain")
+                elif self._persisted.state == "restoring":
+                    self.log.warning("resuming_restore")
+                    tg.start_soon(self._restore, name="restore")
+                elif self._persisted.state == "drained":
+                    self._drain_done.set()
+                for source in self.sources:
+                    tg.start_soon(self._poll_forever, source, name=f"poll:{source.name}")
+                tg.start_soon(self._decide_forever, name="decide")
+                task_status.started()
+        finally:
+            await self._writer.flush()
+
+    def add_sources(self, sources: Sequence[NoticeSource]) -> None:
+        """Start polling sources found after start-up (a cloud confirmed late by a re-probe)."""
+        assert self._tg is not None, "add_sources before run()"
+        for source in sources:
+            self.sources.append(source)
+            self._health[source.name] = SourceHealth()
+            self._tg.start_soon(self._poll_forever, source, name=f"poll:{source.name}")
 
     async def _poll_forever(self, source: NoticeSource) -> None:
         interval = self.config.agent.poll_interval
@@ -237,7 +280,9 @@ class Agent:
     def _on_withdrawn(self, notice: Notice) -> None:
         self._first_seen.pop(notice.key, None)
         self._observed.pop(notice.key, None)
-        self._suppressed.discard(notice.key)
+        if notice.key in self._suppressed:
+            self._suppressed.discard(notice.key)
+            self._set(self._persisted.with_(suppressed=tuple(sorted(self._suppressed))))
         self.metrics.withdrawals.labels(source=notice.source, kind=notice.kind).inc()
         started = self._persisted.notice is not None and self._persisted.notice.key == notice.key
         self.log.warning("notice_withdrawn", source=notice.source, kind=notice.kind, event_id=notice.event_id,
@@ -262,8 +307,12 @@ class Agent:
             self._changed = anyio.Event()
             now = utcnow()
             due = self._due(now)
-            if due and self._persisted.state == "serving":
+            if due and self._persisted.state in ("serving", "restoring"):
                 assert self._tg is not None
+                if self._restore_scope is not None:
+                    self.log.warning("restore_stopped", reason="a notice came due", **_public_notice(due[0]) or {})
+                    self._restore_scope.cancel()
+                    self._restore_scope = None
                 self._tg.start_soon(self._drain, due[0], name="drain")
             elif due and self._persisted.state == "draining" and self._persisted.notice:
                 if due[0].deadline < self._persisted.notice.deadline:
@@ -287,12 +336,16 @@ class Agent:
     def _set(self, persisted: Persisted) -> None:
         self._persisted = persisted
         self.metrics.set_state(persisted.state)
-        try:
-            self.store.save(persisted)
-        except OSError as exc:
-            # The drain goes on without persistence rather than stopping: losing the file costs a resume.
-            self.metrics.config_errors.labels(component="state", reason="write_failed").inc()
-            self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
+        self._writer.submit(persisted)
+
+    def _write_failed(self, exc: OSError) -> None:
+        # The drain goes on without persistence rather than stopping: losing the file costs a resume.
+        self.metrics.config_errors.labels(component="state", reason="write_failed").inc()
+        self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
+
+    async def flush(self) -> None:
+        """Wait until the newest state is on disk."""
+        await self._writer.flush()
 
     def _on_timeline(self, timeline: Timeline) -> None:
         self._set(self._persisted.with_(timeline=list(timeline)))
@@ -310,7 +363,7 @@ class Agent:
     async def _run_drain(self, notice: Notice) -> None:
         resuming = self._persisted.state == "draining"
         timeline = self._persisted.timeline if resuming else []
-        self._set(self._persisted.with_(state="draining", notice=notice, timeline=timeline))
+        self._set(self._persisted.with_(state="draining", notice=notice, timeline=timeline, restore=[]))
         self.metrics.deadline.set(notice.deadline.timestamp())
         self.log.warning("drain_started", resuming=resuming, seconds_left=round(notice.seconds_left(), 3),
                          **_public_notice(notice) or {})
@@ -356,12 +409,13 @@ class Agent:
     async def undrain(self, force: bool) -> dict[str, Any]:
         cloud_live = [n for n in self.live_notices() if n.action == "drain"
                       and n.source not in OPERATOR_SOURCES and n.key not in self._suppressed]
+        state = self._persisted.state
         if cloud_live and not force:
-            return {"accepted": False, "state": self._persisted.state,
+            return {"accepted": False, "state": state,
                     "message": "a cloud notice is live: this VM is going away (use --force to serve anyway)",
                     "live_notices": [_public_notice(n) for n in cloud_live]}
-        if self._persisted.state == "draining" and not force:
-            return {"accepted": False, "state": self._persisted.state,
+        if state == "draining" and not force:
+            return {"accepted": False, "state": state,
                     "message": "a drain is running; wait for it to finish or use --force"}
         for source in OPERATOR_SOURCES:
             for notice in self._live.pop(source, {}).values():
@@ -371,11 +425,59 @@ class Agent:
         if self._drain_scope is not None:  # only reachable with force: stop the drain before it marks us drained
             self._drain_scope.cancel()
             self._drain_done.set()  # whoever waits on that drain (a SIGTERM exit) sees it end
-        self._set(Persisted(boot_id=self._persisted.boot_id))
         self._drain_done = anyio.Event()
-        self.log.warning("undrained", forced=force)
+        self.log.warning("undrained", forced=force, suppressed=len(self._suppressed))
+        if state in ("serving", "restoring"):
+            self._set(self._persisted.with_(suppressed=tuple(sorted(self._suppressed))))
+            self._changed.set()
+            return {"accepted": True, "state": state, "message": f"already {state}",
+                    "steps": _steps(self._persisted.restore)}
+        self._set(self._persisted.with_(state="restoring", notice=None, restore=[],
+                                        suppressed=tuple(sorted(self._suppressed))))
+        restored = self._restored = anyio.Event()
+        assert self._tg is not None
+        self._tg.start_soon(self._restore, name="restore")
+        # The operator sees what was put back; a slow engine start goes on and `status` shows it.
+        with anyio.move_on_after(UNDRAIN_ANSWER_WAIT):
+            await restored.wait()
+        done = self._persisted.state == "serving"
+        return {"accepted": True, "state": self._persisted.state,
+                "message": "undrained: serving again" if done else
+                           "undrained: still putting things back (see spotguard status)",
+                "steps": _steps(self._persisted.restore)}
+
+    async def _restore(self) -> None:
+        with anyio.CancelScope() as scope:
+            self._restore_scope = scope
+            try:
+                restore = await self.driver.restore(self._persisted.timeline, self._persisted.restore,
+                                                    on_change=self._on_restore)
+            except Exception as exc:  # the node must not stay out of rotation because undo itself broke
+                self.log.exception("restore_failed", error=f"{type(exc).__name__}: {exc}")
+                restore = self._persisted.restore
+            await anyio.lowlevel.checkpoint()  # a notice coming due at the very end still wins
+        if self._restore_scope is scope:
+            self._restore_scope = None
+        if scope.cancelled_caught:
+            return
+        self._set(self._persisted.with_(state="serving", restore=list(restore)))
+        self.log.warning("restored", steps={s.get("name"): s.get("outcome") for s in _steps(restore)})
+        self._restored.set()
         self._changed.set()
-        return {"accepted": True, "state": "serving"}
+
+    def _on_restore(self, timeline: Timeline) -> None:
+        if self._persisted.state == "restoring":
+            self._set(self._persisted.with_(restore=list(timeline)))
+
+    def shorten_drain(self, seconds: float, why: str) -> None:
+        """Bring the running drain's deadline to ``seconds`` from now (SIGTERM during a drain)."""
+        current = self._persisted.notice
+        if self._persisted.state != "draining" or current is None:
+            return
+        shortened = shutdown_notice(seconds)
+        if shortened.deadline < current.deadline:
+            self.log.warning("drain_shortened", why=why, seconds=seconds)
+            self._tighten(shortened)
 
 
 def _steps(timeline: Timeline) -> list[dict[str, Any]]:

@@ -1,17 +1,27 @@
-"""The node's drain state, persisted atomically so a restarted daemon on a draining node stays draining."""
+"""The node's drain state, persisted atomically so a restarted daemon on a draining node stays draining.
+
+Writes happen off the event loop (``StateWriter``): an fsync can take tens of milliseconds on a busy
+disk, and a drain changes state at every step transition. Writes are coalesced: only the newest state
+is written, so a burst of transitions costs one or two writes, never a queue.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
+
 from spotguard.notice import Notice
 
-NodeState = Literal["serving", "draining", "drained"]
+NodeState = Literal["serving", "draining", "drained", "restoring"]
+NODE_STATES: tuple[NodeState, ...] = ("serving", "draining", "drained", "restoring")
+"""``restoring``: an undrain is putting back what the drain changed (engine, gate, load balancers)."""
 STATE_FILE = "state.json"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -28,6 +38,11 @@ class Persisted:
     state: NodeState = "serving"
     notice: Notice | None = None
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    """The last drain's timeline (kept after an undrain, for status, until the next drain starts)."""
+    restore: list[dict[str, Any]] = field(default_factory=list)
+    """The last undrain's timeline: what it put back."""
+    suppressed: tuple[str, ...] = ()
+    """Keys of cloud notices an operator forced away (``undrain --force``); kept across restarts."""
     boot_id: str = ""
 
     def with_(self, **changes: Any) -> Persisted:
@@ -38,19 +53,26 @@ class Persisted:
             "state": self.state,
             "notice": self.notice.to_json() if self.notice else None,
             "timeline": self.timeline,
+            "restore": self.restore,
+            "suppressed": list(self.suppressed),
             "boot_id": self.boot_id,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Persisted:
         state = data.get("state", "serving")
-        if state not in ("serving", "draining", "drained"):
+        if state not in NODE_STATES:
             raise ValueError(f"unknown state {state!r}")
         notice = Notice.from_json(data["notice"]) if data.get("notice") else None
         timeline = data.get("timeline") or []
-        if not isinstance(timeline, list):
+        restore = data.get("restore") or []
+        if not isinstance(timeline, list) or not isinstance(restore, list):
             raise ValueError("timeline is not a list")
-        return cls(state=state, notice=notice, timeline=timeline, boot_id=str(data.get("boot_id", "")))
+        suppressed = data.get("suppressed") or []
+        if not isinstance(suppressed, list) or not all(isinstance(k, str) for k in suppressed):
+            raise ValueError("suppressed is not a list of notice keys")
+        return cls(state=state, notice=notice, timeline=timeline, restore=restore, suppressed=tuple(suppressed),
+                   boot_id=str(data.get("boot_id", "")))
 
 
 class StateStore:
@@ -98,3 +120,41 @@ class StateStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+class StateWriter:
+    """Writes the newest ``Persisted`` in a worker thread; ``submit`` never blocks the event loop.
+
+    ``run`` is the writer task; ``flush`` writes whatever is still pending (the daemon flushes before it
+    exits, so a clean stop never loses the last transition). One lock orders the writes, so an older
+    state can never land after a newer one.
+    """
+
+    def __init__(self, store: StateStore, on_error: Callable[[OSError], None]) -> None:
+        self.store = store
+        self._on_error = on_error
+        self._pending: Persisted | None = None
+        self._wake = anyio.Event()
+        self._lock = anyio.Lock()
+
+    def submit(self, persisted: Persisted) -> None:
+        self._pending = persisted
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        # Shielded: a write that has begun finishes even while the daemon is being cancelled.
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                pending, self._pending = self._pending, None
+                if pending is None:
+                    return
+                try:
+                    await anyio.to_thread.run_sync(self.store.save, pending)
+                except OSError as exc:
+                    self._on_error(exc)

@@ -1,15 +1,18 @@
 """Builds the daemon's collaborators from the configuration, once, at start-up.
 
-Everything slow or fallible (cloud detection, identity, boto3 clients, hashing the model file) happens
-here, before the node reports ready, so a drain never pays for it.
+Two phases: ``build_wiring`` builds what needs no network (engine adapter, gate, snapshot store), so the
+daemon listens and captures signals at once; ``Wiring.attach_cloud`` then finds the cloud, the VM's
+identity and its load balancers (boto3 clients built once here, not in a drain) in the background.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,24 +21,51 @@ from anyio.abc import TaskGroup
 
 from spotguard import logs
 from spotguard.agent.runner import Agent, Timeline
+from spotguard.clouds.operator import undrain_notice
 from spotguard.config import Config
 from spotguard.drain.engine import DrainEngine
 from spotguard.drain.plan import plan
 from spotguard.drain.step import DrainContext, drain_deadline
 from spotguard.drain.timeline import Timeline as DrainTimeline
-from spotguard.errors import SpotguardError
+from spotguard.drain.undo import undo_plan
+from spotguard.errors import ConfigError, SpotguardError
 from spotguard.gate.journal import Journal
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, NoticeSource
 from spotguard.services import Identity, Services
 
 IDENTITY_TIMEOUT = 10.0
+ATTACH_WAIT = 5.0
+"""Most seconds a drain right after start-up waits for the cloud's identity and balancers."""
+DMI_ROOT = Path("/sys/class/dmi/id")
+HYPERVISOR_UUID = Path("/sys/hypervisor/uuid")
 
 
-async def detect(config: Config, http: httpx.AsyncClient) -> str:
-    from spotguard.clouds.detect import detect_cloud
+PROBE_BACKOFF_MAX = 60.0
+"""Most seconds between re-probes while [agent] cloud = auto is not confirmed."""
 
-    return await detect_cloud(config, http)
+
+async def find_cloud(config: Config, http: httpx.AsyncClient, log: Any, metrics: Metrics, *,
+                     dmi_root: Path = DMI_ROOT, hypervisor_uuid: Path = HYPERVISOR_UUID) -> str:
+    """The cloud to watch. With ``auto``, a DMI guess that its metadata server does not confirm is probed
+    again with backoff, forever: a metadata server busy at boot must not leave the node blind for life."""
+    from spotguard.clouds.detect import detect_cloud, dmi_guess, probe
+
+    if config.agent.cloud != "auto":
+        return config.agent.cloud
+    guess = dmi_guess(dmi_root, hypervisor_uuid)
+    if guess == "none":
+        return await detect_cloud(config, http, dmi_root, hypervisor_uuid)  # logs why, says "none"
+    delay = 1.0
+    while not await probe(guess, config, http):
+        metrics.poll_errors.labels(source="detect", reason="probe_failed").inc()
+        log.warning("cloud_unknown", dmi=guess, retry_in=delay,
+                    why=f"DMI says {guess} but its metadata endpoint did not answer like one; probing again "
+                        f"(set [agent] cloud = \"{guess}\" and [{guess}] metadata_url if this is wrong)")
+        await anyio.sleep(delay)
+        delay = min(PROBE_BACKOFF_MAX, delay * 2)
+    log.info("cloud_detected", cloud=guess)
+    return guess
 
 
 def cloud_sources(cloud: str, config: Config, http: httpx.AsyncClient) -> list[NoticeSource]:
@@ -79,29 +109,31 @@ async def cloud_identity(cloud: str, config: Config, http: httpx.AsyncClient, lo
 
 
 class EngineDriver:
-    """Adapts the drain engine to the runner's ``DrainDriver``: one ``DrainEngine`` per drain."""
+    """Adapts the drain engine to the runner's ``DrainDriver``: one ``DrainEngine`` per drain or restore."""
 
     def __init__(self, config: Config, metrics: Metrics, http: httpx.AsyncClient,
-                 services: Callable[[], Services]) -> None:
+                 services: Callable[[], Services], attached: anyio.Event) -> None:
         self.config = config
         self.metrics = metrics
         self.http = http
         self.services = services
+        self.attached = attached
         self._current: DrainEngine | None = None
+
+    async def _cloud_services(self, notice: Notice) -> Services:
+        """The services once the cloud's identity and balancers are known: a drain right after start-up
+        waits a little for them rather than skip deregistration for good."""
+        if not self.attached.is_set():
+            with anyio.move_on_after(min(ATTACH_WAIT, max(0.0, notice.seconds_left() / 4))):
+                await self.attached.wait()
+        return self.services()
 
     async def run(self, notice: Notice, timeline: Timeline, *, dry_run: bool,
                   on_change: Callable[[Timeline], None]) -> Timeline:
         ctx = DrainContext(config=self.config, notice=notice, deadline=drain_deadline(self.config, notice),
                            dry_run=dry_run, metrics=self.metrics, log=logs.get("drain"), http=self.http,
-                           services=self.services())
-        resumed = None
-        if timeline:
-            try:
-                resumed = DrainTimeline.from_json(timeline[0]) if len(timeline) == 1 and "steps" in timeline[0] \
-                    else None
-            except SpotguardError:
-                resumed = None
-        engine = DrainEngine(plan(self.config), ctx, timeline=resumed,
+                           services=await self._cloud_services(notice))
+        engine = DrainEngine(plan(self.config), ctx, timeline=_resumed(timeline),
                              on_change=lambda t: on_change([t.to_json()]))
         if not dry_run:
             self._current = engine
@@ -112,39 +144,69 @@ class EngineDriver:
                 self._current = None
         return [finished.to_json()]
 
+    async def restore(self, drained: Timeline, timeline: Timeline, *,
+                      on_change: Callable[[Timeline], None]) -> Timeline:
+        budget = self.config.drain.restore_budget
+        notice = undrain_notice(budget)
+        ctx = DrainContext(config=self.config, notice=notice, deadline=notice.deadline, dry_run=False,
+                           metrics=self.metrics, log=logs.get("undrain"), http=self.http,
+                           services=await self._cloud_services(notice))
+        engine = DrainEngine(undo_plan(_step_records(drained)), ctx, timeline=_resumed(timeline),
+                             on_change=lambda t: on_change([t.to_json()]), background=(), purpose="restore")
+        return [(await engine.run()).to_json()]
+
     def tighten(self, deadline: datetime) -> None:
         """``deadline`` is a notice deadline; the engine works to it minus the safety margin."""
         if self._current is not None:
             self._current.tighten(deadline - timedelta(seconds=self.config.drain.safety_margin))
 
 
+def _step_records(timeline: Timeline) -> list[dict[str, Any]]:
+    if len(timeline) == 1 and isinstance(timeline[0].get("steps"), list):
+        return list(timeline[0]["steps"])
+    return list(timeline)
+
+
+def _resumed(timeline: Timeline) -> DrainTimeline | None:
+    """The persisted timeline to resume (the engine persists one document with ``steps``), if readable."""
+    if len(timeline) != 1 or "steps" not in timeline[0]:
+        return None
+    try:
+        return DrainTimeline.from_json(timeline[0])
+    except SpotguardError:
+        return None
+
+
 @dataclass
 class Wiring:
     config: Config
     cloud: str
+    """``unknown`` until [agent] cloud = auto is confirmed (``attach_cloud``)."""
     metrics: Metrics
-    sources: list[NoticeSource]
     identity: Identity
     http: httpx.AsyncClient
     journal: Journal = field(default_factory=Journal)
     gate: Any = None
     services: Services | None = None
     driver: EngineDriver | None = None
-    agent: Agent | None = None
-
-    def bind_agent(self, agent: Agent) -> None:
-        self.agent = agent
-        if self.gate is not None and agent.state != "serving":
-            self.gate.set_draining(True)
+    attached: anyio.Event = field(default_factory=anyio.Event)
+    """Set once the cloud's sources, identity and balancers are in place."""
+    problem: str = ""
+    """Why attaching the cloud failed, for status (a setting that cannot work)."""
 
     def set_ready(self, ready: bool) -> None:
         if self.gate is not None:
             self.gate.set_draining(not ready)
 
+    def gate_draining(self) -> bool:
+        return bool(self.gate is not None and self.gate.draining)
+
     async def start_listeners(self, tg: TaskGroup, agent: Agent) -> None:
         from spotguard.control.server import serve_control
         from spotguard.gpu import GpuMonitor
 
+        if self.gate is not None and agent.state != "serving":
+            self.gate.set_draining(True)  # a node restarted mid-drain refuses new work from the first request
         await tg.start(lambda task_status: serve_control(self.config.control, agent, log=logs.get("control"),
                                                          metrics=self.metrics, task_status=task_status),
                        name="control")
@@ -154,6 +216,38 @@ class Wiring:
             await tg.start(run_gate, self.gate, self.config.gate.listen, name="gate")
         tg.start_soon(GpuMonitor(self.metrics, log=logs.get("gpu")).run, name="gpu")
 
+    async def attach_cloud(self, agent: Agent) -> None:
+        """Find the cloud, who this VM is, and its load balancers; then start watching its notices."""
+        log = logs.get("wiring")
+        config, http = self.config, self.http
+        cloud = await find_cloud(config, http, log, self.metrics)
+        identity = await cloud_identity(cloud, config, http, log)
+        from spotguard.lb.build import build_balancers
+
+        try:
+            balancers = build_balancers(config, http, identity, metrics=self.metrics)
+        except ConfigError as exc:
+            # Before READY this ends start-up (the daemon exits naming the key); later it is loud in status.
+            self.problem = str(exc)
+            raise
+        acknowledge = None
+        if cloud == "azure" and config.azure.acknowledge:
+            from spotguard.clouds import azure
+
+            async def acknowledge(event_id: str) -> str:
+                return await azure.approve(config, http, event_id)
+
+        assert self.services is not None
+        self.services = dataclasses.replace(self.services, identity=identity, balancers=balancers,
+                                            acknowledge=acknowledge)
+        self.identity, self.cloud = identity, cloud
+        agent.cloud = cloud
+        self.metrics.cloud_known.set(1)
+        agent.add_sources(cloud_sources(cloud, config, http))
+        self.attached.set()
+        log.info("cloud_attached", cloud=cloud, instance_id=identity.instance_id,
+                 balancers=[b.name for b in balancers])
+
     def refresh_gpu(self) -> None:
         """GPU gauges are refreshed by the monitor task; nothing to do per scrape."""
 
@@ -162,17 +256,23 @@ class Wiring:
                 "snapshot": bool(self.config.snapshot.url),
                 "balancers": [b.name for b in (self.services.balancers if self.services else ())]}
 
+    def status(self) -> dict[str, Any]:
+        """The cloud part of /status: whether the cloud is confirmed, and what went wrong attaching it."""
+        return {"cloud_attached": self.attached.is_set(), "cloud_problem": self.problem or None}
+
 
 async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
-    from spotguard.lb.build import build_balancers
+    """Everything that needs no network: the daemon can listen and capture signals at once.
+
+    The cloud (its notices, identity and balancers) is attached by ``Wiring.attach_cloud`` in the
+    background; until then the node drains on SIGTERM and manual drains with what is known.
+    """
     from spotguard.servers.registry import build_engine
 
-    log = logs.get("wiring")
-    metrics = Metrics()
-    cloud = await detect(config, http)
-    identity = await cloud_identity(cloud, config, http, log)
-    wiring = Wiring(config=config, cloud=cloud, metrics=metrics, sources=cloud_sources(cloud, config, http),
-                    identity=identity, http=http)
+    metrics = metrics_for(config)
+    identity = Identity(cloud="none", instance_id=config.agent.instance_id or socket.gethostname())
+    cloud = config.agent.cloud if config.agent.cloud != "auto" else "unknown"
+    wiring = Wiring(config=config, cloud=cloud, metrics=metrics, identity=identity, http=http)
     if config.gate.listen:
         from spotguard.gate.proxy import Gate
 
@@ -180,22 +280,24 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
     gate = wiring.gate
     engine = build_engine(config, http, journal=wiring.journal,
                           set_gate_draining=(lambda: gate.set_draining(True)) if gate is not None else None)
-    balancers = build_balancers(config, http, identity, metrics=metrics)
     snapshot = None
     if config.snapshot.url:
         from spotguard.storage.snapshot import prepare
 
         snapshot = await prepare(config)
-    acknowledge = None
-    if cloud == "azure" and config.azure.acknowledge:
-        from spotguard.clouds import azure
-
-        async def acknowledge(event_id: str) -> str:
-            return await azure.approve(config, http, event_id)
-
-    wiring.services = Services(identity=identity, engine=engine, balancers=balancers,
+    wiring.services = Services(identity=identity, engine=engine,
                                journal=wiring.journal if gate is not None else None,
-                               set_ready=wiring.set_ready, acknowledge=acknowledge, snapshot=snapshot)
-    services = wiring.services
-    wiring.driver = EngineDriver(config, metrics, http, lambda: services)
+                               set_ready=wiring.set_ready, snapshot=snapshot)
+
+    def services() -> Services:
+        assert wiring.services is not None
+        return wiring.services
+
+    wiring.driver = EngineDriver(config, metrics, http, services, wiring.attached)
     return wiring
+
+
+def metrics_for(config: Config) -> Metrics:
+    metrics = Metrics()
+    metrics.cloud_known.set(0 if config.agent.cloud == "auto" else 1)
+    return metrics

@@ -17,11 +17,13 @@ if TYPE_CHECKING:
 HEARTBEAT_INTERVAL = 10.0
 """Seconds between lifecycle heartbeats; an ASG hook's HeartbeatTimeout is at least 30 s."""
 HEARTBEAT_TIMEOUT = 5.0
+DEREGISTER_FLOOR = 3.0
+"""Seconds deregister always gets, even on a late notice: one API call per load balancer fits."""
 CORE_STEPS = ("readiness", "stop_accepting", "deregister", "wait_inflight", "snapshot")
 """What must be over before the platform is told it may go on."""
 
 
-def _unique(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
     for name in names:
@@ -44,6 +46,7 @@ class Deregister:
 
     name = "deregister"
     after: tuple[str, ...] = ()
+    floor = DEREGISTER_FLOOR
 
     def budget(self, ctx: DrainContext) -> float:
         return ctx.config.drain.deregister_budget
@@ -53,7 +56,7 @@ class Deregister:
         if not balancers:
             return StepResult("skipped", "no load balancer configured")
         calls: dict[str, Callable[[], Awaitable[str]]] = {}
-        for name, lb in zip(_unique([lb.name for lb in balancers]), balancers, strict=True):
+        for name, lb in zip(unique_names([lb.name for lb in balancers]), balancers, strict=True):
             calls[name] = partial(_deregister, lb, ctx.dry_run)
         results = await fan_out(calls)
         return outcome_of(results, ctx, summary(results))
@@ -64,6 +67,7 @@ class Acknowledge:
 
     name = "acknowledge"
     after: tuple[str, ...] = CORE_STEPS
+    floor = 0.0
 
     def budget(self, ctx: DrainContext) -> float:
         return ctx.config.drain.deregister_budget
@@ -79,7 +83,7 @@ class Acknowledge:
             else:
                 calls["azure"] = lambda: approve(event_id)
         balancers = ctx.services.balancers
-        for name, lb in zip(_unique([lb.name for lb in balancers]), balancers, strict=True):
+        for name, lb in zip(unique_names([lb.name for lb in balancers]), balancers, strict=True):
             calls[name] = partial(_complete, lb, ctx.dry_run)
         if not calls:
             if ctx.notice.source != "azure":

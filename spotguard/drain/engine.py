@@ -3,7 +3,8 @@
 Each step starts once every step in its ``after`` is done (whatever its outcome: a failed step never
 stops the ones after it) and runs in its own cancel scope of ``min(budget, time left)``. Steps with
 no path between them run concurrently. A second, earlier notice tightens the deadline of every
-running scope through ``tighten``. Every transition yields a new ``Timeline`` passed to
+running scope through ``tighten``. A step's ``floor`` is time it gets even past the deadline: on a late
+notice the cheap safety steps still take the node out of rotation, only the open-ended ones are cut. Every transition yields a new ``Timeline`` passed to
 ``on_change``; resuming from a persisted timeline never repeats a finished step.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import Literal
 
 import anyio
 
@@ -59,14 +61,19 @@ class DrainEngine:
         timeline: Timeline | None = None,
         on_change: OnChange | None = None,
         background: Sequence[Background] | None = None,
+        purpose: Literal["drain", "restore"] = "drain",
     ) -> None:
-        """``background`` runs beside the steps and is cancelled after them; None = lifecycle heartbeats."""
+        """``background`` runs beside the steps and is cancelled after them; None = lifecycle heartbeats.
+
+        ``purpose`` = restore runs an undo plan (``undo.py``): counted apart from drains.
+        """
         check_plan(steps)
         self._steps = list(steps)
         self._ctx = dataclasses.replace(ctx, progress=lambda: self._timeline)
         self._on_change = on_change
         self._background = (heartbeat,) if background is None else tuple(background)
         self._running: dict[str, tuple[Step, anyio.CancelScope]] = {}
+        self._purpose = purpose
         self._timeline = self._initial_timeline(timeline)
         if self._timeline.deadline < ctx.deadline:
             # A resumed drain keeps the earlier of the persisted and the given deadline.
@@ -121,7 +128,7 @@ class DrainEngine:
         now = anyio.current_time()
         left = self._ctx.seconds_left()
         for step, scope in self._running.values():
-            target = now + max(0.0, min(self._budget(step), left))
+            target = now + self._allowed(step, left)
             if target < scope.deadline:
                 scope.deadline = target
         self._ctx.log.warning("drain deadline tightened", deadline=deadline.isoformat(),
@@ -169,7 +176,7 @@ class DrainEngine:
         ctx = self._ctx
         record = self._timeline.step(step.name)
         started_at = utcnow()
-        budget = min(self._budget(step), ctx.seconds_left())
+        budget = self._allowed(step, ctx.seconds_left())
         record = dataclasses.replace(record, state="running", started_at=started_at, attempts=record.attempts + 1)
         self._publish(self._timeline.with_step(record))
         if budget < MIN_STEP_SECONDS:
@@ -200,6 +207,11 @@ class DrainEngine:
             outcome = "dry_run"  # a step that forgot to say so still did nothing on purpose
         self._record(step, record, outcome, detail, elapsed)
 
+    def _allowed(self, step: Step, left: float) -> float:
+        """The step's budget cut to the time left, but never below its floor (itself capped by the budget)."""
+        budget = self._budget(step)
+        return max(0.0, min(step.floor, budget), min(budget, left))
+
     def _budget(self, step: Step) -> float:
         try:
             return float(step.budget(self._ctx))
@@ -228,7 +240,8 @@ class DrainEngine:
             result = "ok"
         slack = (self._timeline.deadline - finished_at).total_seconds()
         ctx.metrics.drain_slack.set(slack)
-        ctx.metrics.drains.labels(source=ctx.notice.source, result=result).inc()
+        counter = ctx.metrics.drains if self._purpose == "drain" else ctx.metrics.restores
+        counter.labels(source=ctx.notice.source, result=result).inc()
         ctx.log.info("drain finished", result=result, slack=round(slack, 3))
         self._publish(dataclasses.replace(self._timeline, finished_at=finished_at, result=result))
         return self._timeline

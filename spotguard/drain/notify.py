@@ -60,6 +60,7 @@ class Notify:
         self._name = f"notify_{event}"
         # The end waits for the work (not for acknowledge, nor for a slow start webhook).
         self._after: tuple[str, ...] = CORE_STEPS if event == "end" else ()
+        self.floor = 0.0
 
     @property
     def name(self) -> str:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anyio
 
 from spotguard.drain.step import DrainContext, StepResult, step_time_left, tail_reserve
 from spotguard.errors import EngineError
 
 READINESS_BUDGET = 1.0
+STOP_FLOOR = 2.0
+"""Seconds stop_accepting always gets, even on a notice that is already late (a signal takes milliseconds)."""
 POLL_INTERVAL = 0.2
 """Seconds between in-flight polls while waiting for requests to finish."""
 INFLIGHT_CALL_TIMEOUT = 2.0
@@ -18,6 +22,7 @@ class Readiness:
 
     name = "readiness"
     after: tuple[str, ...] = ()
+    floor = READINESS_BUDGET
 
     def budget(self, ctx: DrainContext) -> float:
         return READINESS_BUDGET
@@ -34,6 +39,7 @@ class StopAccepting:
 
     name = "stop_accepting"
     after: tuple[str, ...] = ()
+    floor = STOP_FLOOR
 
     def budget(self, ctx: DrainContext) -> float:
         return ctx.config.drain.stop_budget
@@ -46,24 +52,33 @@ class StopAccepting:
         return f"{engine.name}: {detail}"
 
 
-async def inflight_count(ctx: DrainContext) -> int | None:
-    """Requests still running: the engine's count and the gate journal's, whichever is larger.
+@dataclass(frozen=True)
+class InflightReading:
+    count: int | None
+    """Requests still running; None when it cannot be told this time."""
+    unreadable: str = ""
+    """Why the engine's count could not be read this time ("" when it answered or cannot tell by design)."""
 
-    None when neither can tell. An engine that fails to answer counts as "cannot tell" for this poll.
+
+async def inflight_count(ctx: DrainContext) -> InflightReading:
+    """Requests still running: the gate's journal when the gate is on (it sees every request through it),
+    raised to the engine's own count when that is readable.
+
+    An engine that fails to answer is "unreadable", not "none left": real engines stop serving their
+    metrics once told to stop (vLLM's HTTP server goes away while requests finish).
     """
-    counts: list[int] = []
+    engine_count: int | None = None
+    unreadable = ""
     try:
         with anyio.fail_after(max(0.01, min(INFLIGHT_CALL_TIMEOUT, step_time_left()))):
             engine_count = await ctx.services.engine.inflight()
-        if engine_count is not None:
-            counts.append(engine_count)
     except (EngineError, TimeoutError) as exc:
-        ctx.log.warning("in-flight count unavailable", engine=ctx.services.engine.name,
-                        error=f"{type(exc).__name__}: {exc}")
+        unreadable = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         ctx.metrics.config_errors.labels(component="drain", reason="inflight").inc()
+    counts = [c for c in (engine_count,) if c is not None]
     if ctx.services.journal is not None:
         counts.append(len(ctx.services.journal))
-    return max(counts) if counts else None
+    return InflightReading(max(counts) if counts else None, unreadable)
 
 
 class WaitInflight:
@@ -71,6 +86,7 @@ class WaitInflight:
 
     name = "wait_inflight"
     after: tuple[str, ...] = ("stop_accepting",)
+    floor = 0.0
 
     def budget(self, ctx: DrainContext) -> float:
         left = ctx.seconds_left()
@@ -82,18 +98,26 @@ class WaitInflight:
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
         begin = anyio.current_time()
-        count = await inflight_count(ctx)
+        reading = await inflight_count(ctx)
         if ctx.dry_run:
-            shown = "an unknown number of" if count is None else str(count)
+            shown = "an unknown number of" if reading.count is None else str(reading.count)
             return StepResult("dry_run", f"would wait up to {step_time_left():.1f}s for {shown} in-flight requests")
+        logged = False
         while True:
-            if count is None:
+            if reading.count is None and not reading.unreadable:
                 return StepResult("skipped", "the engine cannot report in-flight requests and no gate is set")
+            if reading.unreadable and not logged:
+                ctx.log.warning("in-flight count unreadable; waiting within the budget",
+                                engine=ctx.services.engine.name, error=reading.unreadable)
+                logged = True
             took = anyio.current_time() - begin
-            if count == 0:
+            if reading.count == 0:
                 return f"no requests in flight after {took:.2f}s"
             if step_time_left() <= POLL_INTERVAL + 0.05:
-                return StepResult("timed_out", f"{count} requests still in flight after {took:.2f}s; "
+                if reading.count is None:
+                    return StepResult("timed_out", f"in-flight count unreadable for {took:.2f}s "
+                                                   f"({reading.unreadable}); left for the snapshot")
+                return StepResult("timed_out", f"{reading.count} requests still in flight after {took:.2f}s; "
                                                 "left for the snapshot")
             await anyio.sleep(POLL_INTERVAL)
-            count = await inflight_count(ctx)
+            reading = await inflight_count(ctx)

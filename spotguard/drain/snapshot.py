@@ -9,6 +9,7 @@ from spotguard.drain.step import DrainContext, StepResult, tail_reserve
 class Snapshot:
     name = "snapshot"
     after: tuple[str, ...] = ("wait_inflight",)
+    floor = 0.0
 
     def budget(self, ctx: DrainContext) -> float:
         left = ctx.seconds_left()
@@ -19,7 +20,7 @@ class Snapshot:
         if save is None:
             return StepResult("skipped", "no snapshot store configured")
         if ctx.dry_run:
-            count = await inflight_count(ctx)
+            count = (await inflight_count(ctx)).count
             shown = "an unknown number of" if count is None else str(count)
             return StepResult("dry_run", f"would save the context of {shown} in-flight requests "
                                          f"to {ctx.config.snapshot.url or 'the snapshot store'}")

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from spotguard.notice import Notice
     from spotguard.services import Services
 
-Outcome = Literal["ok", "failed", "timed_out", "skipped", "dry_run"]
+Outcome = Literal["ok", "failed", "timed_out", "skipped", "dry_run", "manual"]
+"""``manual``: the step cannot be done by spotguard for this setup and says what an operator must do."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class Step(Protocol):
     @property
     def after(self) -> tuple[str, ...]:
         """Names of the steps that must be done (with any outcome) before this one starts."""
+        ...
+
+    @property
+    def floor(self) -> float:
+        """Seconds the step always gets, even past the drain deadline: the cheap safety steps (readiness,
+        stop_accepting, deregister) must run on a late notice; 0 for steps that may be cut."""
         ...
 
     def budget(self, ctx: DrainContext) -> float: ...

@@ -19,7 +19,7 @@ from spotguard.notice import parse_rfc3339, rfc3339
 
 State = Literal["pending", "running", "done"]
 STATES: tuple[State, ...] = ("pending", "running", "done")
-OUTCOMES: tuple[Outcome, ...] = ("ok", "failed", "timed_out", "skipped", "dry_run")
+OUTCOMES: tuple[Outcome, ...] = ("ok", "failed", "timed_out", "skipped", "dry_run", "manual")
 FORMAT_VERSION = 1
 
 

@@ -17,6 +17,10 @@ class LoadBalancer(Protocol):
         """
         ...
 
+    async def register(self, *, budget: float, dry_run: bool) -> str:
+        """Put this VM back into every pool ``deregister`` removed it from (undrain); returns a detail line."""
+        ...
+
     async def heartbeat(self, *, dry_run: bool) -> None:
         """Keep a platform lifecycle action open while the drain runs (no-op where none exists)."""
         ...

@@ -17,6 +17,11 @@ class EngineAdapter(Protocol):
         """
         ...
 
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        """Undo ``stop_accepting`` (undrain): start the engine's unit again. Raises ``ManualActionRequired``
+        where spotguard cannot restart it (pid- or command-managed engines)."""
+        ...
+
     async def inflight(self) -> int | None:
         """Requests running or queued now; None when the engine cannot tell."""
         ...

@@ -54,6 +54,7 @@ class RecordingDriver:
     def __init__(self, block: anyio.Event | None = None) -> None:
         self.runs: list[tuple[Notice, bool]] = []
         self.tightened: list[datetime] = []
+        self.restores: list[Timeline] = []
         self.block = block
 
     async def run(self, notice: Notice, timeline: Timeline, *, dry_run: bool,
@@ -67,6 +68,13 @@ class RecordingDriver:
 
     def tighten(self, deadline: datetime) -> None:
         self.tightened.append(deadline)
+
+    async def restore(self, drained: Timeline, timeline: Timeline, *,
+                      on_change: Callable[[Timeline], None]) -> Timeline:
+        self.restores.append(drained)
+        steps = [{"name": "reopen_gate", "state": "done", "outcome": "ok"}]
+        on_change(steps)
+        return steps
 
 
 def notice(kind: str = "spot-interruption", event_id: str = "e1", seconds: float = 120,

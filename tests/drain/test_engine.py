@@ -277,6 +277,7 @@ async def test_a_step_that_raises_in_its_budget_and_one_without_time() -> None:
     class Broken:
         name = "broken"
         after: tuple[str, ...] = ()
+        floor = 0.0
 
         def budget(self, ctx: DrainContext) -> float:
             raise ZeroDivisionError("bad budget")
@@ -297,6 +298,7 @@ def test_a_plan_with_a_cycle_is_refused() -> None:
     class Loop:
         def __init__(self, name: str, after: str) -> None:
             self.name, self.after = name, (after,)
+            self.floor = 0.0
 
         def budget(self, ctx: DrainContext) -> float:
             return 1.0

@@ -26,6 +26,7 @@ class Alone:
     def __init__(self, step: Step) -> None:
         self.step = step
         self.name = step.name
+        self.floor = step.floor
 
     def budget(self, ctx: DrainContext) -> float:
         return self.step.budget(ctx)
