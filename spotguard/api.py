@@ -16,6 +16,8 @@ from spotguard.metrics import Metrics
 
 
 class StatusView(Protocol):
+    cloud: str
+
     def status(self) -> dict[str, Any]: ...
 
     def health(self) -> dict[str, dict[str, Any]]: ...
@@ -52,7 +54,10 @@ class HttpApi:
             await asgi.respond(send, 200 if ready else 503,
                                "serving\n" if ready else "not ready: " + "; ".join(failing) + "\n")
         elif path == "/healthz":
-            await asgi.respond(send, 200, _json({"alive": True, "sources": self.view.health()}),
+            # Liveness: 200 through drains (nothing should restart a draining daemon); "cloud" says
+            # "unknown" while [agent] cloud = auto is not confirmed yet.
+            await asgi.respond(send, 200, _json({"alive": True, "cloud": self.view.cloud,
+                                                 "sources": self.view.health()}),
                                content_type="application/json")
         elif path == "/status":
             await asgi.respond(send, 200, _json(self.view.status()), content_type="application/json")

@@ -51,7 +51,8 @@ def _notice_lines(notice: Any, now: datetime) -> list[str]:
 
 
 def format_status(doc: dict[str, Any], *, now: datetime | None = None) -> str:
-    """A readable status: state, notice, and each drain step with outcome, duration and detail.
+    """A readable status: state, readiness, notice, and each drain step (then each undrain step) with
+    outcome, duration and detail.
 
     LEFT is the time to the deadline (``drain_deadline`` when the document has one, else the
     notice's) at the moment the step ended.
@@ -60,6 +61,10 @@ def format_status(doc: dict[str, Any], *, now: datetime | None = None) -> str:
     state = doc.get("state", "unknown")
     lines = [f"state:    {state}" + (" (dry run)" if doc.get("dry_run") else ""),
              f"cloud:    {doc.get('cloud') or 'none'}"]
+    readiness = doc.get("readiness")
+    if isinstance(readiness, dict):
+        failing = [str(f) for f in readiness.get("failing") or []]
+        lines.append("ready:    " + ("yes" if readiness.get("ready") else "no: " + "; ".join(failing)))
     lines += _notice_lines(doc.get("notice"), now)
     steps = [s for s in doc.get("steps") or [] if isinstance(s, dict)]
     if not steps:
@@ -67,6 +72,15 @@ def format_status(doc: dict[str, Any], *, now: datetime | None = None) -> str:
         return "\n".join(lines) + "\n"
     notice = doc.get("notice")
     deadline = _when(doc.get("drain_deadline")) or _when(notice.get("deadline") if isinstance(notice, dict) else None)
+    lines += _table(steps, deadline, now)
+    restore = [s for s in doc.get("restore_steps") or [] if isinstance(s, dict)]
+    if restore:
+        lines += ["", "undrain: what was put back"] + _table(restore, None, now)
+    return "\n".join(lines) + "\n"
+
+
+def _table(steps: list[dict[str, Any]], deadline: datetime | None, now: datetime) -> list[str]:
+    lines: list[str] = []
     width = max(len("STEP"), *(len(str(s.get("name", ""))) for s in steps))
     lines.append("")
     lines.append(f"{'STEP':<{width}}  {'STATE':<7}  {'OUTCOME':<9}  {'STARTED':<13}  {'DURATION':>8}  "
@@ -93,4 +107,4 @@ def format_status(doc: dict[str, Any], *, now: datetime | None = None) -> str:
     done = [s for s in steps if s.get("state") == "done"]
     lines.append("")
     lines.append(f"{len(done)} of {len(steps)} steps done")
-    return "\n".join(lines) + "\n"
+    return lines
