@@ -278,3 +278,50 @@ async def test_forced_undrain_after_the_last_step_still_wins(tmp_path: Path) -> 
         await until(lambda: agent.metrics.drains.labels(source="aws", result="cancelled")._value.get() == 1)
         assert agent.state == "serving"
         tg.cancel_scope.cancel()
+
+
+async def test_a_forced_undrain_is_remembered_across_a_restart(tmp_path: Path) -> None:
+    source, driver = ScriptedSource(), RecordingDriver()
+    agent = make_agent(tmp_path, source, driver)
+    async with anyio.create_task_group() as tg:
+        await tg.start(agent.run)
+        source.live = [notice()]
+        await until(lambda: agent.state == "drained")
+        assert (await agent.undrain(force=True))["accepted"]
+        assert agent.state == "serving" and driver.restores  # the undo plan ran
+        tg.cancel_scope.cancel()
+    # The daemon restarts (an upgrade) while the cloud still reports the notice the operator overrode.
+    source, driver = ScriptedSource(), RecordingDriver()
+    source.live = [notice()]
+    restarted = make_agent(tmp_path, source, driver)
+    async with anyio.create_task_group() as tg:
+        await tg.start(restarted.run)
+        await until(lambda: source.polls > 5)
+        assert restarted.state == "serving" and not driver.runs
+        source.live = []  # withdrawn: the override is dropped with it
+        await until(lambda: not restarted.suppressed)
+        tg.cancel_scope.cancel()
+    saved, _ = StateStore(tmp_path).load()
+    assert saved.suppressed == ()
+
+
+async def test_a_notice_coming_due_during_a_restore_stops_it_and_drains(tmp_path: Path) -> None:
+    source = ScriptedSource()
+
+    class SlowRestore(RecordingDriver):
+        async def restore(self, drained: Timeline, timeline: Timeline, *,
+                          on_change: Callable[[Timeline], None]) -> Timeline:
+            await anyio.sleep_forever()  # an engine unit that takes minutes to start
+            return []
+
+    driver = SlowRestore()
+    agent = make_agent(tmp_path, source, driver)
+    async with anyio.create_task_group() as tg:
+        await tg.start(agent.run)
+        await agent.manual_drain("maintenance", 30, dry_run=False)
+        await until(lambda: agent.state == "drained")
+        tg.start_soon(agent.undrain, False)
+        await until(lambda: agent.state == "restoring")
+        source.live = [notice()]
+        await until(lambda: agent.state == "drained" and len(driver.runs) == 2)
+        tg.cancel_scope.cancel()
