@@ -74,6 +74,7 @@ class Daemon:
                     self.http_bound = await tg.start(asgi.serve_tcp, api, host, port, name="http")
                     await wiring.start_listeners(tg, agent)
                     await tg.start(readiness.run, name="readiness")
+                    wiring.start_background(tg)
                     with anyio.move_on_after(READY_WAIT_FOR_CLOUD):
                         await wiring.attached.wait()
                     if wiring.problem:  # a setting that cannot work: refuse to start rather than run blind

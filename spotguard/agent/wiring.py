@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -33,6 +33,9 @@ from spotguard.gate.journal import Journal
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, NoticeSource
 from spotguard.services import Identity, Services
+
+if TYPE_CHECKING:
+    from spotguard.storage.snapshot import Snapshotter
 
 IDENTITY_TIMEOUT = 10.0
 ATTACH_WAIT = 5.0
@@ -193,6 +196,12 @@ class Wiring:
     """Set once the cloud's sources, identity and balancers are in place."""
     problem: str = ""
     """Why attaching the cloud failed, for status (a setting that cannot work)."""
+    snapshotter: Snapshotter | None = None
+
+    def start_background(self, tg: TaskGroup) -> None:
+        """Slow start-up work that must not hold READY: hashing the model file for KV stamps."""
+        if self.snapshotter is not None:
+            tg.start_soon(self.snapshotter.stamp_model, logs.get("snapshot"), name="model-hash")
 
     def set_ready(self, ready: bool) -> None:
         if self.gate is not None:
@@ -284,7 +293,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
     if config.snapshot.url:
         from spotguard.storage.snapshot import prepare
 
-        snapshot = await prepare(config)
+        snapshot = wiring.snapshotter = await prepare(config)
     wiring.services = Services(identity=identity, engine=engine,
                                journal=wiring.journal if gate is not None else None,
                                set_ready=wiring.set_ready, snapshot=snapshot)

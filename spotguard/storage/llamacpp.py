@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,15 +36,6 @@ class Props:
     total_slots: int
     model_path: str
     build_info: str
-
-
-def sha256_file(path: str) -> str:
-    """Hash a (multi-GB) model file; blocking, so call it at startup or in a worker thread."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 async def _json(http: httpx.AsyncClient, method: str, url: str, *, body: dict[str, Any] | None = None,

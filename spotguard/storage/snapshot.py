@@ -15,19 +15,22 @@ attempt; the drain goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
+import structlog
 
 from spotguard.drain.step import step_time_left
 from spotguard.errors import EngineError, SpotguardError, StoreError
 from spotguard.notice import rfc3339, utcnow
-from spotguard.storage import crypto, llamacpp
+from spotguard.storage import crypto, llamacpp, model_hash
 from spotguard.storage.format import (
     KV_DIR,
     MANIFEST,
@@ -62,31 +65,50 @@ class Prepared:
 
 
 def prepare_blocking(config: Config) -> Prepared:
-    """Open the store, load the key and hash the model; raises ConfigError / StoreError. Blocking."""
+    """Open the store and load the key; the model's digest only when it is cached (see ``model_hash``).
+    Raises ConfigError / StoreError. Blocking."""
     snap = config.snapshot
     store = open_store(snap.url, StoreOptions.from_config(snap))
     key = crypto.load_key(snap.encryption_key_file) if snap.encryption_key_file else None
     model_sha = ""
     if config.server.kind == "llamacpp" and snap.model_path:
-        try:
-            model_sha = llamacpp.sha256_file(snap.model_path)
-        except OSError as exc:
-            raise StoreError(f"[snapshot] model_path {snap.model_path!r} cannot be read: {exc.strerror}") from None
+        if not os.access(snap.model_path, os.R_OK):
+            raise StoreError(f"[snapshot] model_path {snap.model_path!r} cannot be read")
+        model_sha = model_hash.cached_sha256(snap.model_path, config.agent.state_dir)
     return Prepared(store, key, model_sha)
 
 
-@dataclass(frozen=True)
 class Snapshotter:
-    """The ``Services.snapshot`` callable, built at startup by ``prepare``."""
+    """The ``Services.snapshot`` callable, built at startup by ``prepare``.
 
-    prepared: Prepared
+    ``stamp_model`` (a background task) works out the model's digest when it was not cached; a snapshot
+    taken before it is known stamps KV files with an empty digest, which ``resume`` reports as unverified.
+    """
+
+    def __init__(self, prepared: Prepared, config: Config) -> None:
+        self.prepared = prepared
+        self._config = config
 
     async def __call__(self, ctx: DrainContext) -> str:
         return await take_snapshot(ctx, self.prepared)
 
+    async def stamp_model(self, log: structlog.stdlib.BoundLogger) -> None:
+        path = self._config.snapshot.model_path
+        if self.prepared.model_sha256 or self._config.server.kind != "llamacpp" or not path:
+            return
+        started = time.monotonic()
+        try:
+            digest = await anyio.to_thread.run_sync(model_hash.compute_and_cache, path,
+                                                    self._config.agent.state_dir, abandon_on_cancel=True)
+        except OSError as exc:
+            log.error("model_hash_failed", path=path, error=str(exc))
+            return
+        self.prepared = dataclasses.replace(self.prepared, model_sha256=digest)
+        log.info("model_hashed", path=path, seconds=round(time.monotonic() - started, 3))
+
 
 async def prepare(config: Config) -> Snapshotter:
-    return Snapshotter(await anyio.to_thread.run_sync(prepare_blocking, config))
+    return Snapshotter(await anyio.to_thread.run_sync(prepare_blocking, config), config)
 
 
 @dataclass

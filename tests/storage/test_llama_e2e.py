@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from spotguard.config import Config
-from spotguard.storage.llamacpp import sha256_file
+from spotguard.storage.model_hash import sha256_file
 from spotguard.storage.reader import open_snapshot
 from spotguard.storage.resume import resume
 from spotguard.storage.snapshot import prepare, take_snapshot
