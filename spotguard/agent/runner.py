@@ -30,6 +30,8 @@ from spotguard.metrics import Metrics
 from spotguard.notice import Notice, NoticeSource, rfc3339, utcnow
 
 OPERATOR_SOURCES = ("manual", "shutdown")
+DURABLE_START_WAIT = 0.5
+"""Most seconds a drain waits for its start to be on disk before it takes the node out of rotation."""
 UNDRAIN_ANSWER_WAIT = 8.0
 """Seconds ``undrain`` waits for the restore before answering (the control socket allows 10)."""
 Timeline = list[dict[str, Any]]
@@ -84,7 +86,8 @@ class Agent:
         self._restore_scope: anyio.CancelScope | None = None
         """The running restore, so that a notice coming due can stop it and drain."""
         self._tg: TaskGroup | None = None
-        self._drain_dry_run = False
+        self._drain_starting = False
+        """A drain task was started and has not yet made its start durable (see ``_run_drain``)."""
         self._restored = anyio.Event()
         self.status_extras: list[Callable[[], dict[str, Any]]] = []
         """Sections other parts of the daemon add to the status document (readiness, cloud)."""
@@ -307,8 +310,9 @@ class Agent:
             self._changed = anyio.Event()
             now = utcnow()
             due = self._due(now)
-            if due and self._persisted.state in ("serving", "restoring"):
+            if due and self._persisted.state in ("serving", "restoring") and not self._drain_starting:
                 assert self._tg is not None
+                self._drain_starting = True
                 if self._restore_scope is not None:
                     self.log.warning("restore_stopped", reason="a notice came due", **_public_notice(due[0]) or {})
                     self._restore_scope.cancel()
@@ -333,10 +337,11 @@ class Agent:
 
     # ---- draining ----------------------------------------------------------------------------------
 
-    def _set(self, persisted: Persisted) -> None:
+    def _set(self, persisted: Persisted, *, submit: bool = True) -> None:
         self._persisted = persisted
         self.metrics.set_state(persisted.state)
-        self._writer.submit(persisted)
+        if submit:
+            self._writer.submit(persisted)
 
     def _write_failed(self, exc: OSError) -> None:
         # The drain goes on without persistence rather than stopping: losing the file costs a resume.
@@ -353,7 +358,10 @@ class Agent:
     async def _drain(self, notice: Notice) -> None:
         with anyio.CancelScope() as scope:
             self._drain_scope = scope
-            await self._run_drain(notice)
+            try:
+                await self._run_drain(notice)
+            finally:
+                self._drain_starting = False  # also when cancelled while its start was being written
         if self._drain_scope is scope:  # a forced undrain may already have let the next drain start
             self._drain_scope = None
         if scope.cancelled_caught:
@@ -363,7 +371,15 @@ class Agent:
     async def _run_drain(self, notice: Notice) -> None:
         resuming = self._persisted.state == "draining"
         timeline = self._persisted.timeline if resuming else []
-        self._set(self._persisted.with_(state="draining", notice=notice, timeline=timeline, restore=[]))
+        started = self._persisted.with_(state="draining", notice=notice, timeline=timeline, restore=[])
+        if not resuming:
+            # Durable before visible: once /readyz says 503, a kill -9 must not bring the node back into
+            # rotation. The write runs in a worker thread; a disk slower than this bound does not hold the drain.
+            self._writer.submit(started)
+            with anyio.move_on_after(DURABLE_START_WAIT):
+                await self._writer.flush()
+        self._drain_starting = False
+        self._set(started, submit=resuming)
         self.metrics.deadline.set(notice.deadline.timestamp())
         self.log.warning("drain_started", resuming=resuming, seconds_left=round(notice.seconds_left(), 3),
                          **_public_notice(notice) or {})
