@@ -42,7 +42,7 @@ from spotguard.storage.format import (
     Missing,
     safe_segment,
 )
-from spotguard.storage.store import Store, StoreOptions, open_store
+from spotguard.storage.store import MissingObject, Store, StoreOptions, open_store
 
 if TYPE_CHECKING:
     from spotguard.config import Config
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 RECORD_BATCH_BYTES = 4 * 1024 * 1024
 UPLOAD_CONCURRENCY = 8
+EARLIER_MANIFEST_TIMEOUT = 1.0
 SAFETY = 0.05
 """Seconds kept back from the budget so our own scopes end before the engine's."""
 
@@ -346,6 +347,18 @@ async def _work(job: _Job, work_budget: float) -> None:
         await _upload_slots(job, saved, owners, job.progress.engine)
 
 
+async def _earlier_manifest(store: Store, prefix: str) -> bool:
+    """Is there already a manifest for this event (a write that did not make it into the drain's state)?"""
+    try:
+        with anyio.fail_after(EARLIER_MANIFEST_TIMEOUT):
+            await store.get(f"{prefix}/{MANIFEST}")
+    except (MissingObject, TimeoutError):
+        return False
+    except StoreError:
+        return False  # unreadable: write ours, as before this check existed
+    return True
+
+
 async def take_snapshot(ctx: DrainContext, prepared: Prepared | None = None) -> str:
     """Save in-flight context under ``<url>/<instance_id>/<event_id>/``; returns a one-line detail.
 
@@ -386,6 +399,11 @@ async def take_snapshot(ctx: DrainContext, prepared: Prepared | None = None) -> 
         timings={**progress.timings, "budget_s": round(budget, 3)},
     )
     where = f"{prepared.store.url}/{prefix}/"
+    if not requests and not progress.entries and await _earlier_manifest(prepared.store, prefix):
+        # A drain resumed after a crash runs this step again once the requests are gone: an empty manifest
+        # must not replace the one that lists what was saved the first time.
+        ctx.log.info("snapshot.kept_earlier", where=where)
+        return f"{where}: nothing in flight now; kept the manifest an earlier attempt wrote"
     manifest_error = ""
     left = max(0.05, budget - (time.monotonic() - started))
     with anyio.move_on_after(left) as manifest_scope:

@@ -76,9 +76,14 @@ class Daemon:
                            timeout: float = 15.0) -> dict[str, Any]:
         try:
             with anyio.fail_after(timeout):
-                while not predicate(doc := await self.status(http)):
+                while True:
+                    try:
+                        doc = await self.status(http)
+                    except httpx.TransportError:  # still starting
+                        doc = None
+                    if doc is not None and predicate(doc):
+                        return doc
                     await anyio.sleep(0.02)
-                return doc
         except TimeoutError:
             raise AssertionError(f"status never matched within {timeout}s; daemon log:\n{self.log_tail()}") from None
 
