@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+import structlog
 
 from spotguard.config import Config
 from spotguard.storage.model_hash import sha256_file
@@ -44,6 +45,8 @@ async def test_snapshot_then_resume_on_another_server_uses_restored_cache(
                        slot_save_path=str(tmp_path / "source-slots"), model_path=str(tiny_model))
               .replace("server", kind="llamacpp", url=source.url))
     snapshotter = await prepare(config)
+    with anyio.fail_after(30):
+        await snapshotter.stamp_model(structlog.get_logger("test"))  # the daemon runs this in the background
     body: dict[str, object] = {"model": "tiny", "max_tokens": 7000, "stream": True, "temperature": 0}
     if endpoint.endswith("chat/completions"):
         body["messages"] = [{"role": "user", "content": PROMPT}]
