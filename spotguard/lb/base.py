@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 
 class LoadBalancer(Protocol):
-    """Takes this VM out of a load balancer, and tells the platform when the drain is over."""
+    """Takes this VM out of a load balancer (and back in on undrain), and tells the platform when the drain is over."""
 
     name: str
 
@@ -14,6 +14,14 @@ class LoadBalancer(Protocol):
         """Remove this VM from every configured pool within ``budget`` seconds; returns a detail line.
 
         Retries throttling and 5xx inside the budget; raises ``LoadBalancerError`` naming what to fix.
+        """
+        ...
+
+    async def register(self, *, budget: float, dry_run: bool) -> str:
+        """Undo ``deregister``: put this VM back into every pool it left, within ``budget`` seconds.
+
+        Same retries as ``deregister``; already being a member counts as done. Returns a detail line;
+        raises ``LoadBalancerError`` naming what to fix.
         """
         ...
 

@@ -111,6 +111,7 @@ class FakeBalancer:
         self.deregistered: list[tuple[float, float, bool]] = []
         self.heartbeats = 0
         self.completed: list[bool] = []
+        self.registered: list[bool] = []
 
     async def deregister(self, *, budget: float, dry_run: bool) -> str:
         self.deregistered.append((anyio.current_time(), budget, dry_run))
@@ -123,6 +124,10 @@ class FakeBalancer:
         if self.fail:
             raise LoadBalancerError("DeregisterTargets: AccessDenied; grant elasticloadbalancing:DeregisterTargets")
         return "deregistered i-123 from tg-1"
+
+    async def register(self, *, budget: float, dry_run: bool) -> str:
+        self.registered.append(dry_run)
+        return "would register i-123 in tg-1" if dry_run else "registered i-123 in tg-1"
 
     async def heartbeat(self, *, dry_run: bool) -> None:
         self.heartbeats += 1
