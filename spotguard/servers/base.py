@@ -6,7 +6,7 @@ from typing import Protocol
 
 
 class EngineAdapter(Protocol):
-    """Stops an inference engine from taking new work and reports its in-flight count."""
+    """Stops an inference engine from taking new work (and lets it again), and reports its in-flight count."""
 
     name: str
 
@@ -14,6 +14,14 @@ class EngineAdapter(Protocol):
         """Ask the engine to take no new work (and to drain, where it can). Returns a detail line.
 
         Raises ``EngineError`` when the engine cannot be reached or refuses.
+        """
+        ...
+
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        """Undo ``stop_accepting`` (undrain). Returns a detail line.
+
+        Raises ``ManualActionRequired`` when spotguard cannot do it (an engine it signalled but cannot
+        start: no systemd unit), ``EngineError`` when the engine refuses or cannot be reached.
         """
         ...
 

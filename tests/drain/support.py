@@ -91,6 +91,12 @@ class FakeEngine:
         self.stopped_at = anyio.current_time()
         return "stopped taking new work"
 
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        if dry_run:
+            return "would take new work again"
+        self.stopped_at = None
+        return "takes new work again"
+
     async def inflight(self) -> int | None:
         if not self.knows_inflight:
             return None
