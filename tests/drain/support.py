@@ -25,7 +25,8 @@ from spotguard.services import Identity, Services
 
 @dataclass
 class Delivery:
-    at: float
+    at: datetime
+    """Wall-clock time of arrival, comparable with the timeline's step times."""
     body: Any
 
 
@@ -51,7 +52,7 @@ class Receiver:
             return
         status = self.statuses.pop(0) if self.statuses else 200
         if status == 200:
-            self.deliveries.append(Delivery(anyio.current_time(), json.loads(raw)))
+            self.deliveries.append(Delivery(utcnow(), json.loads(raw)))
         await respond(send, status, b"ok" if status == 200 else b"nope")
 
 
