@@ -78,6 +78,9 @@ class GcpConfig:
     metadata_url: str = _opt("http://metadata.google.internal", "Base URL of the GCE metadata server.")
     window: float = _opt(30.0, "Seconds between detecting preemption and the hard power-off.")
     hanging_timeout: int = _opt(60, "timeout_sec of each hanging GET on instance/preempted.")
+    maintenance_lead: float = _opt(300.0, "Drain this many seconds before a host-maintenance window starts "
+                                          "(instance/upcoming-maintenance; GPU VMs are told an hour ahead). "
+                                          "Without a window start, TERMINATE_ON_HOST_MAINTENANCE drains at once.")
     instance_groups: tuple[str, ...] = _opt([], "Unmanaged instance groups to leave, as zones/Z/instanceGroups/N.")
     network_endpoint_groups: tuple[str, ...] = _opt([], "Zonal NEGs to detach from, as zones/Z/networkEndpointGroups/N.")
     neg_port: int = _opt(0, "Port of this VM's endpoint in the NEGs.")
