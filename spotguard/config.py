@@ -78,17 +78,25 @@ class GcpConfig:
     metadata_url: str = _opt("http://metadata.google.internal", "Base URL of the GCE metadata server.")
     window: float = _opt(30.0, "Seconds between detecting preemption and the hard power-off.")
     hanging_timeout: int = _opt(60, "timeout_sec of each hanging GET on instance/preempted.")
+    maintenance_lead: float = _opt(300.0, "Drain this many seconds before a host-maintenance window starts "
+                                          "(instance/upcoming-maintenance; GPU VMs are told an hour ahead). "
+                                          "Without a window start, TERMINATE_ON_HOST_MAINTENANCE drains at once.")
     instance_groups: tuple[str, ...] = _opt([], "Unmanaged instance groups to leave, as zones/Z/instanceGroups/N.")
     network_endpoint_groups: tuple[str, ...] = _opt([], "Zonal NEGs to detach from, as zones/Z/networkEndpointGroups/N.")
     neg_port: int = _opt(0, "Port of this VM's endpoint in the NEGs.")
     compute_url: str = _opt("https://compute.googleapis.com/compute/v1", "Compute REST base URL.")
 
 
+AZURE_EVENT_TYPES = ("Freeze", "Reboot", "Redeploy", "Preempt", "Terminate")
+"""The EventType values Azure Scheduled Events documents."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class AzureConfig:
     metadata_url: str = _opt("http://169.254.169.254", "Base URL of Azure IMDS (Scheduled Events).")
     drain_event_types: tuple[str, ...] = _opt(["Preempt", "Terminate"],
-                                              "Scheduled event types that start a drain (add Reboot, Redeploy, Freeze to taste).")
+                                              "Scheduled event types that start a drain (add Reboot, Redeploy, Freeze "
+                                              "to taste); matched case-insensitively.")
     default_window: float = _opt(30.0, "Deadline in seconds from detection when NotBefore is blank or Started.")
     acknowledge: bool = _opt(True, "Approve the event (StartRequests) once the drain has ended.")
     vm_name: str = _opt("", "This VM's name as it appears in Resources; empty = ask IMDS.")
@@ -310,6 +318,11 @@ def _validate(config: Config) -> None:
         int(config.control.mode, 8)
     except ValueError:
         raise ConfigError(f"[control] mode: {config.control.mode!r} is not an octal mode like 0660") from None
+    known = {name.lower() for name in AZURE_EVENT_TYPES}
+    for name in config.azure.drain_event_types:
+        if name.strip().lower() not in known:
+            raise ConfigError(f"[azure] drain_event_types: {name!r} is not an Azure scheduled event type "
+                              f"({', '.join(AZURE_EVENT_TYPES)})")
 
 
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:

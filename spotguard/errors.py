@@ -6,7 +6,7 @@
     │   ├── MetadataUnavailable    transport error, timeout, 429/5xx: retry later
     │   └── MalformedMetadata      an answer we cannot parse: never faked into a notice
     ├── EngineError            the inference server did not do what was asked
-    │   └── ManualActionRequired   spotguard cannot do it for this engine: an operator must
+    │   └── ManualActionRequired   spotguard cannot do it (restart a pid/command engine): a person must
     ├── StoreError             object storage failed
     ├── LoadBalancerError      a load-balancer API refused or failed
     └── ControlError           the control socket could not be reached or refused the call
@@ -49,7 +49,7 @@ class EngineError(SpotguardError):
 
 
 class ManualActionRequired(EngineError):
-    """The action is not one spotguard can take for this engine (restarting a pid-managed engine)."""
+    """spotguard cannot undo what it did (start an engine it only signalled); the message says what to do by hand."""
 
 
 class StoreError(SpotguardError):

@@ -39,6 +39,8 @@ def test_a_typo_in_the_environment_is_an_error_that_names_it(environ: dict[str, 
     ("[agnet]\ncloud = 'aws'\n", "agnet"),
     ("[agent]\ncloud = \n", "not valid TOML"),
     ("[control]\nmode = 'rw'\n", "mode"),
+    ("[azure]\ndrain_event_types = ['Preempt', 'Evict']\n",
+     r"\[azure\] drain_event_types: 'Evict' is not an Azure scheduled event type \(Freeze, Reboot"),
 ])
 def test_a_broken_file_is_an_error_that_names_the_file_and_the_key(tmp_path: Path, text: str, names: str) -> None:
     path = tmp_path / "spotguard.toml"
@@ -50,3 +52,9 @@ def test_a_broken_file_is_an_error_that_names_the_file_and_the_key(tmp_path: Pat
 def test_an_explicit_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "missing.toml", environ={})
+
+
+def test_azure_event_types_are_accepted_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "spotguard.toml"
+    path.write_text("[azure]\ndrain_event_types = ['preempt', 'TERMINATE', 'Redeploy']\n")
+    assert load(path, environ={}).azure.drain_event_types == ("preempt", "TERMINATE", "Redeploy")

@@ -50,7 +50,10 @@ class EventsDocument:
 
 def parse_events(text: str, seen: Seen, *, vm_name: str, drain_types: Sequence[str],
                  default_window: float) -> EventsDocument:
-    """The Scheduled Events document -> the notices for ``vm_name`` (case-insensitive, as Azure names are)."""
+    """The Scheduled Events document -> the notices for ``vm_name`` (case-insensitive, as Azure names are).
+
+    An event drains when its EventType is in ``drain_types``, compared case-insensitively.
+    """
     what = "scheduledevents"
     data = json_object(text, what)
     incarnation = data.get("DocumentIncarnation")
@@ -60,6 +63,7 @@ def parse_events(text: str, seen: Seen, *, vm_name: str, drain_types: Sequence[s
     if not isinstance(events, list):
         raise MalformedMetadata(f"{what}: Events must be a list", reason="bad_shape")
     me = vm_name.casefold()
+    draining = {t.strip().lower() for t in drain_types}  # kinds are shown lower-cased; match them so
     notices: list[Notice] = []
     for event in events:
         if not isinstance(event, dict):
@@ -81,7 +85,7 @@ def parse_events(text: str, seen: Seen, *, vm_name: str, drain_types: Sequence[s
         else:
             deadline = shift(detected, default_window, what)
         notices.append(Notice(source=SOURCE, kind=event_type.lower(), event_id=event_id, deadline=deadline,
-                              detected_at=detected, action="drain" if event_type in drain_types else "observe",
+                              detected_at=detected, action="drain" if event_type.lower() in draining else "observe",
                               payload=json.dumps(event, sort_keys=True)))
     return EventsDocument(incarnation, tuple(notices))
 

@@ -13,6 +13,7 @@ from spotguard.drain.step import DrainContext, StepResult, step_time_left
 
 if TYPE_CHECKING:
     from spotguard.lb.base import LoadBalancer
+    from spotguard.notice import Notice
 
 HEARTBEAT_INTERVAL = 10.0
 """Seconds between lifecycle heartbeats; an ASG hook's HeartbeatTimeout is at least 30 s."""
@@ -21,6 +22,20 @@ DEREGISTER_FLOOR = 3.0
 """Seconds deregister always gets, even on a late notice: one API call per load balancer fits."""
 CORE_STEPS = ("readiness", "stop_accepting", "deregister", "wait_inflight", "snapshot")
 """What must be over before the platform is told it may go on."""
+LIFECYCLE_NOTICES = frozenset({("aws", "asg-terminated")})
+"""(source, kind) of the notices that mean an ASG lifecycle action is waiting on this instance."""
+
+
+def lifecycle_pending(notice: Notice) -> bool:
+    """Whether an ASG lifecycle action waits on this instance, so heartbeats and completion make sense.
+
+    A termination hook holds the instance in Terminating:Wait, which IMDS shows as
+    ``autoscaling/target-lifecycle-state`` = ``Terminated``: exactly the ``asg-terminated`` notice. Any
+    other drain (spot interruption, rebalance, scheduled event, Azure, GCP, manual) has no action to
+    complete - CompleteLifecycleAction would fail with "No active Lifecycle Action" - and where an ASG
+    does terminate a spot instance, the instance goes at the notice's time whatever the hook says.
+    """
+    return (notice.source, notice.kind) in LIFECYCLE_NOTICES
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -63,7 +78,7 @@ class Deregister:
 
 
 class Acknowledge:
-    """Tell the platform the drain is over: approve the Azure event, complete ASG lifecycle hooks."""
+    """Tell the platform the drain is over: approve the Azure event, complete a pending ASG lifecycle action."""
 
     name = "acknowledge"
     after: tuple[str, ...] = CORE_STEPS
@@ -82,7 +97,7 @@ class Acknowledge:
                 calls["azure"] = lambda: _text(f"would approve scheduled event {event_id}")
             else:
                 calls["azure"] = lambda: approve(event_id)
-        balancers = ctx.services.balancers
+        balancers = ctx.services.balancers if lifecycle_pending(ctx.notice) else ()
         for name, lb in zip(unique_names([lb.name for lb in balancers]), balancers, strict=True):
             calls[name] = partial(_complete, lb, ctx.dry_run)
         if not calls:
@@ -92,7 +107,8 @@ class Acknowledge:
                 why = "[azure] acknowledge is off"
             else:
                 why = "no Azure approval call is set up"
-            return StepResult("skipped", f"nothing to acknowledge: {why} and no load balancer configured")
+            return StepResult("skipped", f"nothing to acknowledge: {why} and no lifecycle action is pending "
+                                         f"(only an ASG termination, asg-terminated, holds one)")
         results = await fan_out(calls)
         return outcome_of(results, ctx, summary(results))
 
@@ -111,9 +127,9 @@ async def _complete(lb: LoadBalancer, dry_run: bool) -> str:
 
 
 async def heartbeat(ctx: DrainContext) -> None:
-    """Keep lifecycle actions (ASG hooks) open while the drain runs; the engine cancels it at the end."""
+    """Keep a pending lifecycle action (ASG hook) open while the drain runs; the engine cancels it at the end."""
     balancers = ctx.services.balancers
-    if not balancers:
+    if not balancers or not lifecycle_pending(ctx.notice):
         return
     while True:
         async with anyio.create_task_group() as tg:

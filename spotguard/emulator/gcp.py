@@ -1,22 +1,34 @@
-"""GCE metadata server: Metadata-Flavor checks, ETags, hanging GETs on preempted and maintenance-event."""
+"""GCE metadata server: Metadata-Flavor checks, ETags, hanging GETs on preempted and maintenance-event.
+
+A ``maintenance`` notice that terminates also fills ``instance/upcoming-maintenance`` (JSON, as with
+``?alt=json``) with the window GCE announces: the emulated VM has a GPU (g2), whose notice comes an
+hour before the window (compute/docs/gpus/gpu-host-maintenance), so the window starts
+``window_start_in_seconds`` (default 3600) after the notice. Without maintenance that key is ``{ }``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import secrets
+from datetime import timedelta
 from typing import Any
 
 import anyio
 
 from spotguard.emulator.instance import EmulatedInstance
-from spotguard.emulator.wire import BadRequest, Params, Reply, Request, UnknownNotice
+from spotguard.emulator.wire import BadRequest, Params, Reply, Request, UnknownNotice, iso_seconds, utcnow
 
 PREFIX = "/computeMetadata/"
 V1 = "/computeMetadata/v1/"
 MAX_WAIT = 3600
 """Longest hanging GET we hold open (timeout_sec is clamped to it; absent = this)."""
 MAINTENANCE_VALUES = ("NONE", "MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_MAINTENANCE")
+GPU_NOTICE = 3600.0
+"""GPU VMs get a one-hour notice before host maintenance (60 s for others)."""
+WINDOW_LENGTH = 3600.0
+NO_MAINTENANCE = "{ }"
+"""What upcoming-maintenance answers when nothing is scheduled."""
 HEADERS = (("metadata-flavor", "Google"), ("server", "Metadata Server for VM"))
 
 
@@ -74,18 +86,21 @@ class GcpMetadata:
         self.instance = instance
         self.preempted = WatchedValue("instance/preempted", "FALSE")
         self.maintenance = WatchedValue("instance/maintenance-event", "NONE")
+        self.upcoming = WatchedValue("instance/upcoming-maintenance", NO_MAINTENANCE)
         zone = f"projects/{i.gcp_project_number}/zones/{i.gcp_zone}"
         email = f"{i.gcp_project_number}-compute@developer.gserviceaccount.com"
         static = {
             "instance/id": i.gcp_instance_id, "instance/name": i.gcp_name, "instance/zone": zone,
             "instance/hostname": f"{i.gcp_name}.{i.gcp_zone}.c.{i.gcp_project_id}.internal",
             "instance/network-interfaces/0/ip": i.gcp_ip, "instance/scheduling/preemptible": "TRUE",
+            "instance/scheduling/on-host-maintenance": "TERMINATE",
             "instance/machine-type": f"projects/{i.gcp_project_number}/machineTypes/g2-standard-4",
             "instance/service-accounts/default/email": email,
             "project/project-id": i.gcp_project_id, "project/numeric-project-id": i.gcp_project_number,
         }
         self.values = {path: WatchedValue(path, value) for path, value in static.items()}
-        self.values.update({self.preempted.path: self.preempted, self.maintenance.path: self.maintenance})
+        self.values.update({self.preempted.path: self.preempted, self.maintenance.path: self.maintenance,
+                            self.upcoming.path: self.upcoming})
         self._preempted_id: str | None = None
         self._maintenance_id: str | None = None
 
@@ -111,7 +126,8 @@ class GcpMetadata:
                 await self._hang(watched, request)
             except BadRequest as exc:
                 return _error(400, str(exc))
-        return Reply(200, watched.value, "application/text", HEADERS + (("etag", watched.etag),))
+        content_type = "application/json" if watched is self.upcoming else "application/text"
+        return Reply(200, watched.value, content_type, HEADERS + (("etag", watched.etag),))
 
     async def _hang(self, watched: WatchedValue, request: Request) -> None:
         raw_timeout = request.query.get("timeout_sec", str(MAX_WAIT))
@@ -130,8 +146,10 @@ class GcpMetadata:
             return self._preempted_id
         if kind == "maintenance":
             value = params.choice("value", "TERMINATE_ON_HOST_MAINTENANCE", MAINTENANCE_VALUES)
+            window = params.number("window_start_in_seconds", GPU_NOTICE)
             params.done()
             self._maintenance_id = f"maintenance-{secrets.token_hex(8)}"
+            self.upcoming.set(self._window(window) if value != "NONE" else NO_MAINTENANCE)
             self.maintenance.set(value)
             return self._maintenance_id
         raise BadRequest(f"gcp: unknown notice kind {kind!r}; one of preempted, maintenance")
@@ -139,7 +157,12 @@ class GcpMetadata:
     def change(self, event_id: str, params: Params) -> None:
         if event_id == self._maintenance_id:
             value = params.choice("value", self.maintenance.value, MAINTENANCE_VALUES)
+            window = params.optional_number("window_start_in_seconds")
             params.done()
+            if value == "NONE":
+                self.upcoming.set(NO_MAINTENANCE)
+            elif window is not None:
+                self.upcoming.set(self._window(window))
             self.maintenance.set(value)
         elif event_id == self._preempted_id:
             value = params.choice("value", self.preempted.value, ("TRUE", "FALSE"))
@@ -151,12 +174,23 @@ class GcpMetadata:
     def withdraw(self, event_id: str) -> None:
         if event_id == self._maintenance_id:
             self._maintenance_id = None
+            self.upcoming.set(NO_MAINTENANCE)
             self.maintenance.set("NONE")
         elif event_id == self._preempted_id:
             self._preempted_id = None
             self.preempted.set("FALSE")
         else:
             raise UnknownNotice(f"gcp: no notice with event id {event_id}")
+
+    @staticmethod
+    def _window(start_in: float) -> str:
+        """The upcoming-maintenance document (field names and shape as the metadata server's ?alt=json)."""
+        start = utcnow() + timedelta(seconds=start_in)
+        return json.dumps({
+            "can_reschedule": "false", "latest_window_start_time": iso_seconds(start),
+            "maintenance_status": "PENDING" if start_in > 0 else "ONGOING", "type": "SCHEDULED",
+            "window_end_time": iso_seconds(start + timedelta(seconds=WINDOW_LENGTH)),
+            "window_start_time": iso_seconds(start)}, indent=1)
 
     def expire_tokens(self) -> None:
         """GCE metadata has no session tokens."""
@@ -166,6 +200,7 @@ class GcpMetadata:
             "preempted": {"event_id": self._preempted_id, "value": self.preempted.value, "etag": self.preempted.etag},
             "maintenance-event": {"event_id": self._maintenance_id, "value": self.maintenance.value,
                                   "etag": self.maintenance.etag},
+            "upcoming-maintenance": json.loads(self.upcoming.value),
         }
 
     def close(self) -> None:

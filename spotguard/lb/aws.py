@@ -141,6 +141,13 @@ class AwsBalancer:
         return dict(result)
 
     async def deregister(self, *, budget: float, dry_run: bool) -> str:
+        return await self._targets("DeregisterTargets", budget=budget, dry_run=dry_run)
+
+    async def register(self, *, budget: float, dry_run: bool) -> str:
+        """RegisterTargets with the very target deregister used (same port), so the pool is as it was."""
+        return await self._targets("RegisterTargets", budget=budget, dry_run=dry_run)
+
+    async def _targets(self, action: str, *, budget: float, dry_run: bool) -> str:
         arns = self._config.target_group_arns
         target = self._target()
         shown = f"{target['Id']}:{target['Port']}" if "Port" in target else str(target["Id"])
@@ -148,28 +155,32 @@ class AwsBalancer:
             return "no target groups configured"
         if dry_run:
             count(self._metrics, PROVIDER, "dry_run")
-            return f"dry run: would call elasticloadbalancing:DeregisterTargets for {shown} on {', '.join(arns)}"
+            return f"dry run: would call elasticloadbalancing:{action} for {shown} on {', '.join(arns)}"
+        # Both calls are idempotent: registering a member or deregistering a stranger succeeds.
+        func = self.clients.elbv2.register_targets if action == "RegisterTargets" else \
+            self.clients.elbv2.deregister_targets
         errors: list[str] = []
 
         async def one(arn: str) -> None:
             async def call() -> dict[str, Any]:
-                return await self._call(self.clients.elbv2.deregister_targets, TargetGroupArn=arn, Targets=[target],
-                                        what=f"DeregisterTargets {arn}",
-                                        permission="elasticloadbalancing:DeregisterTargets", resource=arn,
+                return await self._call(func, TargetGroupArn=arn, Targets=[target], what=f"{action} {arn}",
+                                        permission=f"elasticloadbalancing:{action}", resource=arn,
                                         setting="[aws] target_group_arns")
             try:
-                await with_retries(call, what=f"DeregisterTargets {arn}", budget=budget, provider=PROVIDER,
+                await with_retries(call, what=f"{action} {arn}", budget=budget, provider=PROVIDER,
                                    metrics=self._metrics)
             except LoadBalancerError as exc:
                 errors.append(str(exc))
 
-        # Target groups are independent; leaving them at once keeps the drain short.
+        # Target groups are independent; calling them at once keeps the drain short.
         async with anyio.create_task_group() as tg:
             for arn in arns:
-                tg.start_soon(one, arn, name=f"lb.aws.deregister {arn}")
+                tg.start_soon(one, arn, name=f"lb.aws.{action} {arn}")
         if errors:
             raise LoadBalancerError("; ".join(errors))
-        return f"deregistered {shown} from {len(arns)} target group(s)"
+        verb = "registered" if action == "RegisterTargets" else "deregistered"
+        where = "in" if action == "RegisterTargets" else "from"
+        return f"{verb} {shown} {where} {len(arns)} target group(s)"
 
     async def check(self, *, budget: float) -> tuple[str, ...]:
         """Warnings for start-up and doctor: a deregistration delay longer than the notice window."""

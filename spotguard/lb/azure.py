@@ -1,4 +1,4 @@
-"""Azure: take this VM's NIC ip configurations out of load-balancer backend pools through ARM REST.
+"""Azure: take this VM's NIC ip configurations out of (and back into) load-balancer backend pools, via ARM REST.
 
 Calls (ARM reference, Microsoft.Compute and Microsoft.Network):
   IMDS  GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/
@@ -8,6 +8,9 @@ Calls (ARM reference, Microsoft.Compute and Microsoft.Network):
         properties.ipConfigurations[].properties.loadBalancerBackendAddressPools,
         PUT it back with If-Match: its etag (a concurrent change answers 412: re-read and retry)
   ARM   GET Azure-AsyncOperation URL until Succeeded, only while the budget lasts.
+Undrain (``register``) adds each configured pool that no ip configuration holds any more back to the ip
+configuration it was taken from (remembered in memory), or, after a daemon restart, to the primary ip
+configuration of the primary NIC, where a VM's load-balanced address normally is.
 The role needed is in docs/permissions.md. Scale-set (Uniform) instances are refused: their pools live in
 the scale set model. A user-assigned identity is not selectable (IMDS picks the system-assigned one).
 """
@@ -15,7 +18,9 @@ the scale set model. A user-assigned identity is not selectable (IMDS picks the 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -58,6 +63,21 @@ class _Auth:
         return {"Authorization": f"Bearer {self.token}"}
 
 
+def _key(pool: Any) -> str:
+    """A backend pool reference's id, in the form ids compare in."""
+    return str(pool.get("id", "") if isinstance(pool, dict) else "").rstrip("/").lower()
+
+
+def _primary(nics: list[dict[str, Any]], bodies: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(NIC id, ip configuration name) of the primary ip configuration of the primary NIC."""
+    nic_id = str(nics[0]["id"]).lower()
+    configs = bodies[nic_id].get("properties", {}).get("ipConfigurations", []) or []
+    if not configs:
+        raise LoadBalancerError(f"NIC {nic_id} has no ip configuration to put back into the backend pools")
+    primary = next((c for c in configs if c.get("properties", {}).get("primary")), configs[0])
+    return nic_id, str(primary.get("name", ""))
+
+
 class AzureBalancer:
     """This VM's NICs in the configured Azure Load Balancer backend pools."""
 
@@ -69,8 +89,12 @@ class AzureBalancer:
         self._http = http
         self._metrics = metrics
         self._arm = config.arm_url.rstrip("/")
-        # ARM ids compare case-insensitively.
-        self._pools = frozenset(p.strip().rstrip("/").lower() for p in config.backend_pools if p.strip())
+        # ARM ids compare case-insensitively; the configured spelling is what we write back.
+        self._spelled = {p.strip().rstrip("/").lower(): p.strip().rstrip("/") for p in config.backend_pools
+                         if p.strip()}
+        self._pools = frozenset(self._spelled)
+        self._taken: dict[str, tuple[str, str]] = {}
+        """Pool (lower-cased id) -> (NIC id, ip configuration name) it was removed from, for register()."""
 
     async def _imds(self, path: str, params: dict[str, str], what: str, budget: float) -> dict[str, Any]:
         async def call() -> dict[str, Any]:
@@ -118,29 +142,49 @@ class AzureBalancer:
                               headers=auth.headers, params={"api-version": api})
         return await with_retries(call, what=what, budget=deadline.left(), provider=PROVIDER, metrics=self._metrics)
 
-    def _without_pools(self, nic: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    def _without_pools(self, nic_id: str, nic: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """The NIC body with our pools removed from every ip configuration, and how many were removed."""
         removed = 0
         for ipconfig in nic.get("properties", {}).get("ipConfigurations", []) or []:
             props = ipconfig.get("properties", {})
             pools = props.get("loadBalancerBackendAddressPools") or []
-            kept = [p for p in pools if str(p.get("id", "")).rstrip("/").lower() not in self._pools]
+            kept = [p for p in pools if _key(p) not in self._pools]
+            for pool in pools:
+                if _key(pool) in self._pools:
+                    self._taken[_key(pool)] = (nic_id.lower(), str(ipconfig.get("name", "")))
             removed += len(pools) - len(kept)
             if len(kept) != len(pools):
                 props["loadBalancerBackendAddressPools"] = kept
         return nic, removed
 
-    async def _leave(self, nic_id: str, auth: _Auth, deadline: Deadline) -> int:
+    def _with_pools(self, nic: dict[str, Any], wanted: dict[str, str]) -> tuple[dict[str, Any], int]:
+        """The NIC body with each pool in ``wanted`` (pool -> ip configuration name) added; how many were added."""
+        added = 0
+        for ipconfig in nic.get("properties", {}).get("ipConfigurations", []) or []:
+            props = ipconfig.setdefault("properties", {})
+            pools = list(props.get("loadBalancerBackendAddressPools") or [])
+            have = {_key(p) for p in pools}
+            new = [{"id": self._spelled[pool]} for pool, name in sorted(wanted.items())
+                   if name == ipconfig.get("name") and pool not in have]
+            if new:
+                props["loadBalancerBackendAddressPools"] = pools + new
+                added += len(new)
+        return nic, added
+
+    async def _update(self, nic_id: str, edit: Callable[[dict[str, Any]], tuple[dict[str, Any], int]],
+                      auth: _Auth, deadline: Deadline) -> int:
+        """GET the NIC, ``edit`` it, PUT it back under its etag (a 412 re-reads), follow the operation."""
         name = nic_id.rsplit("/", 1)[-1]
-        fix = Fix(permission="Microsoft.Network/networkInterfaces/read and .../write", resource=f"NIC {nic_id}",
-                  setting="[azure] backend_pools")
+        fix = Fix(permission="Microsoft.Network/networkInterfaces/read and .../write "
+                             "(and Microsoft.Network/loadBalancers/backendAddressPools/join/action to rejoin)",
+                  resource=f"NIC {nic_id}", setting="[azure] backend_pools")
 
         async def read_modify_write() -> tuple[int, str]:
             # The read is inside the retry so a 412 (someone else changed the NIC) re-reads it.
-            nic, removed = self._without_pools(json_object(await send(
+            nic, changed = edit(json_object(await send(
                 self._http, "GET", self._arm + nic_id, what=f"GET NIC {name}", fix=fix, timeout=deadline.left(),
                 headers=auth.headers, params={"api-version": NETWORK_API}), f"GET NIC {name}"))
-            if not removed:
+            if not changed:
                 return 0, ""
             headers = dict(auth.headers)
             if nic.get("etag"):
@@ -148,13 +192,13 @@ class AzureBalancer:
             response = await send(self._http, "PUT", self._arm + nic_id, what=f"PUT NIC {name}", fix=fix,
                                   timeout=deadline.left(), headers=headers, params={"api-version": NETWORK_API},
                                   body=nic)
-            return removed, response.headers.get("azure-asyncoperation", "")
+            return changed, response.headers.get("azure-asyncoperation", "")
 
-        removed, operation = await with_retries(read_modify_write, what=f"update NIC {name}",
+        changed, operation = await with_retries(read_modify_write, what=f"update NIC {name}",
                                                 budget=deadline.left(), provider=PROVIDER, metrics=self._metrics)
         if operation:
             await self._poll(operation, auth, fix, deadline)
-        return removed
+        return changed
 
     async def _poll(self, url: str, auth: _Auth, fix: Fix, deadline: Deadline) -> None:
         """Follow Azure-AsyncOperation until a terminal status, but never past the budget."""
@@ -179,6 +223,18 @@ class AzureBalancer:
         raise LoadBalancerError("NIC update accepted, but not confirmed within the budget (Azure-AsyncOperation "
                                 "still InProgress)")
 
+    async def _nics(self, auth: _Auth, deadline: Deadline) -> list[dict[str, Any]]:
+        """This VM's NIC references (``id``, ``properties.primary``), primary first."""
+        vm_id = await self._vm_id(deadline.left())
+        vm_fix = Fix(permission="Microsoft.Compute/virtualMachines/read", resource=f"VM {vm_id}",
+                     setting="the VM's managed identity")
+        vm = json_object(await self._get(vm_id, COMPUTE_API, auth, vm_fix, deadline), "GET VM")
+        nics = [n for n in vm.get("properties", {}).get("networkProfile", {}).get("networkInterfaces", []) or []
+                if isinstance(n, dict) and n.get("id")]
+        if not nics:
+            raise LoadBalancerError(f"VM {vm_id} lists no network interfaces")
+        return sorted(nics, key=lambda n: not n.get("properties", {}).get("primary", False))
+
     async def deregister(self, *, budget: float, dry_run: bool) -> str:
         if not self._pools:
             return "no backend pools configured"
@@ -188,20 +244,44 @@ class AzureBalancer:
                     f"{len(self._pools)} backend pool(s): {', '.join(sorted(self._pools))}")
         deadline = Deadline.after(budget)
         auth = await self._token(deadline.left())
-        vm_id = await self._vm_id(deadline.left())
-        vm_fix = Fix(permission="Microsoft.Compute/virtualMachines/read", resource=f"VM {vm_id}",
-                     setting="the VM's managed identity")
-        vm = json_object(await self._get(vm_id, COMPUTE_API, auth, vm_fix, deadline), "GET VM")
-        nics = [str(n.get("id")) for n in vm.get("properties", {}).get("networkProfile", {})
-                .get("networkInterfaces", []) or [] if n.get("id")]
-        if not nics:
-            raise LoadBalancerError(f"VM {vm_id} lists no network interfaces")
+        nics = [str(n["id"]) for n in await self._nics(auth, deadline)]
         removed = 0
         for nic_id in nics:
-            removed += await self._leave(nic_id, auth, deadline)
+            removed += await self._update(nic_id, partial(self._without_pools, nic_id), auth, deadline)
         if not removed:
             return f"{len(nics)} NIC(s) already out of the configured pools"
         return f"removed {removed} pool reference(s) from {len(nics)} NIC(s)"
+
+    async def register(self, *, budget: float, dry_run: bool) -> str:
+        """Put each configured pool that no ip configuration holds back where it was taken from."""
+        if not self._pools:
+            return "no backend pools configured"
+        if dry_run:
+            count(self._metrics, PROVIDER, "dry_run")
+            return (f"dry run: would GET this VM's NICs and PUT them back with "
+                    f"{len(self._pools)} backend pool(s): {', '.join(sorted(self._pools))}")
+        deadline = Deadline.after(budget)
+        auth = await self._token(deadline.left())
+        nics = await self._nics(auth, deadline)
+        fix = Fix(permission="Microsoft.Network/networkInterfaces/read", resource="this VM's NICs",
+                  setting="[azure] backend_pools")
+        bodies = {str(n["id"]).lower(): json_object(await self._get(str(n["id"]), NETWORK_API, auth, fix, deadline),
+                                                    "GET NIC") for n in nics}
+        held = {_key(p) for nic in bodies.values() for c in nic.get("properties", {}).get("ipConfigurations", []) or []
+                for p in c.get("properties", {}).get("loadBalancerBackendAddressPools") or []}
+        missing = sorted(self._pools - held)
+        if not missing:
+            return f"{len(nics)} NIC(s) already in the configured pools"
+        wanted: dict[str, dict[str, str]] = {}  # NIC id -> pool -> ip configuration name
+        for pool in missing:
+            nic_id, ipconfig = self._taken.get(pool) or _primary(nics, bodies)
+            wanted.setdefault(nic_id, {})[pool] = ipconfig
+        added = 0
+        for nic_id, pools in wanted.items():
+            original = next(str(n["id"]) for n in nics if str(n["id"]).lower() == nic_id)
+            added += await self._update(original, partial(self._with_pools, wanted=pools), auth, deadline)
+        self._taken.clear()
+        return f"added {added} pool reference(s) back to {len(wanted)} NIC(s)"
 
     async def heartbeat(self, *, dry_run: bool) -> None:
         """Azure has no lifecycle action to keep open (the Scheduled Event is approved by the cloud source)."""

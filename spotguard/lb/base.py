@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 
 class LoadBalancer(Protocol):
-    """Takes this VM out of a load balancer, and tells the platform when the drain is over."""
+    """Takes this VM out of a load balancer (and back in on undrain), and tells the platform when the drain is over."""
 
     name: str
 
@@ -18,7 +18,11 @@ class LoadBalancer(Protocol):
         ...
 
     async def register(self, *, budget: float, dry_run: bool) -> str:
-        """Put this VM back into every pool ``deregister`` removed it from (undrain); returns a detail line."""
+        """Undo ``deregister``: put this VM back into every pool it left, within ``budget`` seconds.
+
+        Same retries as ``deregister``; already being a member counts as done. Returns a detail line;
+        raises ``LoadBalancerError`` naming what to fix.
+        """
         ...
 
     async def heartbeat(self, *, dry_run: bool) -> None:

@@ -1,13 +1,14 @@
-"""Google Cloud: leave unmanaged instance groups and zonal NEGs through the Compute REST API.
+"""Google Cloud: leave (and rejoin) unmanaged instance groups and zonal NEGs through the Compute REST API.
 
 Calls (Compute Engine API v1 reference):
-  POST {compute}/projects/P/zones/Z/instanceGroups/G/removeInstances
+  POST {compute}/projects/P/zones/Z/instanceGroups/G/removeInstances   (undrain: addInstances)
        {"instances": [{"instance": "projects/P/zones/Z/instances/NAME"}]}        compute.instanceGroups.update
-  POST {compute}/projects/P/zones/Z/networkEndpointGroups/N/detachNetworkEndpoints
+  POST {compute}/projects/P/zones/Z/networkEndpointGroups/N/detachNetworkEndpoints   (undrain: attach...)
        {"networkEndpoints": [{"instance": NAME, "ipAddress": IP, "port": PORT}]}
-                                        compute.networkEndpointGroups.detachNetworkEndpoints
-Both answer with a zonal Operation. We do not wait for it to be DONE: with connection draining the
+                     compute.networkEndpointGroups.detachNetworkEndpoints (attachNetworkEndpoints)
+All answer with a zonal Operation. We do not wait for it to be DONE: with connection draining the
 backend service finishes the removal on its own, and the drain has better use for the time.
+Adding a member twice answers 400 with reason ``memberAlreadyExists``: for undrain that is success.
 The bearer token is the VM service account's, from the metadata server.
 """
 
@@ -33,6 +34,11 @@ PROVIDER = "gcp"
 TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
 PROJECT_PATH = "/computeMetadata/v1/project/project-id"
 FLAVOR = {"Metadata-Flavor": "Google"}
+ALREADY_THERE = frozenset({"memberAlreadyExists", "alreadyExists"})
+"""Google error reasons that mean an add/attach found the VM already in the group."""
+_VERBS = {("instanceGroups", False): "removeInstances", ("instanceGroups", True): "addInstances",
+          ("networkEndpointGroups", False): "detachNetworkEndpoints",
+          ("networkEndpointGroups", True): "attachNetworkEndpoints"}
 
 _GROUP = re.compile(r"^(?:projects/(?P<project>[^/]+)/)?zones/(?P<zone>[^/]+)/"
                     r"(?P<kind>instanceGroups|networkEndpointGroups)/(?P<name>[^/]+)$")
@@ -57,6 +63,18 @@ def parse_group(text: str, key: str, kind: str) -> Group:
         raise ConfigError(f"[gcp] {key}: {text!r} is not zones/ZONE/{kind}/NAME "
                           f"(optionally prefixed by projects/PROJECT/)")
     return Group(kind=kind, zone=match["zone"], name=match["name"], project=match["project"] or "")
+
+
+def _already_there(response: httpx.Response) -> bool:
+    """A 400 whose ``error.errors[].reason`` says the member is already in the group."""
+    if response.status_code != 400:
+        return False
+    try:
+        error = response.json().get("error", {})
+        reasons = {str(e.get("reason", "")) for e in error.get("errors", []) if isinstance(e, dict)}
+    except (ValueError, AttributeError):
+        return False
+    return bool(reasons & ALREADY_THERE)
 
 
 class GcpBalancer:
@@ -103,29 +121,38 @@ class GcpBalancer:
             raise LoadBalancerError("service-account token: the metadata server's answer has no access_token")
         return token
 
-    def _request(self, group: Group, project: str) -> tuple[str, dict[str, object], Fix]:
+    def _request(self, group: Group, project: str, *, join: bool = False) -> tuple[str, dict[str, object], Fix]:
+        """URL, body and what to fix for leaving (or, with ``join``, rejoining) ``group``: the same member."""
         url = f"{self._config.compute_url.rstrip('/')}/{group.path(project)}"
         resource = f"{group.kind} {group.path(project)}"
+        verb = _VERBS[group.kind, join]
         if group.kind == "instanceGroups":
             instance = f"projects/{project}/zones/{self._zone}/instances/{self._vm}"
             fix = Fix(permission="compute.instanceGroups.update", resource=resource,
                       setting="[gcp] instance_groups")
-            return f"{url}/removeInstances", {"instances": [{"instance": instance}]}, fix
+            return f"{url}/{verb}", {"instances": [{"instance": instance}]}, fix
         endpoint: dict[str, object] = {"instance": self._vm}
         if self._ip:
             endpoint["ipAddress"] = self._ip
         if self._config.neg_port:
             endpoint["port"] = self._config.neg_port
-        fix = Fix(permission="compute.networkEndpointGroups.detachNetworkEndpoints (and compute.instances.use)",
+        fix = Fix(permission=f"compute.networkEndpointGroups.{verb} (and compute.instances.use)",
                   resource=resource, setting="[gcp] network_endpoint_groups")
-        return f"{url}/detachNetworkEndpoints", {"networkEndpoints": [endpoint]}, fix
+        return f"{url}/{verb}", {"networkEndpoints": [endpoint]}, fix
 
     async def deregister(self, *, budget: float, dry_run: bool) -> str:
+        return await self._change(join=False, budget=budget, dry_run=dry_run)
+
+    async def register(self, *, budget: float, dry_run: bool) -> str:
+        """Rejoin every configured group with the member deregister removed (same instance, IP and port)."""
+        return await self._change(join=True, budget=budget, dry_run=dry_run)
+
+    async def _change(self, *, join: bool, budget: float, dry_run: bool) -> str:
         if not self._groups:
             return "no instance groups or network endpoint groups configured"
         if dry_run:
             count(self._metrics, PROVIDER, "dry_run")
-            calls = [f"POST {self._request(g, g.project or '<project>')[0]}" for g in self._groups]
+            calls = [f"POST {self._request(g, g.project or '<project>', join=join)[0]}" for g in self._groups]
             return "dry run: would call " + "; ".join(calls)
         deadline = Deadline.after(budget)
         token = await self._token(deadline.left())
@@ -137,13 +164,15 @@ class GcpBalancer:
         errors: list[str] = []
         # One group failing must not keep the VM in the others.
         for group in self._groups:
-            url, body, fix = self._request(group, project)
+            url, body, fix = self._request(group, project, join=join)
             what = f"{url.rsplit('/', 1)[-1]} {group.name}"
 
             async def call(url: str = url, body: dict[str, object] = body, fix: Fix = fix,
                            what: str = what) -> str:
                 response = await send(self._http, "POST", url, what=what, fix=fix, timeout=deadline.left(),
-                                      headers=headers, body=body)
+                                      headers=headers, body=body, done_already=_already_there if join else None)
+                if response.status_code >= 300:
+                    return "already a member"
                 operation = json_object(response, what)
                 if isinstance(operation.get("error"), dict):
                     raise LoadBalancerError(f"{what}: operation failed: {operation['error']}")
@@ -157,7 +186,7 @@ class GcpBalancer:
             done.append(f"{group.name} ({status})")
         if errors:
             raise LoadBalancerError("; ".join(errors))
-        return f"left {', '.join(done)}"
+        return f"{'rejoined' if join else 'left'} {', '.join(done)}"
 
     async def heartbeat(self, *, dry_run: bool) -> None:
         """GCP has no lifecycle action to keep open."""

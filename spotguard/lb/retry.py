@@ -73,7 +73,7 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, what: str, budget: f
                        metrics: Metrics | None) -> T:
     """Run ``call`` until it succeeds, fails for good, or the next try would not fit in ``budget`` seconds."""
     if budget <= 0:
-        raise LoadBalancerError(f"{what}: no time left in the deregistration budget")
+        raise LoadBalancerError(f"{what}: no time left in the budget")
     last: list[BaseException] = []
 
     async def attempt() -> T:
@@ -155,8 +155,13 @@ def raise_for_status(response: httpx.Response, *, what: str, fix: Fix) -> None:
 
 async def send(http: httpx.AsyncClient, method: str, url: str, *, what: str, fix: Fix, timeout: float,
                headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
-               body: Any = None, content_type: str = "application/json") -> httpx.Response:
-    """One API request under ``timeout``; transport failures become ``TransientError``."""
+               body: Any = None, content_type: str = "application/json",
+               done_already: Callable[[httpx.Response], bool] | None = None) -> httpx.Response:
+    """One API request under ``timeout``; transport failures become ``TransientError``.
+
+    ``done_already`` says whether an error answer means the change is already in place (adding a member
+    twice): then the response is returned, not raised.
+    """
     all_headers = dict(headers or {})
     content: bytes | None = None
     if body is not None:
@@ -173,6 +178,8 @@ async def send(http: httpx.AsyncClient, method: str, url: str, *, what: str, fix
         raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
     except httpx.HTTPError as exc:
         raise LoadBalancerError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code >= 300 and done_already is not None and done_already(response):
+        return response
     raise_for_status(response, what=what, fix=fix)
     return response
 

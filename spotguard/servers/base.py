@@ -6,7 +6,7 @@ from typing import Protocol
 
 
 class EngineAdapter(Protocol):
-    """Stops an inference engine from taking new work and reports its in-flight count."""
+    """Stops an inference engine from taking new work (and lets it again), and reports its in-flight count."""
 
     name: str
 
@@ -18,8 +18,11 @@ class EngineAdapter(Protocol):
         ...
 
     async def resume_accepting(self, *, dry_run: bool) -> str:
-        """Undo ``stop_accepting`` (undrain): start the engine's unit again. Raises ``ManualActionRequired``
-        where spotguard cannot restart it (pid- or command-managed engines)."""
+        """Undo ``stop_accepting`` (undrain). Returns a detail line.
+
+        Raises ``ManualActionRequired`` when spotguard cannot do it (an engine it signalled but cannot
+        start: no systemd unit), ``EngineError`` when the engine refuses or cannot be reached.
+        """
         ...
 
     async def inflight(self) -> int | None:

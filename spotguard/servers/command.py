@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spotguard.errors import ConfigError, EngineError
+from spotguard.errors import ConfigError, EngineError, ManualActionRequired
 from spotguard.servers.process import run_command
 
 
@@ -26,6 +26,13 @@ class CommandAdapter:
             raise EngineError(f"[server] stop_command {self.stop_command[0]} exited {result.returncode}: "
                               f"{result.stderr_tail()}")
         return f"ran {shown}: exit 0"
+
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        message = (f"the engine was stopped by [server] stop_command ({self.stop_command[0]}) and spotguard has no "
+                   "command to start it: restart the engine by hand")
+        if dry_run:
+            return f"would not restart: {message}"
+        raise ManualActionRequired(message)
 
     async def inflight(self) -> int | None:
         if not self.inflight_command:

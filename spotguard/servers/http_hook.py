@@ -7,7 +7,7 @@ import math
 
 import httpx
 
-from spotguard.errors import ConfigError, EngineError
+from spotguard.errors import ConfigError, EngineError, ManualActionRequired
 from spotguard.servers.call import call, expect_ok, parse_json
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -78,6 +78,13 @@ class HttpHookAdapter:
                               headers=headers)
         expect_ok(response, what)
         return f"{what}: HTTP {response.status}"
+
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        message = (f"the engine was stopped by {self.stop_method} {self.stop_url} and spotguard has no call to "
+                   "undo it: restart the engine (or re-enable it) by hand")
+        if dry_run:
+            return f"would not restart: {message}"
+        raise ManualActionRequired(message)
 
     async def inflight(self) -> int | None:
         if not self.inflight_url:

@@ -57,6 +57,10 @@ class LlamaCppAdapter:
         self.set_gate_draining()
         return f"{why}; gate switched to draining (new requests get 503)"
 
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        # stop_accepting only switched the gate; undrain reopens the gate itself.
+        return "llama-server was never signalled: nothing to restart (the gate takes new requests again)"
+
     async def inflight(self) -> int | None:
         url = f"{self.url}/slots"
         response = await call(self.http, "GET", url, timeout=self.timeout)

@@ -9,5 +9,8 @@ class NoEngine:
     async def stop_accepting(self, *, dry_run: bool) -> str:
         return "no engine configured ([server] kind = none): nothing stopped"
 
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        return "no engine configured ([server] kind = none): nothing to restart"
+
     async def inflight(self) -> int | None:
         return None

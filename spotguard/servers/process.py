@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteReceiveStream
 
-from spotguard.errors import ConfigError, EngineError
+from spotguard.errors import ConfigError, EngineError, ManualActionRequired
 
 MAX_OUTPUT_BYTES = 64 * 1024
 """What we keep of a command's stdout and stderr; the rest is read and dropped."""
@@ -247,3 +247,25 @@ class Signaller:
             raise EngineError(f"pid {pid} is not ours: spotguard (uid {os.getuid()}) may not signal it; run "
                               "spotguard as the engine's user or root, or set [server] unit") from None
         return f"sent {name} to {where}"
+
+    async def start(self, *, dry_run: bool) -> str:
+        """Undo ``send``: start the unit again (``systemctl start --no-block``); ManualActionRequired without one.
+
+        ``--no-block`` queues the start job and returns: a unit still stopping starts once it has stopped,
+        and a model that loads for minutes does not hold the undrain; the engine's health check says when
+        it serves again. A unit that cannot be started (unknown, masked) is refused at once.
+        """
+        unit = self.target.unit
+        if not unit:
+            message = (f"the engine ({self.target.describe()}) was stopped with {self.signal.name} and spotguard "
+                       "cannot start it: restart the engine by hand (set [server] unit to let spotguard start it)")
+            if dry_run:
+                return f"would not restart: {message}"
+            raise ManualActionRequired(message)
+        argv = [self.systemctl, "start", "--no-block", unit]
+        if dry_run:
+            return f"would run {' '.join(argv[1:])}"
+        result = await run_command(argv, timeout=self.timeout, what=f"systemctl start {unit}")
+        if result.returncode != 0:
+            raise EngineError(f"systemctl start {unit} exited {result.returncode}: {result.stderr_tail()}")
+        return f"queued systemctl start {unit}"

@@ -30,6 +30,10 @@ class SignalledEngine:
     async def stop_accepting(self, *, dry_run: bool) -> str:
         return f"{await self.signaller.send(dry_run=dry_run)}; {self.on_signal}"
 
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        """The signal made the engine exit: start its unit again (ManualActionRequired without one)."""
+        return await self.signaller.start(dry_run=dry_run)
+
     async def inflight(self) -> int | None:
         try:
             return await read_total(self.http, self.metrics_url, self.gauges, prefix=self.prefix,

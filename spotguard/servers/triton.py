@@ -4,6 +4,7 @@ With ``--model-control-mode=explicit`` and ``[server] triton_models`` set, each 
 ``POST /v2/repository/models/{m}/unload`` and the server keeps running. Otherwise SIGTERM makes Triton
 refuse new requests and wait up to ``--exit-timeout-secs`` (default 30) for in-flight ones. In-flight
 is ``nv_inference_pending_request_count`` summed over models, from the metrics port (8002 by default).
+Undrain loads the models again (``POST /v2/repository/models/{m}/load``), or starts the unit SIGTERM stopped.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class TritonAdapter:
         self.signaller = signaller
         self.timeout = timeout
 
-    def _unload_url(self, model: str) -> str:
-        return f"{self.url}/v2/repository/models/{quote(model, safe='')}/unload"
+    def _model_url(self, model: str, action: str) -> str:
+        return f"{self.url}/v2/repository/models/{quote(model, safe='')}/{action}"
 
     async def stop_accepting(self, *, dry_run: bool) -> str:
         if not self.models:
@@ -54,7 +55,7 @@ class TritonAdapter:
         failures: list[str] = []
         for model in self.models:
             try:
-                response = await call(self.http, "POST", self._unload_url(model), timeout=self.timeout,
+                response = await call(self.http, "POST", self._model_url(model, "unload"), timeout=self.timeout,
                                       content=b"", headers={"content-type": "application/json"})
                 expect_ok(response, f"unload {model}")
             except EngineError as exc:
@@ -64,6 +65,25 @@ class TritonAdapter:
             raise EngineError(f"Triton unloaded {done} of {len(self.models)} models; " + "; ".join(failures)
                               + " (explicit model control needs --model-control-mode=explicit)")
         return f"unloaded {', '.join(self.models)}"
+
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        """Load the models again (explicit model control), or start the unit a SIGTERM stopped."""
+        if not self.models:
+            return await self.signaller.start(dry_run=dry_run)
+        if dry_run:
+            return f"would load {', '.join(self.models)} (POST {self.url}/v2/repository/models/<model>/load)"
+        failures: list[str] = []
+        for model in self.models:
+            try:
+                response = await call(self.http, "POST", self._model_url(model, "load"), timeout=self.timeout,
+                                      content=b"", headers={"content-type": "application/json"})
+                expect_ok(response, f"load {model}")
+            except EngineError as exc:
+                failures.append(str(exc))
+        if failures:
+            done = len(self.models) - len(failures)
+            raise EngineError(f"Triton loaded {done} of {len(self.models)} models; " + "; ".join(failures))
+        return f"loaded {', '.join(self.models)}"
 
     async def inflight(self) -> int | None:
         try:

@@ -44,11 +44,12 @@ async def test_each_event_type(emulator: RunningEmulator, http: httpx.AsyncClien
 
 
 async def test_drain_types_are_configurable(emulator: RunningEmulator, http: httpx.AsyncClient) -> None:
-    events = source(emulator, http, drain_event_types=["Preempt", "Reboot"])
+    # Matched case-insensitively: the kind is shown lower-cased, and that spelling works too.
+    events = source(emulator, http, drain_event_types=["preempt", "REBOOT"])
     with anyio.fail_after(10):
         await emulator.control.raise_notice("azure", "event", event_type="Reboot")
         [notice] = await events.poll()
-    assert notice.action == "drain"
+    assert (notice.kind, notice.action) == ("reboot", "drain")
 
 
 async def test_only_events_naming_this_vm(emulator: RunningEmulator, http: httpx.AsyncClient) -> None:

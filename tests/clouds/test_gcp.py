@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import anyio
 import httpx
@@ -83,7 +83,46 @@ async def test_maintenance_event_terminate_drains_migrate_observes(emulator: Run
         await emulator.control.withdraw("gcp", event_id)
         assert await maintenance.poll() == []
     assert (migrate.kind, migrate.action, terminate.action) == ("maintenance-event", "observe", "drain")
-    assert terminate.deadline == terminate.detected_at + timedelta(seconds=gcp.MAINTENANCE_WINDOW)
+
+
+async def test_gpu_maintenance_drains_a_lead_before_the_window_not_at_once(emulator: RunningEmulator,
+                                                                          http: httpx.AsyncClient) -> None:
+    # The emulated VM has a GPU: TERMINATE_ON_HOST_MAINTENANCE comes an hour before the window starts.
+    config = config_for(emulator.url, gcp={"maintenance_lead": 300})
+    maintenance = gcp.build_sources(config, http)[1]
+    with anyio.fail_after(10):
+        await emulator.control.raise_notice("gcp", "maintenance")
+        [notice] = await maintenance.poll()
+        upcoming = (await emulator.control.notices())["gcp"]["upcoming-maintenance"]
+    window = datetime.fromisoformat(upcoming["window_start_time"].replace("Z", "+00:00"))
+    assert notice.action == "drain" and notice.deadline == window
+    assert notice.act_at == window - timedelta(seconds=300)
+    assert not notice.due()  # the node keeps serving until the lead
+    assert timedelta(minutes=50) < notice.deadline - notice.detected_at <= timedelta(hours=1)
+    log = await emulator.control.requests(gcp.UPCOMING_PATH)
+    assert [entry["params"] for entry in log] == [{"alt": "json"}]
+
+
+async def test_a_window_inside_the_lead_drains_at_once_with_its_deadline(emulator: RunningEmulator,
+                                                                         http: httpx.AsyncClient) -> None:
+    maintenance = gcp.build_sources(config_for(emulator.url, gcp={"maintenance_lead": 300}), http)[1]
+    with anyio.fail_after(10):
+        await emulator.control.raise_notice("gcp", "maintenance", window_start_in_seconds=120)
+        [notice] = await maintenance.poll()
+    assert notice.act_at is None and notice.due()
+    assert timedelta(seconds=100) < notice.deadline - notice.detected_at <= timedelta(seconds=121)
+
+
+async def test_without_a_readable_window_the_drain_starts_at_once(emulator: RunningEmulator,
+                                                                  http: httpx.AsyncClient) -> None:
+    maintenance = gcp.build_sources(config_for(emulator.url), http)[1]
+    with anyio.fail_after(10):
+        await emulator.control.fault(gcp.UPCOMING_PATH, status=503, count=1)
+        await emulator.control.raise_notice("gcp", "maintenance")
+        [notice] = await maintenance.poll()
+    # Early is safe, late is not: the documented minimum notice, acting now.
+    assert notice.act_at is None
+    assert notice.deadline == notice.detected_at + timedelta(seconds=gcp.MAINTENANCE_WINDOW)
 
 
 async def test_the_two_watches_do_not_wait_on_each_other(emulator: RunningEmulator,

@@ -47,6 +47,11 @@ def _gcp_maintenance(text: str) -> list[Notice]:
     return gcp.parse_maintenance(text, "etag", seen)
 
 
+def _gcp_upcoming(text: str) -> list[Notice]:
+    gcp.parse_upcoming(text)
+    return []
+
+
 def _azure(text: str) -> list[Notice]:
     return list(azure.parse_events(text, seen, vm_name="vm-1", drain_types=("Preempt", "Terminate"),
                                    default_window=30).notices)
@@ -58,7 +63,7 @@ def _azure_instance(text: str) -> list[Notice]:
 
 
 PARSERS = [_aws_instance_action, _aws_rebalance, _aws_scheduled, _aws_lifecycle, _gcp_preempted,
-           _gcp_maintenance, _azure, _azure_instance]
+           _gcp_maintenance, _gcp_upcoming, _azure, _azure_instance]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
@@ -150,6 +155,39 @@ def test_gcp_preempted_round_trip(etag: str, window: float) -> None:
     [notice] = gcp.parse_preempted("TRUE", etag, seen, window=window)
     assert (notice.kind, notice.action, notice.deadline) == ("preemption", "drain", NOW + timedelta(seconds=window))
     assert gcp.parse_preempted("TRUE\n", etag, seen, window=window) == [notice]
+
+
+# The documented answer of instance/upcoming-maintenance?alt=json (monitor-plan-host-maintenance-event).
+UPCOMING = """{
+"can_reschedule": "true",
+"latest_window_start_time": "2024-12-01T19:00:01Z",
+"maintenance_reasons": ["PLANNED_UPDATE", "PLANNED_NETWORK_UPDATE"],
+"maintenance_status": "PENDING",
+"type": "SCHEDULED",
+"window_end_time": "2024-12-01T21:00:01Z",
+"window_start_time": "2024-12-01T19:00:01Z"
+}"""
+
+
+def test_gcp_upcoming_maintenance_shapes() -> None:
+    assert gcp.parse_upcoming(UPCOMING) == datetime(2024, 12, 1, 19, 0, 1, tzinfo=UTC)
+    for nothing in ("{ }", "NONE", '{ "error": "no notifications have been received yet, try again later" }'):
+        assert gcp.parse_upcoming(nothing) is None
+    for bad in ('{"maintenance_status": "PENDING"}', '["x"]', "<html>", '{"window_start_time": "soon"}'):
+        with pytest.raises(MalformedMetadata):
+            gcp.parse_upcoming(bad)
+
+
+def test_gcp_maintenance_uses_the_window_and_the_lead() -> None:
+    start = NOW + timedelta(hours=1)
+    [early] = gcp.parse_maintenance("TERMINATE_ON_HOST_MAINTENANCE", "e", seen, window_start=start, lead=300)
+    assert (early.deadline, early.act_at) == (start, start - timedelta(seconds=300))
+    soon = NOW + timedelta(seconds=120)
+    [now] = gcp.parse_maintenance("TERMINATE_ON_HOST_MAINTENANCE", "e", seen, window_start=soon, lead=300)
+    assert (now.deadline, now.act_at) == (soon, None)
+    past = NOW - timedelta(seconds=5)  # an open window: the documented minimum, at once
+    [late] = gcp.parse_maintenance("TERMINATE_ON_HOST_MAINTENANCE", "e", seen, window_start=past, lead=300)
+    assert (late.deadline, late.act_at) == (NOW + timedelta(seconds=gcp.MAINTENANCE_WINDOW), None)
 
 
 def test_gcp_maintenance_values() -> None:

@@ -2,33 +2,42 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from spotguard.control.render import format_status
-from spotguard.notice import parse_rfc3339
+from spotguard.drain.timeline import StepRecord
+from spotguard.notice import Notice, parse_rfc3339
 
 NOW = parse_rfc3339("2026-11-23T06:00:30Z")
 
 
-def doc() -> dict[str, object]:
-    return {
-        "state": "draining",
-        "cloud": "aws",
-        "notice": {"source": "aws", "kind": "spot-interruption", "event_id": "i-0abc",
-                   "deadline": "2026-11-23T06:02:00.000Z", "detected_at": "2026-11-23T06:00:00.120Z"},
-        "drain_deadline": "2026-11-23T06:01:55.000Z",
-        "steps": [
-            {"name": "readiness", "state": "done", "outcome": "ok", "started_at": "2026-11-23T06:00:00.200Z",
-             "finished_at": "2026-11-23T06:00:00.201Z", "detail": "marked not ready", "duration": 0.001},
-            {"name": "deregister", "state": "done", "outcome": "timed_out",
-             "started_at": "2026-11-23T06:00:00.200Z", "finished_at": "2026-11-23T06:00:15.200Z",
-             "detail": "hung-lb: no answer within 15.00s " + "x" * 100, "duration": 15.0},
-            {"name": "wait_inflight", "state": "running", "outcome": None,
-             "started_at": "2026-11-23T06:00:10.000Z", "finished_at": None, "detail": "", "duration": None},
-            {"name": "snapshot", "state": "pending", "outcome": None, "started_at": None, "finished_at": None,
-             "detail": "", "duration": None},
-        ],
-    }
+def _at(text: str) -> datetime:
+    return parse_rfc3339(text)
+
+
+def doc() -> dict[str, Any]:
+    """What /status answers during a drain, built with the daemon's own serializers (Notice.to_json
+    less its payload, StepRecord.to_json), with every top-level key the runner's status() emits."""
+    notice = Notice(source="aws", kind="spot-interruption", event_id="i-0abc", deadline=_at("2026-11-23T06:02:00Z"),
+                    detected_at=_at("2026-11-23T06:00:00.120Z"), payload='{"action": "terminate"}')
+    public = notice.to_json()
+    public.pop("payload")
+    steps = [
+        StepRecord(name="readiness", state="done", outcome="ok", started_at=_at("2026-11-23T06:00:00.200Z"),
+                   finished_at=_at("2026-11-23T06:00:00.201Z"), detail="marked not ready", duration=0.001,
+                   attempts=1),
+        StepRecord(name="deregister", state="done", outcome="timed_out", started_at=_at("2026-11-23T06:00:00.200Z"),
+                   finished_at=_at("2026-11-23T06:00:15.200Z"), detail="hung-lb: no answer within 15.00s " + "x" * 100,
+                   duration=15.0, attempts=1),
+        StepRecord(name="wait_inflight", after=("stop_accepting",), state="running",
+                   started_at=_at("2026-11-23T06:00:10.000Z"), attempts=1),
+        StepRecord(name="snapshot", after=("wait_inflight",)),
+    ]
+    return {"state": "draining", "cloud": "aws", "notice": public, "seconds_left": 90.0,
+            "steps": [step.to_json() for step in steps], "live_notices": [public], "observed": [],
+            "sources": {"aws-spot": {"polls": 12, "errors": 0, "last_error": None}}, "dry_run": False,
+            "started_at": "2026-11-23T05:00:00.000Z"}
 
 
 def test_a_drain_in_progress_reads_as_a_timeline() -> None:
@@ -40,12 +49,13 @@ def test_a_drain_in_progress_reads_as_a_timeline() -> None:
     assert lines[3] == "deadline: 2026-11-23T06:02:00Z (in 1m30s)"
     header = next(line for line in lines if line.startswith("STEP"))
     assert header.split() == ["STEP", "STATE", "OUTCOME", "STARTED", "DURATION", "LEFT", "DETAIL"]
+    # LEFT counts to the notice's deadline (06:02:00), the one /status carries.
     readiness = next(line for line in lines if line.startswith("readiness"))
-    assert readiness.split()[:6] == ["readiness", "done", "ok", "06:00:00.200Z", "0.0s", "1m55s"]
+    assert readiness.split()[:6] == ["readiness", "done", "ok", "06:00:00.200Z", "0.0s", "2m00s"]
     dereg = next(line for line in lines if line.startswith("deregister"))
-    assert "timed_out" in dereg and "15.0s" in dereg and "1m40s" in dereg and dereg.endswith("…")
+    assert "timed_out" in dereg and "15.0s" in dereg and "1m45s" in dereg and dereg.endswith("…")
     running = next(line for line in lines if line.startswith("wait_inflight"))
-    assert running.split()[:6] == ["wait_inflight", "running", "-", "06:00:10.000Z", "20.0s…", "1m25s"]
+    assert running.split()[:6] == ["wait_inflight", "running", "-", "06:00:10.000Z", "20.0s…", "1m30s"]
     assert next(line for line in lines if line.startswith("snapshot")).split() == \
         ["snapshot", "pending", "-", "-", "-", "-"]
     assert lines[-1] == "2 of 4 steps done"

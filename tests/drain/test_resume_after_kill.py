@@ -1,4 +1,8 @@
-"""A drain killed with SIGKILL mid-step and resumed from its persisted timeline in a new process."""
+"""A drain killed with SIGKILL mid-step and resumed from its persisted timeline in a new process.
+
+The state goes through the daemon's own StateStore, in the shape the runner gives it (the node state,
+the notice and the timeline as one document), so a change to how state is written is tested here too.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import anyio
 import httpx
 import pytest
 
+from spotguard.agent.state import StateStore
 from spotguard.drain import DrainEngine, Timeline, plan
 from spotguard.notice import Notice
 from tests.drain.support import FakeEngine, config, context, services
@@ -20,25 +25,25 @@ from tests.drain.support import FakeEngine, config, context, services
 pytestmark = pytest.mark.anyio
 
 DRAIN = r"""
-import json, os, sys
+import json, sys
 import anyio, httpx
+from spotguard.agent.state import Persisted, StateStore, current_boot_id
 from spotguard.drain import DrainEngine, plan
 from spotguard.notice import Notice
 from tests.drain.support import FakeEngine, config, context, services
 
-state, notice_file = sys.argv[1], sys.argv[2]
-
-
-def persist(timeline):
-    # What the runner does: write beside, then rename, so a kill never leaves half a file.
-    tmp = state + ".tmp"
-    with open(tmp, "w") as out:
-        json.dump(timeline.to_json(), out)
-    os.replace(tmp, state)
+state_dir, notice_file = sys.argv[1], sys.argv[2]
 
 
 async def main():
     notice = Notice.from_json(json.load(open(notice_file)))
+    store = StateStore(state_dir)
+
+    def persist(timeline):
+        # What the runner does with each change: the whole node state, through the store.
+        store.save(Persisted(state="draining", notice=notice, timeline=[timeline.to_json()],
+                             boot_id=current_boot_id()))
+
     cfg = config()
     async with httpx.AsyncClient() as http:
         ctx = context(cfg, notice, services(FakeEngine(stop_delay=60)), http)
@@ -48,15 +53,21 @@ anyio.run(main)
 """
 
 
+def _timeline(store: StateStore) -> Timeline | None:
+    persisted, error = store.load()
+    assert error is None, error
+    return Timeline.from_json(persisted.timeline[0]) if persisted.timeline else None
+
+
 async def test_kill_9_mid_drain_then_resume(tmp_path: Path) -> None:
     from tests.drain.support import notice as make_notice
 
     the_notice = make_notice(seconds=60)
     notice_file = tmp_path / "notice.json"
     notice_file.write_text(json.dumps(the_notice.to_json()))
-    state = tmp_path / "drain.json"
+    store = StateStore(tmp_path / "state")
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-c", DRAIN, str(state), str(notice_file)], cwd=root,
+    proc = subprocess.Popen([sys.executable, "-c", DRAIN, str(store.dir), str(notice_file)], cwd=root,
                             env={**os.environ, "PYTHONPATH": str(root)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -64,11 +75,10 @@ async def test_kill_9_mid_drain_then_resume(tmp_path: Path) -> None:
             while True:  # until the stuck stop_accepting is on disk as running
                 if proc.poll() is not None:
                     raise AssertionError(proc.stderr.read().decode() if proc.stderr else "drain exited")
-                if state.exists():
-                    persisted = Timeline.from_json(json.loads(state.read_text()))
-                    if persisted.step("stop_accepting").state == "running" and \
-                            persisted.step("readiness").state == "done":
-                        break
+                seen = _timeline(store)
+                if seen is not None and seen.step("stop_accepting").state == "running" and \
+                        seen.step("readiness").state == "done":
+                    break
                 await anyio.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         await anyio.to_thread.run_sync(proc.wait, 10)
@@ -79,12 +89,15 @@ async def test_kill_9_mid_drain_then_resume(tmp_path: Path) -> None:
             proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
 
-    persisted = Timeline.from_json(json.loads(state.read_text()))
+    saved, error = store.load()  # what a restarted daemon reads
+    assert error is None and saved.state == "draining"
+    assert saved.notice == Notice.from_json(the_notice.to_json())  # millisecond times, as written
+    persisted = Timeline.from_json(saved.timeline[0])
     assert persisted.finished_at is None
     engine = FakeEngine()
     ready: list[bool] = []
     cfg = config()
-    notice = Notice.from_json(json.loads(notice_file.read_text()))
+    notice = saved.notice
     async with httpx.AsyncClient() as http:
         ctx = context(cfg, notice, services(engine, set_ready=ready.append), http)
         with anyio.fail_after(10):

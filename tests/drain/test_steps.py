@@ -52,7 +52,8 @@ async def test_acknowledge_only_approves_azure_events_when_configured() -> None:
     aws = await run_one(Acknowledge(), config(), notice(source="aws"), svc)
     assert aws.step("acknowledge").outcome == "skipped"
     assert aws.step("acknowledge").detail == ("nothing to acknowledge: a aws notice has no approval call "
-                                              "and no load balancer configured")
+                                              "and no lifecycle action is pending (only an ASG termination, "
+                                              "asg-terminated, holds one)")
     off = config().replace("azure", acknowledge=False)
     azure_off = await run_one(Acknowledge(), off, notice(source="azure", kind="Preempt"), svc)
     assert "[azure] acknowledge is off" in azure_off.step("acknowledge").detail
@@ -61,7 +62,7 @@ async def test_acknowledge_only_approves_azure_events_when_configured() -> None:
     assert azure.step("acknowledge").outcome == "ok" and approved == ["E-1"]
 
 
-async def test_a_failed_approval_is_reported_and_lifecycle_hooks_still_complete() -> None:
+async def test_a_failed_approval_is_reported_and_holds_no_lifecycle_action() -> None:
     async def approve(event_id: str) -> str:
         raise MetadataUnavailable("POST scheduledevents: HTTP 500")
 
@@ -70,8 +71,27 @@ async def test_a_failed_approval_is_reported_and_lifecycle_hooks_still_complete(
     timeline = await run_one(Acknowledge(), config(), notice(source="azure", kind="Preempt"), svc)
     step = timeline.step("acknowledge")
     assert step.outcome == "failed"
-    assert "azure: MetadataUnavailable: POST scheduledevents: HTTP 500" in step.detail
-    assert "asg-hook: no lifecycle hook configured" in step.detail and lb.completed == [False]
+    assert step.detail == "azure: MetadataUnavailable: POST scheduledevents: HTTP 500"
+    assert lb.completed == []  # an Azure event holds no ASG lifecycle action
+
+
+@pytest.mark.parametrize(("kind", "completed"), [("asg-terminated", [False]), ("spot-interruption", []),
+                                                 ("scheduled-event", []), ("rebalance-recommendation", [])])
+async def test_lifecycle_actions_are_completed_and_heartbeated_only_for_an_asg_termination(
+        kind: str, completed: list[bool]) -> None:
+    lb = FakeBalancer("aws")
+    svc = services(FakeEngine(), lb)
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            # The default background: lifecycle heartbeats beside the step.
+            timeline = await DrainEngine([Alone(Acknowledge())], context(config(), notice(kind=kind), svc, http)).run()
+    step = timeline.step("acknowledge")
+    assert lb.completed == completed
+    assert (lb.heartbeats >= 1) == bool(completed)
+    if completed:
+        assert step.outcome == "ok" and step.detail == "aws: no lifecycle hook configured"
+    else:
+        assert step.outcome == "skipped" and "no lifecycle action is pending" in step.detail
 
 
 async def test_wait_inflight_without_any_count_does_not_wait() -> None:

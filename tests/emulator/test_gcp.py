@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import httpx
@@ -165,3 +166,26 @@ async def test_shutdown_with_hanging_gets_open_is_prompt() -> None:
                 server.cancel_scope.cancel()
         assert len(outcomes) == 3
         assert time.monotonic() - stopping < 1.5
+
+
+@pytest.mark.anyio
+async def test_gpu_maintenance_announces_its_window(emulator: RunningEmulator, client: httpx.AsyncClient) -> None:
+    upcoming = V1 + "/instance/upcoming-maintenance"
+    with anyio.fail_after(5):
+        assert (await client.get(upcoming, params={"alt": "json"}, headers=FLAVOR)).text == "{ }"
+        policy = await client.get(V1 + "/instance/scheduling/on-host-maintenance", headers=FLAVOR)
+        assert policy.text == "TERMINATE"  # a GPU VM cannot live-migrate
+        event_id = await emulator.control.raise_notice("gcp", "maintenance")
+        answer = await client.get(upcoming, params={"alt": "json"}, headers=FLAVOR)
+        event = await client.get(V1 + "/instance/maintenance-event", headers=FLAVOR)
+        await emulator.control.withdraw("gcp", event_id)
+        after = await client.get(upcoming, params={"alt": "json"}, headers=FLAVOR)
+    assert event.text == "TERMINATE_ON_HOST_MAINTENANCE"
+    assert answer.headers["content-type"] == "application/json" and answer.headers["etag"]
+    window = answer.json()
+    assert set(window) == {"can_reschedule", "latest_window_start_time", "maintenance_status", "type",
+                           "window_end_time", "window_start_time"}
+    assert (window["maintenance_status"], window["type"]) == ("PENDING", "SCHEDULED")
+    start = datetime.fromisoformat(window["window_start_time"].replace("Z", "+00:00"))
+    assert timedelta(minutes=59) < start - datetime.now(UTC) <= timedelta(hours=1)  # the GPU VM's notice
+    assert after.text == "{ }"

@@ -100,7 +100,8 @@ async def served(app: Callable[[Scope, Receive, Send], Any]) -> AsyncIterator[st
 
 @dataclass
 class FakeCompute(FakeApi):
-    """instanceGroups.removeInstances and networkEndpointGroups.detachNetworkEndpoints (Compute v1)."""
+    """instanceGroups.removeInstances/addInstances and networkEndpointGroups.detach/attachNetworkEndpoints
+    (Compute v1). Adding a member that is already there answers 400 ``memberAlreadyExists`` as GCE does."""
 
     project: str = "spotguard-test"
     zone: str = "us-central1-a"
@@ -116,37 +117,52 @@ class FakeCompute(FakeApi):
                 "operationType": kind, "status": "RUNNING", "progress": 0, "zone": base,
                 "targetLink": f"{base}/{target}", "selfLink": f"{base}/operations/operation-1700000000000-abc"}
 
+    def _already(self, message: str) -> Any:
+        return {"error": {"code": 400, "message": message,
+                          "errors": [{"message": message, "domain": "global", "reason": "memberAlreadyExists"}]}}
+
     def handle(self, seen: Seen) -> Answer:
         match = re.fullmatch(r"/compute/v1/projects/([^/]+)/zones/([^/]+)/(instanceGroups|networkEndpointGroups)/"
-                             r"([^/]+)/(removeInstances|detachNetworkEndpoints)", seen.path)
+                             r"([^/]+)/(removeInstances|addInstances|detachNetworkEndpoints|attachNetworkEndpoints)", seen.path)
         if seen.method != "POST" or match is None:
             return 404, self.error(404, f"The requested URL {seen.path} was not found.", "NOT_FOUND"), {}
         project, zone, kind, name, verb = match.groups()
         resource = f"projects/{project}/zones/{zone}/{kind}/{name}"
         if name in self.forbidden:
-            permission = "compute.instanceGroups.update" if verb == "removeInstances" else \
-                "compute.networkEndpointGroups.detachNetworkEndpoints"
+            permission = "compute.instanceGroups.update" if kind == "instanceGroups" else \
+                f"compute.networkEndpointGroups.{verb}"
             return 403, self.error(403, f"Required '{permission}' permission for '{resource}'", "PERMISSION_DENIED"), {}
         if seen.content_type != "application/json" or not isinstance(seen.body, dict) or seen.query:
             return 400, self.error(400, "Invalid JSON payload received.", "INVALID_ARGUMENT"), {}
         pool: Any = self.groups if kind == "instanceGroups" else self.negs
         if (project, zone) != (self.project, self.zone) or name not in pool:
             return 404, self.error(404, f"The resource '{resource}' was not found", "NOT_FOUND"), {}
-        if verb == "removeInstances" and kind == "instanceGroups":
+        if verb in ("removeInstances", "addInstances") and kind == "instanceGroups":
             items = seen.body.get("instances")
             if set(seen.body) != {"instances"} or not isinstance(items, list) or \
                     any(set(i) != {"instance"} for i in items):
                 return 400, self.error(400, "Invalid value for field 'resource.instances'", "INVALID_ARGUMENT"), {}
-            for item in items:
-                self.groups[name].discard(item["instance"])
-        elif verb == "detachNetworkEndpoints" and kind == "networkEndpointGroups":
+            members = {item["instance"] for item in items}
+            if verb == "addInstances":
+                if members & self.groups[name]:
+                    return 400, self._already(f"Resource '{sorted(members)[0]}' is already a member of "
+                                              f"'{resource}'."), {}
+                self.groups[name] |= members
+            else:
+                self.groups[name] -= members
+        elif verb in ("detachNetworkEndpoints", "attachNetworkEndpoints") and kind == "networkEndpointGroups":
             items = seen.body.get("networkEndpoints")
             if set(seen.body) != {"networkEndpoints"} or not isinstance(items, list) or \
                     any(not set(i) <= {"instance", "ipAddress", "port"} for i in items):
                 return 400, self.error(400, "Invalid value for field 'resource.networkEndpoints'",
                                        "INVALID_ARGUMENT"), {}
-            for item in items:
-                self.negs[name].discard((item["instance"], item.get("ipAddress", ""), item.get("port", 0)))
+            endpoints = {(item["instance"], item.get("ipAddress", ""), item.get("port", 0)) for item in items}
+            if verb == "attachNetworkEndpoints":
+                if endpoints & self.negs[name]:
+                    return 400, self._already(f"Network endpoint already exists in '{resource}'."), {}
+                self.negs[name] |= endpoints
+            else:
+                self.negs[name] -= endpoints
         else:
             return 404, self.error(404, f"The requested URL {seen.path} was not found.", "NOT_FOUND"), {}
         return 200, self._operation(verb, f"{kind}/{name}"), {}

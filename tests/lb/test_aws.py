@@ -81,6 +81,43 @@ async def test_deregister_removes_the_instance_from_every_target_group(account: 
 
 
 @pytest.mark.anyio
+async def test_register_puts_the_same_target_back_after_a_deregister(account: Account) -> None:
+    metrics = Metrics()
+    balancer = _balancer(account, metrics)
+    with anyio.fail_after(30):
+        await balancer.deregister(budget=10, dry_run=False)
+        assert all(_healthy(account, arn) == [] for arn in account.arns)
+        detail = await balancer.register(budget=10, dry_run=False)
+        # Registering a member again is not an error (an undrain after a partial drain).
+        await balancer.register(budget=10, dry_run=False)
+    assert detail == f"registered {account.instance_id}:8080 in 2 target group(s)"
+    for arn in account.arns:
+        targets = account.elbv2.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
+        assert [(t["Target"]["Id"], t["Target"]["Port"]) for t in targets
+                if t["TargetHealth"]["State"] not in ("draining", "unused")] == [(account.instance_id, 8080)]
+    assert metrics.lb_calls.labels(provider="aws", result="ok")._value.get() == 6
+
+
+@pytest.mark.anyio
+async def test_register_dry_run_and_refusal(account: Account) -> None:
+    balancer = _balancer(account, target_group_arns=account.arns[:1])
+    with anyio.fail_after(20):
+        await balancer.deregister(budget=10, dry_run=False)
+        detail = await balancer.register(budget=5, dry_run=True)
+    assert detail == (f"dry run: would call elasticloadbalancing:RegisterTargets for {account.instance_id}:8080 "
+                      f"on {account.arns[0]}")
+    assert _healthy(account, account.arns[0]) == []
+    params = {"TargetGroupArn": account.arns[0], "Targets": [{"Id": account.instance_id, "Port": 8080}]}
+    with Stubber(balancer.clients.elbv2) as stub:
+        stub.add_client_error("register_targets", "Throttling", "Rate exceeded", 400, expected_params=params)
+        stub.add_client_error("register_targets", "AccessDenied", "not authorized", 403, expected_params=params)
+        with anyio.fail_after(20), \
+                pytest.raises(LoadBalancerError, match="grant elasticloadbalancing:RegisterTargets on"):
+            await balancer.register(budget=10, dry_run=False)
+        stub.assert_no_pending_responses()
+
+
+@pytest.mark.anyio
 async def test_dry_run_calls_nothing(account: Account) -> None:
     balancer = _balancer(account)
     with anyio.fail_after(10):

@@ -52,6 +52,57 @@ async def _run(emulator: RunningEmulator, arm: FakeArm, *, budget: float = 5, dr
                                                                                        dry_run=dry_run)
 
 
+def _two_ipconfigs() -> dict[str, Any]:
+    """A NIC whose second ip configuration is the load-balanced one (so the primary is the wrong guess)."""
+    nic = _nic()
+    first = nic["properties"]["ipConfigurations"][0]
+    first["properties"]["loadBalancerBackendAddressPools"] = [{"id": OTHER}]
+    nic["properties"]["ipConfigurations"].append({
+        "id": f"{NIC}/ipConfigurations/llm", "name": "llm",
+        "properties": {"privateIPAddress": "10.1.0.5", "primary": False, "subnet": first["properties"]["subnet"],
+                       "loadBalancerBackendAddressPools": [{"id": OURS}]}})
+    return nic
+
+
+def _pools_by_ipconfig(nic: dict[str, Any]) -> dict[str, list[str]]:
+    return {c["name"]: [p["id"] for p in c["properties"].get("loadBalancerBackendAddressPools", [])]
+            for c in nic["properties"]["ipConfigurations"]}
+
+
+@pytest.mark.anyio
+async def test_register_puts_the_pool_back_on_the_ip_configuration_it_left(emulator: RunningEmulator) -> None:
+    arm = FakeArm(token=TOKEN, vm_id=VM, nics={NIC: _two_ipconfigs()})
+    async with served(arm) as url, httpx.AsyncClient() as http:
+        arm.base_url = url
+        config = AzureConfig(metadata_url=emulator.url, arm_url=url, backend_pools=(OURS,))
+        balancer = AzureBalancer(config, http, IDENTITY)
+        with anyio.fail_after(20):
+            await balancer.deregister(budget=5, dry_run=False)
+            assert _pools_by_ipconfig(arm.nics[NIC]) == {"ipconfig1": [OTHER], "llm": []}
+            detail = await balancer.register(budget=5, dry_run=False)
+            assert _pools_by_ipconfig(arm.nics[NIC]) == {"ipconfig1": [OTHER], "llm": [OURS]}
+            again = await balancer.register(budget=5, dry_run=False)
+    assert detail == "added 1 pool reference(s) back to 1 NIC(s)"
+    assert again == "1 NIC(s) already in the configured pools"
+    assert len(arm.calls("PUT")) == 2  # one to leave, one to rejoin; nothing when already in
+
+
+@pytest.mark.anyio
+async def test_register_after_a_restart_uses_the_primary_ip_configuration(emulator: RunningEmulator) -> None:
+    arm = _arm()
+    await _run(emulator, arm)  # deregistered by an earlier daemon: this balancer remembers nothing
+    async with served(arm) as url, httpx.AsyncClient() as http:
+        arm.base_url = url
+        config = AzureConfig(metadata_url=emulator.url, arm_url=url, backend_pools=(OURS,))
+        with anyio.fail_after(20):
+            dry = await AzureBalancer(config, http, IDENTITY).register(budget=5, dry_run=True)
+            assert len(arm.calls("PUT")) == 1
+            await AzureBalancer(config, http, IDENTITY).register(budget=5, dry_run=False)
+    assert "would GET this VM's NICs and PUT them back with 1 backend pool" in dry
+    assert _pools_by_ipconfig(arm.nics[NIC]) == {"ipconfig1": [OTHER, OURS]}
+    assert arm.calls("PUT")[-1].body["properties"]["ipConfigurations"][0]["properties"]["subnet"]
+
+
 @pytest.mark.anyio
 async def test_removes_only_our_pool_and_waits_for_the_async_operation(emulator: RunningEmulator) -> None:
     arm = _arm()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from spotguard.lb.base import Checkable, LoadBalancer
 from spotguard.lb.build import build_balancers
 from spotguard.services import Identity
 
+PROTOCOL_METHODS = ("deregister", "register", "heartbeat", "complete")
 IDENTITY = Identity(cloud="aws", instance_id="i-0123456789abcdef0", region="us-east-1", zone="us-central1-a",
                     vm_name="vm")
 
@@ -37,8 +39,15 @@ async def test_each_configured_section_builds_its_provider(moto_url: str, tmp_pa
         balancers = build_balancers(config, http, IDENTITY)
     assert [b.name for b in balancers] == ["aws", "gcp", "azure", "kubernetes"]
     assert [isinstance(b, Checkable) for b in balancers] == [True, False, False, False]
+    # Each implements the whole protocol, with the same keyword-only parameters, as a coroutine.
+    wanted = {name: inspect.signature(getattr(LoadBalancer, name)) for name in PROTOCOL_METHODS}
     for balancer in balancers:
-        _: LoadBalancer = balancer
+        for name, signature in wanted.items():
+            method = getattr(balancer, name, None)
+            assert method is not None and inspect.iscoroutinefunction(method), (balancer.name, name)
+            got = inspect.signature(method)
+            assert [(p.name, p.kind) for p in got.parameters.values()] == \
+                [(p.name, p.kind) for p in signature.parameters.values() if p.name != "self"], (balancer.name, name)
 
 
 @pytest.mark.anyio

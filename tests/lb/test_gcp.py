@@ -54,6 +54,42 @@ async def test_leaves_the_instance_group_and_the_neg(emulator: RunningEmulator) 
 
 
 @pytest.mark.anyio
+async def test_register_rejoins_with_the_same_member_and_a_member_twice_is_fine(emulator: RunningEmulator) -> None:
+    compute = _compute()
+    before = {name: set(members) for name, members in compute.groups.items()}, \
+        {name: set(members) for name, members in compute.negs.items()}
+    async with served(compute) as url, httpx.AsyncClient() as http:
+        balancer = GcpBalancer(_config(emulator, url), http, IDENTITY)
+        with anyio.fail_after(20):
+            await balancer.deregister(budget=5, dry_run=False)
+            detail = await balancer.register(budget=5, dry_run=False)
+            assert (compute.groups, compute.negs) == before
+            again = await balancer.register(budget=5, dry_run=False)
+    assert detail == "rejoined llm-ig (RUNNING), llm-neg (RUNNING)"
+    assert again == "rejoined llm-ig (already a member), llm-neg (already a member)"
+    posts = [s for s in compute.calls("POST") if s.path.endswith(("addInstances", "attachNetworkEndpoints"))]
+    assert [s.path.rsplit("/", 1)[-1] for s in posts] == ["addInstances", "attachNetworkEndpoints"] * 2
+    assert [s.body for s in posts[:2]] == [{"instances": [{"instance": ME}]},
+                                           {"networkEndpoints": [{"instance": "spotguard-vm",
+                                                                  "ipAddress": "10.128.0.7", "port": 8000}]}]
+    assert (compute.groups, compute.negs) == before
+
+
+@pytest.mark.anyio
+async def test_register_refused_names_the_permission(emulator: RunningEmulator) -> None:
+    compute = _compute()
+    compute.forbidden.add("llm-neg")
+    async with served(compute) as url, httpx.AsyncClient() as http:
+        balancer = GcpBalancer(_config(emulator, url), http, IDENTITY)
+        with anyio.fail_after(10):
+            detail = await balancer.register(budget=5, dry_run=True)
+            assert "addInstances" in detail and "attachNetworkEndpoints" in detail and compute.seen == []
+            with pytest.raises(LoadBalancerError,
+                               match="grant compute.networkEndpointGroups.attachNetworkEndpoints"):
+                await balancer.register(budget=5, dry_run=False)
+
+
+@pytest.mark.anyio
 async def test_5xx_429_and_a_failing_token_endpoint_are_retried(emulator: RunningEmulator) -> None:
     compute = _compute()
     compute.fail_next(503)

@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from spotguard.config import KubernetesConfig
 from spotguard.errors import ConfigError, LoadBalancerError
 from spotguard.lb.kubeconfig import from_kubeconfig
-from spotguard.lb.kubernetes import EXCLUDE_LABEL, KubernetesNode
+from spotguard.lb.kubernetes import DRAINED_ANNOTATION, EXCLUDE_LABEL, KubernetesNode
 from spotguard.metrics import Metrics
 from tests.lb.fakes import FakeKubernetes, node, served
 
@@ -75,6 +75,63 @@ async def test_a_second_drain_does_not_add_the_taint_twice(tmp_path: Path) -> No
             await _in_cluster(tmp_path, url, http).deregister(budget=5, dry_run=False)
             await _in_cluster(tmp_path, url, http).deregister(budget=5, dry_run=False)
     assert len(fake.nodes["gpu-node-1"]["spec"]["taints"]) == 2
+
+
+def _without_version(node_: dict[str, object]) -> dict[str, object]:
+    copy = dict(node_)
+    # The API server drops an emptied map (omitempty); the RFC 7386 fake keeps it as {}.
+    copy["metadata"] = {k: v for k, v in node_["metadata"].items()  # type: ignore[attr-defined]
+                        if k != "resourceVersion" and v != {}}
+    return copy
+
+
+@pytest.mark.anyio
+async def test_register_after_a_restart_puts_the_node_back_as_it_was(tmp_path: Path) -> None:
+    fake = _fake()
+    async with served(fake) as url, httpx.AsyncClient() as http:
+        with anyio.fail_after(20):
+            await _in_cluster(tmp_path, url, http).deregister(budget=5, dry_run=False)
+            assert fake.nodes["gpu-node-1"]["metadata"]["annotations"] == {DRAINED_ANNOTATION: "cordon,exclude-label"}
+            # A new daemon (nothing in memory) reads what spotguard changed from the node itself.
+            detail = await _in_cluster(tmp_path, url, http).register(budget=5, dry_run=False)
+            again = await _in_cluster(tmp_path, url, http).register(budget=5, dry_run=False)
+    assert _without_version(fake.nodes["gpu-node-1"]) == _without_version(node("gpu-node-1"))
+    assert detail == ("node gpu-node-1: removed taint spotguard.io/draining; uncordoned; removed the exclude label")
+    assert again.endswith("left as is")
+    assert [s.method for s in fake.seen] == ["GET", "PATCH", "GET", "PATCH", "GET"]
+    assert fake.calls("PATCH")[1].body["metadata"]["resourceVersion"] == "101"
+
+
+@pytest.mark.anyio
+async def test_register_leaves_an_operators_cordon_and_label(tmp_path: Path) -> None:
+    fake = _fake()
+    mine = fake.nodes["gpu-node-1"]
+    mine["spec"]["unschedulable"] = True
+    mine["metadata"]["labels"][EXCLUDE_LABEL] = "true"
+    async with served(fake) as url, httpx.AsyncClient() as http:
+        with anyio.fail_after(20):
+            await _in_cluster(tmp_path, url, http).deregister(budget=5, dry_run=False)
+            await _in_cluster(tmp_path, url, http).deregister(budget=5, dry_run=False)  # a second drain
+            detail = await _in_cluster(tmp_path, url, http).register(budget=5, dry_run=False)
+    after = fake.nodes["gpu-node-1"]
+    assert after["spec"]["unschedulable"] is True
+    assert after["metadata"]["labels"][EXCLUDE_LABEL] == "true"
+    assert after["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    assert not after["metadata"].get("annotations")
+    assert "kept cordon (not spotguard's)" in detail
+
+
+@pytest.mark.anyio
+async def test_register_dry_run_and_refusal(tmp_path: Path) -> None:
+    fake = _fake()
+    async with served(fake) as url, httpx.AsyncClient() as http:
+        with anyio.fail_after(20):
+            detail = await _in_cluster(tmp_path, url, http).register(budget=5, dry_run=True)
+            assert "would PATCH" in detail and fake.seen == []
+            await _in_cluster(tmp_path, url, http).deregister(budget=5, dry_run=False)
+            fake.forbidden.add("gpu-node-1")
+            with pytest.raises(LoadBalancerError, match="get and patch on nodes"):
+                await _in_cluster(tmp_path, url, http).register(budget=5, dry_run=False)
 
 
 @pytest.mark.anyio

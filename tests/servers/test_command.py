@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from spotguard.errors import ConfigError, EngineError
+from spotguard.errors import ConfigError, EngineError, ManualActionRequired
 from spotguard.servers import build_engine
 from spotguard.servers.process import process_state
 from tests.servers.helpers import server_config
@@ -109,3 +109,13 @@ async def test_stop_command_required() -> None:
     async with httpx.AsyncClient() as http:
         with pytest.raises(ConfigError, match=r"\[server\] stop_command must be set"):
             build_engine(server_config(kind="command"), http)
+
+
+async def test_resume_needs_a_person() -> None:
+    async with httpx.AsyncClient() as http:
+        adapter = build_engine(server_config(kind="command", stop_command=["/usr/local/bin/engine-stop"]), http)
+        with anyio.fail_after(5):
+            detail = await adapter.resume_accepting(dry_run=True)
+            assert detail.startswith("would not restart: ") and "restart the engine by hand" in detail
+            with pytest.raises(ManualActionRequired, match="stop_command .*engine-stop.*restart the engine by hand"):
+                await adapter.resume_accepting(dry_run=False)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from spotguard.asgi import Receive, Scope, Send, read_body, respond, serve_tcp
-from spotguard.errors import ConfigError, EngineError
+from spotguard.errors import ConfigError, EngineError, ManualActionRequired
 from spotguard.servers import build_engine
 from tests.servers.helpers import server_config
 
@@ -123,3 +123,11 @@ async def test_config_errors(keys: dict[str, str], message: str) -> None:
         with pytest.raises(ConfigError, match=message):
             build_engine(server_config(kind="http", **keys), http)
 
+
+
+async def test_resume_needs_a_person_and_calls_nothing(hook: Hook) -> None:
+    async with httpx.AsyncClient() as http:
+        adapter = build_engine(server_config(kind="http", stop_url=f"{hook.url}/admin/drain"), http)
+        with anyio.fail_after(5), pytest.raises(ManualActionRequired, match="restart the engine .or re-enable it. by hand"):
+            await adapter.resume_accepting(dry_run=False)
+    assert hook.seen == []

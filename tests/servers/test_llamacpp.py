@@ -40,6 +40,9 @@ async def test_gate_draining_and_no_signal(start_engine: StartEngine) -> None:
             assert state["signals"] == [] and not state["draining"]
             assert engine.proc.poll() is None
             assert await adapter.inflight() == 3
+            # Nothing to restart on undrain: the server never stopped (the gate is reopened by undrain).
+            assert "nothing to restart" in await adapter.resume_accepting(dry_run=False)
+            assert (await engine.state())["signals"] == [] and engine.proc.poll() is None
 
 
 async def test_without_gate_says_so(start_engine: StartEngine) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from spotguard.errors import ConfigError, EngineError
+from spotguard.errors import ConfigError, EngineError, ManualActionRequired
 from spotguard.servers.process import ProcessTarget, Signaller, parse_signal, run_command
 
 pytestmark = pytest.mark.anyio
@@ -32,27 +32,6 @@ signal.signal(signal.SIGHUP, got)
 out.write("ready\\n")
 time.sleep(120)
 """
-
-# A stand-in for systemctl (no systemd runs here): logs its argv, answers `show -p MainPID --value U`
-# from $STUB_MAINPID, and for `kill --signal=S --kill-who=main U` signals that pid as systemd would.
-SYSTEMCTL = """
-import json, os, signal, sys
-args = sys.argv[1:]
-with open(os.environ["STUB_LOG"], "a") as log:
-    log.write(json.dumps(args) + "\\n")
-if os.environ.get("STUB_FAIL"):
-    sys.stderr.write("Failed to kill unit engine.service: Access denied\\n")
-    sys.exit(1)
-main_pid = int(open(os.environ["STUB_MAINPID"]).read())
-if args[:4] == ["show", "-p", "MainPID", "--value"] and len(args) == 5:
-    print(main_pid)
-elif args[0] == "kill" and args[2] == "--kill-who=main" and len(args) == 4:
-    os.kill(main_pid, signal.Signals[args[1].removeprefix("--signal=")])
-else:
-    sys.stderr.write("Unknown command verb\\n")
-    sys.exit(1)
-"""
-
 
 class Target:
     def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -168,19 +147,6 @@ def test_not_ours(target: Target) -> None:
                        "as the engine's user or root, or set [server] unit")
 
 
-@pytest.fixture
-def systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stub = bin_dir / "systemctl"
-    stub.write_text(f"#!{sys.executable}\n{SYSTEMCTL}")
-    stub.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("STUB_LOG", str(tmp_path / "systemctl.log"))
-    monkeypatch.setenv("STUB_MAINPID", str(tmp_path / "mainpid"))
-    return tmp_path
-
-
 async def test_systemd_unit(target: Target, systemctl: Path) -> None:
     (systemctl / "mainpid").write_text(str(target.proc.pid))
     unit = signaller(unit="vllm.service")
@@ -206,6 +172,33 @@ async def test_systemd_unit_not_running_or_refusing(systemctl: Path, monkeypatch
         with pytest.raises(EngineError, match="systemctl show vllm.service exited 1: Failed to kill unit"):
             await signaller(unit="vllm.service").send(dry_run=False)
         assert await signaller(unit="vllm.service").alive() is None
+
+
+async def test_start_the_unit_again(systemctl: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (systemctl / "mainpid").write_text("0")
+    unit = signaller(unit="vllm.service")
+    with anyio.fail_after(20):
+        assert await unit.start(dry_run=True) == "would run start --no-block vllm.service"
+        with pytest.raises(EngineError, match="systemctl start vllm.service exited 5: .*Unit vllm.service not found"):
+            await unit.start(dry_run=False)
+        monkeypatch.setenv("STUB_START", json.dumps([sys.executable, "-c", "import time; time.sleep(60)"]))
+        assert await unit.start(dry_run=False) == "queued systemctl start vllm.service"
+        assert await unit.alive() is True
+    calls = [json.loads(line) for line in (systemctl / "systemctl.log").read_text().splitlines()]
+    assert calls[:2] == [["start", "--no-block", "vllm.service"]] * 2
+
+
+async def test_no_unit_means_a_manual_restart(target: Target, tmp_path: Path) -> None:
+    pid_file = tmp_path / "engine.pid"
+    pid_file.write_text(str(target.proc.pid))
+    with anyio.fail_after(10):
+        for where in ({"pid": target.proc.pid}, {"pid_file": str(pid_file)}):
+            detail = await signaller(**where).start(dry_run=True)
+            assert detail.startswith("would not restart: the engine (")
+            with pytest.raises(ManualActionRequired, match=r"stopped with SIGTERM and spotguard cannot start it: "
+                                                           r"restart the engine by hand \(set \[server\] unit"):
+                await signaller(**where).start(dry_run=False)
+    assert target.log.read_text().split()[1:] == []  # nothing was signalled or started
 
 
 def test_configuration_errors() -> None:

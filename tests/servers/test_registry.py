@@ -68,3 +68,5 @@ async def test_none_does_nothing_and_says_so() -> None:
             assert await adapter.stop_accepting(dry_run=True) == \
                 "no engine configured ([server] kind = none): nothing stopped"
             assert await adapter.inflight() is None
+            assert await adapter.resume_accepting(dry_run=False) == \
+                "no engine configured ([server] kind = none): nothing to restart"

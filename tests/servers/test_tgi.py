@@ -8,7 +8,7 @@ import pytest
 
 from spotguard.errors import EngineError
 from spotguard.servers import build_engine
-from tests.servers.helpers import server_config
+from tests.servers.helpers import refused, server_config
 from tests.support.engines import StartEngine
 
 pytestmark = pytest.mark.anyio
@@ -24,12 +24,16 @@ async def test_sigterm_finishes_inflight_then_exits(start_engine: StartEngine) -
             assert await adapter.inflight() == 5
             assert "TGI stops accepting" in await adapter.stop_accepting(dry_run=False)
             assert await engine.wait_signals(5) == ["SIGTERM"]
-            assert (await http.post(f"{engine.url}/generate", json={"inputs": "x"})).status_code == 503
-            assert (await http.get(f"{engine.url}/health")).status_code == 200  # TGI's health does not change
+            # The router stops accepting connections, its metrics page with it, while in-flight work
+            # finishes: the count cannot be read (not "0") until the process has exited.
             await engine.set_inflight(2, 0)
-            assert await adapter.inflight() == 2
+            assert await refused(http, f"{engine.url}/generate")
+            with pytest.raises(EngineError, match="engine request failed.*ConnectError"):
+                await adapter.inflight()
+            assert engine.proc.poll() is None
             await engine.set_inflight(0, 0)
             assert await engine.wait_exit(10) == 0
+            assert await adapter.inflight() == 0
 
 
 async def test_fresh_server_without_gauges(start_engine: StartEngine) -> None:

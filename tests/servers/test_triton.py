@@ -36,6 +36,13 @@ async def test_explicit_model_control_unloads_without_signal(start_engine: Start
             assert state["signals"] == []
             assert engine.proc.poll() is None
             assert (await http.post(infer, json={"inputs": []})).status_code == 400
+            # Undrain loads them again and the same server takes work.
+            assert await adapter.resume_accepting(dry_run=True) == (
+                f"would load llm, embed (POST {engine.url}/v2/repository/models/<model>/load)")
+            assert (await engine.state())["models"] == {"llm": False, "embed": False}
+            assert await adapter.resume_accepting(dry_run=False) == "loaded llm, embed"
+            assert (await engine.state())["models"] == {"llm": True, "embed": True}
+            assert (await http.post(infer, json={"inputs": []})).status_code == 200
 
 
 async def test_unload_refused_without_explicit_mode(start_engine: StartEngine) -> None:

@@ -128,7 +128,8 @@ async def test_unreachable_store_ends_within_budget(tmp_path: Path) -> None:
     async with httpx.AsyncClient() as http:
         with anyio.fail_after(10), pytest.raises(StoreError, match="incomplete") as caught:
             await take_snapshot(make_ctx(config, http, fill_journal(5)))
-    assert time.monotonic() - started <= 3.5
+    # Ended by its 3 s budget, not by the test's 10 s guard (a generous bound: a busy machine is slow).
+    assert time.monotonic() - started < 6.0
     assert "manifest" in str(caught.value) and "0/5 records" in str(caught.value)
 
 
@@ -144,7 +145,7 @@ async def test_stalled_store_manifest_says_what_is_missing(moto_url: str, bucket
         with anyio.fail_after(10):
             raw = await open_store(f"s3://{bucket}/spotguard/i-test/evt-1",
                                    StoreOptions(endpoint_url=moto_url)).get("manifest.json")
-    assert elapsed <= 3.5
+    assert elapsed < 6.0  # the 3 s budget, generously: what matters is the manifest below
     manifest = Manifest.from_json(raw)
     assert not manifest.complete and manifest.objects == ()
     assert [m.reason for m in manifest.missing] == ["budget ran out"]

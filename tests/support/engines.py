@@ -1,7 +1,9 @@
 """Fake inference engines as real processes (tests/servers/fake_engine.py), one per test.
 
 ``start_engine`` starts one and waits until it listens; ``RunningEngine`` has its URLs, pid and pid
-file, the test hooks (in-flight count, metrics override, hang) and a bounded wait for its exit.
+file, the test hooks (in-flight count, metrics override, hang, health) and a bounded wait for its exit.
+The hooks go to the engine's control port, which stays up after SIGTERM even for kinds whose own HTTP
+server goes away then (vLLM, TGI).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class RunningEngine:
     metrics_url: str
     pid_file: Path
     log: Path
+    control_url: str = ""
 
     @property
     def pid(self) -> int:
@@ -40,7 +43,7 @@ class RunningEngine:
 
     async def _post(self, path: str, content: bytes) -> None:
         async with httpx.AsyncClient(timeout=5) as client:
-            (await client.post(f"{self.url}{path}", content=content)).raise_for_status()
+            (await client.post(f"{self.control_url}{path}", content=content)).raise_for_status()
 
     async def set_inflight(self, running: int, waiting: int = 0) -> None:
         await self._post("/_test/inflight", json.dumps({"running": running, "waiting": waiting}).encode())
@@ -53,9 +56,13 @@ class RunningEngine:
         """Make every metrics (or /slots) request hang from now on."""
         await self._post("/_test/hang", b"")
 
+    async def set_healthy(self, healthy: bool) -> None:
+        """Make the kind's health endpoint answer as a loading or crashed engine does (or healthy again)."""
+        await self._post("/_test/health", json.dumps({"healthy": healthy}).encode())
+
     async def state(self) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=5) as client:
-            response = await client.get(f"{self.url}/_test/state")
+            response = await client.get(f"{self.control_url}/_test/state")
             response.raise_for_status()
             return dict(response.json())
 
@@ -104,6 +111,7 @@ def start_engine(tmp_path: Path) -> Iterator[StartEngine]:
         info = json.loads(ready.read_text())
         engine.url = f"http://127.0.0.1:{info['port']}"
         engine.metrics_url = f"http://127.0.0.1:{info['metrics_port']}/metrics"
+        engine.control_url = f"http://127.0.0.1:{info['control_port']}"
         return engine
 
     yield start
