@@ -29,7 +29,8 @@ def events(path: Path) -> list[tuple[float, str]]:
     return rows
 
 
-def boot(installed: Installed, tmp_path: Path, dropins: list[Path], config: str | None = None) -> tuple[Path, str]:
+def boot(installed: Installed, tmp_path: Path, dropins: list[Path], config: str | None = None,
+         driver: Path = E2E / "e2e-driver.service") -> tuple[Path, str]:
     """Boots a container into e2e.target, lets it power itself off, and returns (events file, console)."""
     nspawn = need_tool("systemd-nspawn")
     if os.geteuid() != 0:
@@ -43,8 +44,9 @@ def boot(installed: Installed, tmp_path: Path, dropins: list[Path], config: str 
                  units / "spotguard.service.d/10-inference.conf")
     for extra in [E2E / "20-e2e.conf", *dropins]:
         shutil.copy2(extra, units / "spotguard.service.d" / extra.name)
-    for name in ("e2e.target", "vllm.service", "e2e-driver.service"):
+    for name in ("e2e.target", "vllm.service"):
         shutil.copy2(E2E / name, units / name)
+    shutil.copy2(driver, units / "e2e-driver.service")
     shared = tmp_path / "shared"
     shared.mkdir()
     for name in ("engine.py", "standin.py"):
@@ -115,3 +117,17 @@ def test_real_daemon_drains_on_shutdown_before_the_engine_stops(installed: Insta
     assert "daemon-stop-command" in names, console[-4000:]
     assert names.index("driver") < names.index("daemon-stop-command") < names.index("engine-sigterm"), console
     assert any(text == "daemon-stop-command engine-alive=True" for _, text in events(log))
+
+
+def test_a_restart_on_a_running_system_does_not_drain_but_the_shutdown_after_it_does(
+        installed: Installed, tmp_path: Path) -> None:
+    # `systemctl restart spotguard` (every upgrade) is not an eviction: the engine keeps its work. The
+    # machine's shutdown a moment later is one, and drains as before.
+    log, console = boot(installed, tmp_path, [], config=REAL_CONFIG, driver=E2E / "e2e-driver-restart.service")
+    rows = events(log)
+    names = [text.split()[0] for _, text in rows]
+    assert "driver-restarted" in names, console[-4000:]
+    restarted = next(text for _, text in rows if text.startswith("driver-restarted"))
+    assert restarted.split()[1] == "active", restarted  # the new daemon came back (Type=notify: READY=1)
+    assert names.count("daemon-stop-command") == 1, (rows, console[-4000:])
+    assert names.index("driver-restarted") < names.index("daemon-stop-command") < names.index("engine-sigterm")
