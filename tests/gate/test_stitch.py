@@ -1,0 +1,96 @@
+"""Continuation bodies and the stitching of a peer's answer onto the client's: pure functions, and the
+peer's stream cut at every possible place gives the same bytes to the client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spotguard.gate.continuation import NotContinuable, continuation_body
+from spotguard.gate.stitch import AnswerIdentity, StreamStitch, merge_answer
+
+LOCAL = AnswerIdentity(id="chatcmpl-local", model="tiny", created=111, object="chat.completion.chunk")
+
+
+def chunk(text: str | None, *, role: bool = False, finish: str | None = None, ident: str = "chatcmpl-peer",
+          usage: dict[str, int] | None = None) -> bytes:
+    delta: dict[str, str] = {}
+    if role:
+        delta["role"] = "assistant"
+    if text is not None:
+        delta["content"] = text
+    event: dict[str, object] = {"id": ident, "object": "chat.completion.chunk", "created": 999, "model": "peer-model",
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage is not None:
+        event["usage"] = usage
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+PEER_STREAM = (chunk(None, role=True) + chunk(" world") + b": ping\n\n" + chunk("!", finish="length")
+               + chunk(None, usage={"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14})
+               + b"data: [DONE]\n\n")
+
+
+def events(raw: bytes) -> list[object]:
+    return [json.loads(block[6:]) if block != b"data: [DONE]" else "[DONE]"
+            for block in raw.split(b"\n\n") if block]
+
+
+def test_a_peer_stream_becomes_the_rest_of_the_clients() -> None:
+    stitch = StreamStitch(LOCAL, chat=True, role_sent=True, delivered=3)
+    out = events(stitch.feed(PEER_STREAM) + stitch.finish())
+    assert out[-1] == "[DONE]" and out.count("[DONE]") == 1
+    chunks = [e for e in out if isinstance(e, dict)]
+    assert all(c["id"] == "chatcmpl-local" and c["model"] == "tiny" and c["created"] == 111 for c in chunks)
+    assert not any("role" in c["choices"][0]["delta"] for c in chunks if c["choices"])  # role not sent twice
+    assert "".join(stitch.text) == " world!" and stitch.finish_reason == "length"
+    usage = chunks[-1]["usage"]
+    assert usage == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}  # the 3 before the seam
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(PEER_STREAM)), max_size=8))
+def test_where_the_peer_stream_is_cut_changes_nothing(cuts: list[int]) -> None:
+    whole = StreamStitch(LOCAL, chat=True, role_sent=True, delivered=3)
+    expected = whole.feed(PEER_STREAM) + whole.finish()
+    stitch = StreamStitch(LOCAL, chat=True, role_sent=True, delivered=3)
+    bounds = [0, *sorted(cuts), len(PEER_STREAM)]
+    got = b"".join(stitch.feed(PEER_STREAM[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)) + stitch.finish()
+    assert got == expected
+
+
+def test_a_peer_that_ends_without_done_still_gives_one() -> None:
+    stitch = StreamStitch(LOCAL, chat=True, role_sent=False, delivered=0)
+    out = events(stitch.feed(chunk(None, role=True) + chunk("hi")) + stitch.finish())
+    assert out[-1] == "[DONE]" and out[0]["choices"][0]["delta"]["role"] == "assistant"  # type: ignore[index]
+
+
+def test_a_non_streaming_answer_is_the_output_so_far_plus_the_peers() -> None:
+    peer = {"id": "x", "object": "chat.completion", "created": 5, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": " there"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}}
+    merged = json.loads(merge_answer(json.dumps(peer).encode(), identity=AnswerIdentity(id="mine", model="tiny"),
+                                     chat=True, output="Hello", delivered=1))
+    assert merged["id"] == "mine" and merged["model"] == "tiny"
+    assert merged["choices"][0]["message"]["content"] == "Hello there"
+    assert merged["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+
+
+def test_continuation_bodies() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": True}
+    body = continuation_body(chat, chat=True, output="Hel", delivered=2, engine="vllm")
+    assert body["messages"][-1] == {"role": "assistant", "content": "Hel"} and body["max_tokens"] == 8
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert chat["max_tokens"] == 10 and len(chat["messages"]) == 1  # the original is not touched
+    plain = continuation_body({"prompt": ["Once"], "max_completion_tokens": 5}, chat=False, output=" upon",
+                              delivered=1)
+    assert plain["prompt"] == "Once upon" and plain["max_completion_tokens"] == 4
+    assert "continue_final_message" not in continuation_body(chat, chat=True, output="x", delivered=0)
+    for bad, why in [({**chat, "n": 2}, "n > 1"), ({**chat, "max_tokens": 2}, "budget"),
+                     ({"prompt": [1, 2, 3]}, "token-id"), ({"prompt": "a", "echo": True}, "echo")]:
+        with pytest.raises(NotContinuable, match=why):
+            continuation_body(bad, chat="messages" in bad, output="x", delivered=2)
+    with pytest.raises(NotContinuable, match="tool call"):
+        continuation_body(chat, chat=True, output="", delivered=0, tool_call_started=True)
