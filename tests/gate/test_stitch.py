@@ -94,3 +94,19 @@ def test_continuation_bodies() -> None:
             continuation_body(bad, chat="messages" in bad, output="x", delivered=2)
     with pytest.raises(NotContinuable, match="tool call"):
         continuation_body(chat, chat=True, output="", delivered=0, tool_call_started=True)
+
+
+def test_peers_rotate_and_a_failed_one_goes_last() -> None:
+    from spotguard.errors import ConfigError
+    from spotguard.gate.peers import Peer, Peers
+
+    peers = Peers(["http://a:1", "http://b:2/v", "https://c"])
+    assert [p.host for p in peers.order()] == ["a", "b", "c"]
+    assert [p.host for p in peers.order()] == ["b", "c", "a"]
+    peers.failed(Peer.parse("http://c:443"))  # not the same URL: no effect
+    peers.failed(next(p for p in peers.peers if p.host == "c"))
+    assert [p.host for p in peers.order()] == ["a", "b", "c"]
+    assert Peer.parse("https://c").port == 443 and Peer.parse("http://b:2/v/").prefix == b"/v"
+    with pytest.raises(ConfigError, match="peers"):
+        Peer.parse("ftp://x")
+    assert not Peers([])
