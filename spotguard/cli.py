@@ -9,18 +9,41 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from spotguard import __version__
 from spotguard.errors import SpotguardError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class _PlainHelp(TyperGroup):
+    """Help that reads like a command line: a flag takes no value, a value option names its value.
+
+    Typer's rich help prints a type after every option (``--dry-run <bool>``, ``--to <str>``), which
+    reads as if a flag took a value; so help is plain (``rich_markup_mode=None``, inherited by every
+    subcommand) and an option without an explicit ``metavar=`` shows its own name (``--to TO``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _name_values(self)
+
+
+def _name_values(command: Any) -> None:
+    for param in command.params:
+        if param.param_type_name == "option" and param.metavar is None and not param.is_flag and not param.count:
+            param.metavar = (param.name or "value").upper()
+    for sub in getattr(command, "commands", {}).values():
+        _name_values(sub)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, cls=_PlainHelp,
                   help="Notices spot/preemptible evictions and drains the local inference server in time.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 snapshots_app = typer.Typer(no_args_is_help=True, help="List, inspect and download snapshots of in-flight work.")
 app.add_typer(config_app, name="config")
 app.add_typer(snapshots_app, name="snapshots")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file "  # noqa: UP007
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE", help="TOML config file "  # noqa: UP007
                                                     "(default $SPOTGUARD_CONFIG or /etc/spotguard/spotguard.toml).")]
 
 
@@ -94,8 +117,9 @@ def version(config: ConfigOpt = None) -> None:
 @app.command()
 def run(config: ConfigOpt = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Every drain step logs what it would do and does nothing.")] = False,
-        listen: Annotated[str | None, typer.Option(help="Override [http] listen (host:port).")] = None,  # noqa: UP007
-        cloud: Annotated[str | None, typer.Option(help="Override [agent] cloud.")] = None) -> None:  # noqa: UP007
+        listen: Annotated[str | None, typer.Option(metavar="HOST:PORT", help="Override [http] listen.")] = None,  # noqa: UP007
+        cloud: Annotated[str | None, typer.Option(metavar="CLOUD", help="Override [agent] cloud "  # noqa: UP007
+                                                  "(auto, aws, gcp, azure or none).")] = None) -> None:
     """Run the daemon."""
     from spotguard import logs
     from spotguard.agent.daemon import run_daemon
@@ -118,26 +142,46 @@ def run(config: ConfigOpt = None,
 
 @app.command()
 def status(config: ConfigOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Print the /status document.")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Print the /status document.")] = False,
+           svg: Annotated[Path | None, typer.Option(  # noqa: UP007
+               "--svg", metavar="FILE", help="Also draw the drain timeline as an SVG picture into FILE.")] = None) -> None:
     """Show the node's state, the notice, and the drain timeline."""
     from spotguard.control import client, render
 
     cfg = _load(config)
     doc = _run(lambda: client.status(cfg.control.socket, group=cfg.control.group))
     typer.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render.format_status(doc))
+    if svg is not None:
+        from spotguard.control.svg import render_svg
+
+        try:
+            svg.write_text(render_svg(doc, safety_margin=cfg.drain.safety_margin))
+        except OSError as exc:
+            _fail(f"--svg {svg}: {exc.strerror or exc}", 1)
+        typer.echo(f"timeline picture: {svg}", err=as_json)
 
 
 @app.command()
 def drain(config: ConfigOpt = None,
-          reason: Annotated[str, typer.Option(help="Why (shown in status, logs and webhooks).")] = "manual drain",
-          deadline: Annotated[float | None, typer.Option(help="Seconds from now the drain must end by.")] = None,  # noqa: UP007
+          reason: Annotated[str, typer.Option(metavar="TEXT", help="Why (shown in status, logs and webhooks).")] = "manual drain",
+          deadline: Annotated[float | None, typer.Option(metavar="SECONDS", help="Seconds from now the drain must "  # noqa: UP007
+                                                         "end by (default [drain] manual_deadline).")] = None,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each step would do.")] = False) -> None:
     """Drain this node now (through the local control socket)."""
     from spotguard.control import client
 
     cfg = _load(config)
-    _report(_run(lambda: client.drain(cfg.control.socket, reason=reason, deadline_seconds=deadline,
-                                      dry_run=dry_run)))
+
+    async def start() -> dict[str, Any]:
+        doc = await client.drain(cfg.control.socket, reason=reason, deadline_seconds=deadline, dry_run=dry_run,
+                                 group=cfg.control.group)
+        if not doc.get("accepted") or dry_run:
+            return doc
+        # The answer only says the drain began; the status shows the steps it has started since.
+        now = await client.status(cfg.control.socket, group=cfg.control.group)
+        return {**now, "accepted": True, "message": "drain started; `spotguard status` follows it to the end"}
+
+    _report(_run(start))
 
 
 @app.command()
@@ -152,7 +196,7 @@ def undrain(config: ConfigOpt = None,
 
 @app.command()
 def emulate(config: ConfigOpt = None,
-            listen: Annotated[str, typer.Option(help="host:port to serve AWS, GCP and Azure metadata on.")] = "127.0.0.1:8169") -> None:
+            listen: Annotated[str, typer.Option(metavar="HOST:PORT", help="Where to serve AWS, GCP and Azure metadata.")] = "127.0.0.1:8169") -> None:
     """Serve emulated AWS/GCP/Azure metadata with a control API, to rehearse evictions."""
     import anyio
 
@@ -177,7 +221,7 @@ def emulate(config: ConfigOpt = None,
 
 @app.command()
 def demo(config: ConfigOpt = None,
-         cloud: Annotated[str, typer.Option(help="Which cloud's notice to simulate: aws, gcp or azure.")] = "aws") -> None:
+         cloud: Annotated[str, typer.Option(metavar="CLOUD", help="Which cloud's notice to simulate: aws, gcp or azure.")] = "aws") -> None:
     """Run a full simulated eviction on this machine and show what spotguard saw and did."""
     import anyio
 
@@ -190,7 +234,7 @@ def demo(config: ConfigOpt = None,
 
 @app.command()
 def doctor(config: ConfigOpt = None,
-           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False) -> None:
     """Check the detected cloud, metadata reachability, configuration, NVML and the install."""
     import anyio
 

@@ -8,6 +8,8 @@ from typing import Any
 from spotguard.notice import parse_rfc3339, utcnow
 
 DETAIL_WIDTH = 60
+NO_STEPS = {"draining": "running; no step has reported yet", "drained": "finished; no step was recorded"}
+"""What the timeline says before a drain's first step is recorded (or of a drain that recorded none)."""
 
 
 def _when(text: object) -> datetime | None:
@@ -68,7 +70,7 @@ def format_status(doc: dict[str, Any], *, now: datetime | None = None) -> str:
     lines += _notice_lines(doc.get("notice"), now)
     steps = [s for s in doc.get("steps") or [] if isinstance(s, dict)]
     if not steps:
-        lines.append("drain:    no drain has run")
+        lines.append("drain:    " + NO_STEPS.get(str(state), "no drain has run"))
         return "\n".join(lines) + "\n"
     notice = doc.get("notice")
     deadline = _when(doc.get("drain_deadline")) or _when(notice.get("deadline") if isinstance(notice, dict) else None)

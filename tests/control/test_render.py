@@ -72,3 +72,9 @@ def test_a_malformed_document_still_renders() -> None:
     text = format_status({"state": "drained", "notice": {"deadline": "garbage"}, "steps": [{"name": "x"}, 5]},
                          now=NOW)
     assert "notice:   ? ? (event ?)" in text and "x     pending" in text
+
+
+def test_a_drain_that_has_not_recorded_a_step_is_not_reported_as_none() -> None:
+    started = {"state": "draining", "cloud": "none", "notice": doc()["notice"], "steps": []}
+    assert "drain:    running; no step has reported yet" in format_status(started, now=NOW)
+    assert "no drain has run" not in format_status(started, now=NOW)
