@@ -7,7 +7,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -109,7 +109,8 @@ async def _timed(name: str, probe: Callable[[], Awaitable[str]], timeout: float)
 
 
 async def run_checks(config: Config) -> list[Check]:
-    from spotguard import gpu
+    from spotguard import gpu, preflight
+    from spotguard.agent.wiring import cloud_identity
     from spotguard.clouds.detect import detect_cloud
 
     checks: list[Check] = [Check("configuration", "ok", "loaded and valid")]
@@ -122,15 +123,28 @@ async def run_checks(config: Config) -> list[Check]:
                                        config.agent.request_timeout * 3))
         if config.server.kind != "none":
             checks.append(await _timed("engine", lambda: _probe_engine(config, http), 5.0))
+        if config.aws.target_group_arns or config.aws.lifecycle_hook or config.gcp.instance_groups \
+                or config.gcp.network_endpoint_groups or config.azure.backend_pools:
+            identity = await cloud_identity(cloud, config, http, _Quiet())
+            checks += await preflight.balancer_checks(config, http, identity)
     report = await anyio.to_thread.run_sync(gpu.read_gpus)
     checks.append(Check("nvml", "ok" if report.ok else "warning",
                         f"{report.count} GPU(s), driver {report.driver}" if report.ok else report.error))
     checks.append(budget_check(config, cloud))
     checks.append(unit_order_check(config))
+    checks.append(preflight.stop_timeout_check(config))
+    checks += [c for c in (preflight.gate_port_check(config), preflight.peers_check(config)) if c is not None]
     checks.append(path_check("state dir", Path(config.agent.state_dir), want_dir=True, max_mode=0o755))
     checks.append(path_check("control socket", Path(config.control.socket), want_dir=False,
                              max_mode=int(config.control.mode, 8)))
     return checks
+
+
+class _Quiet:
+    """A logger for the daemon's helpers that doctor calls: their fallbacks show up in the checks instead."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 async def _probe_sources(config: Config, http: httpx.AsyncClient, cloud: str) -> str:
