@@ -62,6 +62,12 @@ variable "aws_instance_type" {
   description = "Build instance; a GPU type so the NVIDIA driver in the source AMI can be checked."
 }
 
+# The three default source images run Ubuntu 22.04, whose python3 is 3.10 (the AWS Deep Learning AMI
+# release notes give python_location /usr/bin/python3.10 for the Ubuntu 22.04 Base OSS AMIs; the GCP
+# family name ends in py310; the Azure ubuntu-hpc 2204 image is Ubuntu 22.04). spotguard needs 3.11+, so
+# install-spotguard.sh installs python3.11 and python3.11-venv from Ubuntu's archive (universe) there.
+# An image with Python 3.11+ skips that step, e.g. "Deep Learning Base OSS Nvidia Driver GPU AMI
+# (Ubuntu 24.04) *" (python3.12 per its release notes).
 variable "aws_source_ami_name" {
   type        = string
   default     = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"

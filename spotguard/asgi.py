@@ -89,9 +89,6 @@ class _Server(uvicorn.Server):
         self.should_exit = True
         self._exit.set()
 
-    def install_signal_handlers(self) -> None:
-        return None
-
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield

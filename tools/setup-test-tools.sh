@@ -4,6 +4,8 @@
 #   ShellCheck (package shellcheck)          - tests/ship/test_shellcheck.py lints our shell scripts
 #   systemd-nspawn (package systemd-container) - tests/ship/test_systemd_e2e.py boots systemd as PID 1
 #   gcc                                      - tests/gpu builds a fake libnvidia-ml.so.1
+#   debootstrap                              - tools/build-rootfs.sh: a Debian 11 root file system for
+#                                              tests/ship/test_install_old_python.py
 # Without apt (or without root) it says so and exits 0: the tests that need a missing tool skip
 # with a reason instead of failing.
 set -eu
@@ -13,9 +15,10 @@ command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
 command -v systemd-nspawn >/dev/null 2>&1 || missing="$missing systemd-container"
 command -v gcc >/dev/null 2>&1 || command -v cc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"
 
 if [ -z "$missing" ]; then
-    echo "setup-test-tools: systemd-analyze, shellcheck, systemd-nspawn and gcc are present"
+    echo "setup-test-tools: systemd-analyze, shellcheck, systemd-nspawn, gcc and debootstrap are present"
     exit 0
 fi
 

@@ -6,6 +6,12 @@
 #   ROOT/etc/systemd/system/spotguard.service.d/10-inference.conf   ordering after the engine's unit
 # and, only when ROOT is / and systemd is running, `systemctl daemon-reload` and `enable`.
 #
+# Python: spotguard needs 3.11 or newer with venv. Without --python it uses the first of python3,
+# python3.13, python3.12, python3.11 that qualifies; when none does and it installs into / on a system with
+# apt (the GPU images of the Packer template run Ubuntu 22.04, whose python3 is 3.10), it installs the
+# newest python3.X and python3.X-venv (X >= 11) the distribution has, e.g. python3.11 on Ubuntu 22.04;
+# otherwise, or with --no-install-python, it stops and says what to install.
+#
 # pip resolves dependencies from the configured index (PyPI by default; pass --pip-arg to point it
 # at a mirror or a local wheelhouse, e.g. --pip-arg --no-index --pip-arg --find-links=/srv/wheels).
 #
@@ -26,7 +32,9 @@ usage: install-spotguard.sh (--wheel PATH | --version X) [options]
                           existing one, else write a commented default)
   --root DIR, --destdir DIR, --prefix DIR
                           install under DIR instead of / (no systemctl calls then)
-  --python PATH           Python 3.11+ used to create the virtualenv (default: python3)
+  --python PATH           Python 3.11+ (with venv) used to create the virtualenv (default: the first
+                          of python3, python3.13, python3.12, python3.11 that is one)
+  --no-install-python     never install a Python from the distribution; fail instead
   --pip-arg ARG           extra argument for pip install (repeatable)
   --systemd-dir DIR       where spotguard.service and spotguard.service.d/ are (default: next to
                           this script, or ../../systemd in a source checkout)
@@ -56,7 +64,8 @@ extras=""
 inference_unit=""
 config=""
 root="/"
-python="python3"
+python=""
+install_python=1
 systemd_dir=""
 enable=1
 pip_args=""
@@ -74,6 +83,7 @@ while [ "$#" -gt 0 ]; do
 $2"; shift 2 ;;
         --systemd-dir) need_arg "$@"; systemd_dir=$2; shift 2 ;;
         --no-enable) enable=0; shift ;;
+        --no-install-python) install_python=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -102,8 +112,6 @@ if [ -n "$inference_unit" ]; then
         *) inference_unit="$inference_unit.service" ;;
     esac
 fi
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
-    die "--python $python: Python 3.11 or newer is needed"
 
 script_dir=$(cd "$(dirname "$0")" && pwd)
 if [ -z "$systemd_dir" ]; then
@@ -117,6 +125,63 @@ fi
 if [ -z "$systemd_dir" ] || [ ! -f "$systemd_dir/spotguard.service" ]; then
     die "spotguard.service not found; pass --systemd-dir"
 fi
+
+# --- a Python 3.11+ with venv --------------------------------------------------------------------
+# Debian and Ubuntu ship venv (ensurepip) in a separate pythonX.Y-venv package, so check for it too.
+python_ok() {
+    "$1" -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1
+}
+
+find_python() {
+    for candidate in python3 python3.13 python3.12 python3.11; do
+        if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Installs the newest python3.X (X >= 11) with its venv package that apt can find; prints its name.
+apt_python() {
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 || return 1
+    for minor in 13 12 11; do
+        if apt-cache show "python3.$minor-venv" >/dev/null 2>&1; then
+            echo "install-spotguard: installing python3.$minor and python3.$minor-venv from the distribution" >&2
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                "python3.$minor" "python3.$minor-venv" >&2 || return 1
+            echo "python3.$minor"
+            return 0
+        fi
+    done
+    return 1
+}
+
+describe_python() {
+    "$1" -c 'import sys; print("Python %d.%d.%d" % sys.version_info[:3])' 2>/dev/null || echo "not runnable"
+}
+
+if [ -n "$python" ]; then
+    python_ok "$python" || die "--python $python ($(describe_python "$python")): Python 3.11 or newer with venv is needed"
+elif found=$(find_python); then
+    python=$found
+else
+    seen="python3: $(command -v python3 >/dev/null 2>&1 && describe_python python3 || echo "not installed")"
+    if [ "$install_python" -eq 0 ]; then
+        die "no Python 3.11+ with venv ($seen) and --no-install-python; install one and pass --python"
+    fi
+    case "${root:-/}" in
+        /) ;;
+        *) die "no Python 3.11+ with venv ($seen); installing into $root, so not installing one here: pass --python" ;;
+    esac
+    if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
+        die "no Python 3.11+ with venv ($seen) and no apt-get as root to install one; install Python 3.11+ and venv, then pass --python"
+    fi
+    if ! python=$(apt_python) || ! python_ok "$python"; then
+        die "no Python 3.11+ with venv ($seen), and the distribution's package lists have no python3.11, 3.12 or 3.13 with venv: use an image with Python 3.11+ (e.g. Ubuntu 24.04) or install one and pass --python"
+    fi
+fi
+echo "install-spotguard: using $(describe_python "$python") at $(command -v "$python" || echo "$python")"
 
 # Python puts the working directory on sys.path, so run pip and the checks from / : in a source
 # checkout pip would otherwise see ./spotguard.egg-info and consider spotguard already installed.

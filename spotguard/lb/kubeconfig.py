@@ -1,23 +1,22 @@
 """How spotguard reaches the Kubernetes API server: in-cluster service account or a kubeconfig.
 
-A kubeconfig is YAML; rather than depend on a YAML library for one file, this reads the block-style
-subset ``kubectl config view --raw`` writes (mappings, ``- `` lists, plain or quoted scalars, ``{}``/``[]``)
-and JSON. Supported auth: bearer ``token`` / ``tokenFile``, or none (``kubectl proxy``). Not supported:
-client certificates, ``exec`` plugins, ``auth-provider``, basic auth, ``proxy-url``: they raise
-``ConfigError`` naming the key.
+A kubeconfig is YAML (or JSON), read with PyYAML's safe loader. Supported auth: bearer ``token`` /
+``tokenFile``, or none (``kubectl proxy``). Not supported: client certificates, ``exec`` plugins,
+``auth-provider``, basic auth, ``proxy-url``: they raise ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from spotguard.errors import ConfigError
 
@@ -126,97 +125,13 @@ def from_kubeconfig(path: Path) -> ApiAccess:
 
 
 def parse(text: str, path: Path) -> dict[str, Any]:
-    """A kubeconfig as a dict: JSON, or the block-YAML subset kubectl writes."""
-    if text.lstrip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"kubeconfig {path}: not valid JSON: {exc}") from None
-    else:
-        lines = [(len(raw) - len(raw.lstrip(" ")), raw.strip()) for raw in text.splitlines()
-                 if raw.strip() and not raw.strip().startswith("#") and raw.strip() != "---"]
-        try:
-            data, end = _block(lines, 0, lines[0][0]) if lines else ({}, 0)
-        except (IndexError, ValueError) as exc:
-            raise ConfigError(f"kubeconfig {path}: unsupported YAML ({exc}); write it with "
-                              f"'kubectl config view --raw --flatten'") from None
-        if end != len(lines):
-            raise ConfigError(f"kubeconfig {path}: unsupported YAML near {lines[end][1]!r}")
+    """A kubeconfig as a dict (YAML, or JSON, which YAML reads too)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"kubeconfig {path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"kubeconfig {path}: not a mapping")
     return data
-
-
-Line = tuple[int, str]
-
-
-def _block(lines: list[Line], i: int, indent: int) -> tuple[Any, int]:
-    if lines[i][1].startswith("- ") or lines[i][1] == "-":
-        return _sequence(lines, i, indent)
-    return _mapping(lines, i, indent)
-
-
-def _sequence(lines: list[Line], i: int, indent: int) -> tuple[list[Any], int]:
-    items: list[Any] = []
-    while i < len(lines) and lines[i][0] == indent and (lines[i][1].startswith("- ") or lines[i][1] == "-"):
-        rest = lines[i][1][1:].lstrip()
-        if not rest:
-            value, i = _block(lines, i + 1, lines[i + 1][0])
-        elif _key(rest) is not None:
-            # "- key: value" opens a mapping whose keys sit where "key" starts.
-            inner = indent + len(lines[i][1]) - len(rest)
-            lines[i] = (inner, rest)
-            value, i = _mapping(lines, i, inner)
-        else:
-            value, i = _scalar(rest), i + 1
-        items.append(value)
-    return items, i
-
-
-def _key(text: str) -> tuple[str, str] | None:
-    for sep in (": ", ":\t"):
-        if sep in text:
-            key, _, rest = text.partition(sep)
-            return _unquote(key.strip()), rest.strip()
-    if text.endswith(":"):
-        return _unquote(text[:-1].strip()), ""
-    return None
-
-
-def _mapping(lines: list[Line], i: int, indent: int) -> tuple[dict[str, Any], int]:
-    result: dict[str, Any] = {}
-    while i < len(lines) and lines[i][0] == indent and not lines[i][1].startswith("- "):
-        pair = _key(lines[i][1])
-        if pair is None:
-            raise ValueError(f"expected 'key: value', got {lines[i][1]!r}")
-        key, rest = pair
-        i += 1
-        if rest:
-            result[key] = _scalar(rest)
-        elif i < len(lines) and (lines[i][0] > indent or (lines[i][0] == indent and lines[i][1].startswith("- "))):
-            result[key], i = _block(lines, i, lines[i][0])
-        else:
-            result[key] = None
-    return result, i
-
-
-def _unquote(text: str) -> str:
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return str(json.loads(text)) if text[0] == '"' else text[1:-1].replace("''", "'")
-    return text
-
-
-def _scalar(text: str) -> Any:
-    if text[:1] in "'\"":
-        return _unquote(text)
-    text = text.split(" #", 1)[0].strip()
-    if text in ("{}", "[]"):
-        return {} if text == "{}" else []
-    if text[:1] in "[{":
-        return json.loads(text)
-    lowered = text.lower()
-    if lowered in ("null", "~"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    return text

@@ -80,8 +80,8 @@ socket = "{tmp_path}/control.sock"
 safety_margin = 2.0
 [server]
 kind = "command"
-stop_command = ["sh", "-c", "date +%s.%N > {stopped}; sleep 0.5"]
-inflight_command = ["{sys.executable}", "-c", "import time; t = float(open('{stopped}').read()); print(max(0, round(1.5 - (time.time() - t))))"]
+stop_command = ["sh", "-c", "date +%s.%N > {stopped}; sleep 0.2"]
+inflight_command = ["{sys.executable}", "-c", "import time; t = float(open('{stopped}').read()); print(max(0, round(2.5 - (time.time() - t))))"]
 [snapshot]
 url = "file://{tmp_path}/snapshots"
 """)
@@ -114,7 +114,7 @@ url = "file://{tmp_path}/snapshots"
     root = ET.fromstring(picture.read_text())
     found = bars(root)
     assert {"readiness", "stop_accepting", "wait_inflight", "snapshot", "deregister"} <= set(found)
-    # wait_inflight starts once stop_accepting has ended, and took the ~1 s the engine reported work for.
+    # wait_inflight starts once stop_accepting has ended, and took the ~2 s the engine reported work for.
     stop, wait = found["stop_accepting"], found["wait_inflight"]
     assert float(wait.get("x", "0")) >= float(stop.get("x", "0")) + float(stop.get("width", "0")) - 1
     assert float(wait.get("width", "0")) > float(stop.get("width", "0"))

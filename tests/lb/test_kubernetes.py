@@ -236,3 +236,26 @@ def test_no_way_to_reach_the_api_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[kubernetes\] kubeconfig or api_url"):
         KubernetesNode(KubernetesConfig(enabled=True), httpx.AsyncClient(), environ={},
                        service_account_dir=tmp_path)
+
+
+def test_kubeconfig_yaml_beyond_what_kubectl_writes(tmp_path: Path) -> None:
+    """Hand-edited kubeconfigs use flow mappings, anchors and comments: a real YAML parser reads them all."""
+    path = tmp_path / "config"
+    path.write_text("""\
+# edited by hand
+clusters: [{name: gpu, cluster: {server: "https://10.0.0.1:6443", insecure-skip-tls-verify: true}}]
+users:
+- name: spotguard
+  user: &sa {token: abc123}   # the service account's token
+contexts:
+- {name: gpu, context: {cluster: gpu, user: spotguard}}
+current-context: gpu
+""")
+    access = from_kubeconfig(path)
+    assert access.server == "https://10.0.0.1:6443" and access.insecure and access.bearer() == "abc123"
+    path.write_text("clusters: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        from_kubeconfig(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="not a mapping"):
+        from_kubeconfig(path)
