@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -123,3 +127,16 @@ async def test_target_group_deregistration_delay_longer_than_the_notice(moto_res
         (broken,) = await balancer_checks(config(aws={"target_group_arns": [arn]}), http,
                                           Identity(cloud="aws", instance_id="i-1"))
         assert broken.level == "error" and "[aws] region" in broken.detail
+
+
+def test_doctor_reports_the_new_checks(tmp_path: Path) -> None:
+    """`spotguard doctor --json` on the bare-VM example: the checks above appear among the others."""
+    env = {**os.environ, "SPOTGUARD_AGENT_STATE_DIR": str(tmp_path / "state"),
+           "SPOTGUARD_CONTROL_SOCKET": str(tmp_path / "control.sock")}
+    done = subprocess.run([str(Path(sys.executable).with_name("spotguard")), "doctor", "--json", "--config",
+                           str(REPO / "examples" / "bare-vm.toml")], capture_output=True, text=True, timeout=60,
+                          env=env, check=False)
+    checks = {c["name"]: c for c in json.loads(done.stdout)}
+    assert {"drain budget", "unit ordering", "stop timeout", "gate in front"} <= set(checks), done.stdout
+    assert checks["drain budget"]["level"] == "ok" and checks["gate in front"]["level"] == "ok"
+    assert "gate peers" not in checks  # no [gate] peers key in this build
