@@ -31,7 +31,7 @@ def bars(root: ET.Element) -> dict[str, ET.Element]:
 
 
 def test_each_started_step_is_a_bar_against_the_window_and_its_deadlines() -> None:
-    root = ET.fromstring(render_svg(doc(), now=NOW))
+    root = ET.fromstring(render_svg(doc(), safety_margin=5.0, now=NOW))
     found = bars(root)
     assert sorted(found) == ["deregister", "readiness", "wait_inflight"]  # snapshot is pending: no bar
     assert found["deregister"].get("fill") == COLOURS["timed_out"]
@@ -46,12 +46,13 @@ def test_each_started_step_is_a_bar_against_the_window_and_its_deadlines() -> No
     assert "aws spot-interruption (event i-0abc)" in text and "pending" in text and "timed_out" in text
 
 
-def test_the_margin_comes_from_the_config_when_the_document_has_no_drain_deadline() -> None:
-    plain = doc()
-    del plain["drain_deadline"]
+def test_the_drain_deadline_comes_from_the_document_else_from_the_configured_margin() -> None:
+    plain = doc()  # the daemon's /status has the notice's deadline, not the drain's
     assert "drain deadline" not in titles(ET.fromstring(render_svg(plain, now=NOW)), "line")
     root = ET.fromstring(render_svg(plain, safety_margin=5.0, now=NOW))
     assert "drain deadline" in titles(root, "line") and "safety margin 5.0s" in titles(root, "rect")
+    explicit = {**plain, "drain_deadline": "2026-11-23T06:01:50.000Z"}
+    assert "safety margin 10.0s" in titles(ET.fromstring(render_svg(explicit, safety_margin=5.0, now=NOW)), "rect")
 
 
 def test_no_drain_and_hostile_text_still_make_valid_svg() -> None:
