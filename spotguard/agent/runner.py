@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import anyio
@@ -146,6 +146,9 @@ class Agent:
             "cloud": self.cloud,
             "notice": _public_notice(notice),
             "seconds_left": round(notice.seconds_left(), 3) if notice else None,
+            # What the drain works to: the notice's deadline less [drain] safety_margin (status, --svg).
+            "drain_deadline": rfc3339(notice.deadline - timedelta(seconds=self.config.drain.safety_margin))
+            if notice else None,
             "steps": _steps(self._persisted.timeline),
             "restore_steps": _steps(self._persisted.restore),
             "live_notices": [_public_notice(n) for n in self.live_notices()],
