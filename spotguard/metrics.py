@@ -48,6 +48,12 @@ class Metrics:
                                      ["endpoint", "result"], registry=r)
         self.gate_inflight = Gauge("spotguard_gate_inflight_requests", "Requests in flight through the gate",
                                    registry=r)
+        self.gate_up = Gauge("spotguard_gate_up", "1 while the gate process answers on its control socket",
+                             registry=r)
+        self.gate_failures = Counter("spotguard_gate_failures_total",
+                                     "Times the daemon lost its gate process (died or stopped answering)", registry=r)
+        self.gate_starts = Counter("spotguard_gate_starts_total", "Gate processes started by the daemon",
+                                   registry=r)
         self.snapshot_bytes = Counter("spotguard_snapshot_bytes_total", "Bytes written to snapshots", ["kind"],
                                       registry=r)
         self.snapshot_objects = Counter("spotguard_snapshot_objects_total", "Snapshot objects by kind and result",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,8 +23,8 @@ from spotguard.drain.engine import DrainEngine
 from spotguard.drain.plan import plan
 from spotguard.drain.step import DrainContext, drain_deadline
 from spotguard.drain.timeline import Timeline as DrainTimeline
-from spotguard.errors import SpotguardError
-from spotguard.gate.journal import Journal
+from spotguard.errors import ConfigError, SpotguardError
+from spotguard.gate.link import GateLink
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, NoticeSource
 from spotguard.services import Identity, Services
@@ -126,8 +126,8 @@ class Wiring:
     sources: list[NoticeSource]
     identity: Identity
     http: httpx.AsyncClient
-    journal: Journal = field(default_factory=Journal)
-    gate: Any = None
+    gate: GateLink | None = None
+    """The gate process's handle (``alive``, ``set_draining``, ``journal``); None when no gate is set."""
     services: Services | None = None
     driver: EngineDriver | None = None
     agent: Agent | None = None
@@ -149,9 +149,7 @@ class Wiring:
                                                          metrics=self.metrics, task_status=task_status),
                        name="control")
         if self.gate is not None:
-            from spotguard.gate.proxy import run_gate
-
-            await tg.start(run_gate, self.gate, self.config.gate.listen, name="gate")
+            await tg.start(self.gate.run, name="gate-link")
         tg.start_soon(GpuMonitor(self.metrics, log=logs.get("gpu")).run, name="gpu")
 
     def refresh_gpu(self) -> None:
@@ -159,6 +157,7 @@ class Wiring:
 
     def describe(self) -> dict[str, Any]:
         return {"instance_id": self.identity.instance_id, "gate": self.config.gate.listen or None,
+                "gate_process": self.gate.describe() if self.gate is not None else None,
                 "snapshot": bool(self.config.snapshot.url),
                 "balancers": [b.name for b in (self.services.balancers if self.services else ())]}
 
@@ -174,11 +173,11 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
     wiring = Wiring(config=config, cloud=cloud, metrics=metrics, sources=cloud_sources(cloud, config, http),
                     identity=identity, http=http)
     if config.gate.listen:
-        from spotguard.gate.proxy import Gate
-
-        wiring.gate = Gate.from_config(config.gate, journal=wiring.journal, metrics=metrics, log=logs.get("gate"))
+        if not config.gate.upstream:
+            raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
+        wiring.gate = GateLink(config, metrics, log=logs.get("gate"))
     gate = wiring.gate
-    engine = build_engine(config, http, journal=wiring.journal,
+    engine = build_engine(config, http, journal=gate.journal if gate is not None else None,
                           set_gate_draining=(lambda: gate.set_draining(True)) if gate is not None else None)
     balancers = build_balancers(config, http, identity, metrics=metrics)
     snapshot = None
@@ -194,7 +193,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
             return await azure.approve(config, http, event_id)
 
     wiring.services = Services(identity=identity, engine=engine, balancers=balancers,
-                               journal=wiring.journal if gate is not None else None,
+                               journal=gate.journal if gate is not None else None,
                                set_ready=wiring.set_ready, acknowledge=acknowledge, snapshot=snapshot)
     services = wiring.services
     wiring.driver = EngineDriver(config, metrics, http, lambda: services)

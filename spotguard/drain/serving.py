@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 
 from spotguard.drain.step import DrainContext, StepResult, step_time_left, tail_reserve
-from spotguard.errors import EngineError
+from spotguard.errors import EngineError, GateError
 
 READINESS_BUDGET = 1.0
 POLL_INTERVAL = 0.2
@@ -62,7 +62,12 @@ async def inflight_count(ctx: DrainContext) -> int | None:
                         error=f"{type(exc).__name__}: {exc}")
         ctx.metrics.config_errors.labels(component="drain", reason="inflight").inc()
     if ctx.services.journal is not None:
-        counts.append(len(ctx.services.journal))
+        try:
+            with anyio.fail_after(max(0.01, min(INFLIGHT_CALL_TIMEOUT, step_time_left()))):
+                counts.append(await ctx.services.journal.count())
+        except (GateError, TimeoutError) as exc:
+            ctx.log.warning("gate journal count unavailable", error=f"{type(exc).__name__}: {exc}")
+            ctx.metrics.config_errors.labels(component="drain", reason="gate_journal").inc()
     return max(counts) if counts else None
 
 

@@ -106,6 +106,9 @@ class Gate:
         self._draining = False
         self._flights: dict[str, _Flight] = {}
         self._counters: dict[tuple[str, str], Counter] = {}
+        self._counts: dict[tuple[str, str], int] = {}
+        self.active = 0
+        """Requests being answered right now (journaled or not)."""
         self._urls: dict[bytes, httpx.URL] = {}
         # Upstream cookies must never leak from one client to the next: the jar refuses them all.
         no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
@@ -156,12 +159,24 @@ class Gate:
             child = self._counters[(endpoint, result)] = self._metrics.gate_requests.labels(
                 endpoint=endpoint, result=result)
         child.inc()
+        self._counts[(endpoint, result)] = self._counts.get((endpoint, result), 0) + 1
+
+    def request_counts(self) -> list[tuple[str, str, int]]:
+        """Requests answered since start, by (endpoint, result): what the daemon mirrors in its metrics."""
+        return [(endpoint, result, n) for (endpoint, result), n in self._counts.items()]
 
     # -- ASGI ------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not proxied (uvicorn answers 403)
+        self.active += 1
+        try:
+            await self._route(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = JOURNALED.get(scope["path"]) if scope["method"] == "POST" else None
         if self._draining:
             self._count(kind or "other", "rejected")
