@@ -57,6 +57,7 @@ async def run_gate_process(config: Config) -> int:
             tg.start_soon(on_signals, name="gate-signals")
             await stop.wait()
             gate.set_draining(True)
+            gate.stop_listening()
             with anyio.move_on_after(config.gate.stop_timeout) as waited:
                 while gate.active:
                     await anyio.sleep(STOP_POLL)
