@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 tools: setup
 	bash tools/setup-test-tools.sh
+	bash tools/setup-bench-tools.sh
 	bash tools/setup-azurite.sh
 	bash tools/build-llama-server.sh
 

@@ -121,6 +121,8 @@ def gate(config: ConfigOpt = None,
          stop: Annotated[bool, typer.Option("--stop", help="Ask the running gate to stop (it finishes the "
                                                           "requests in flight first, up to [gate] stop_timeout).")] = False,
          uvloop: Annotated[bool, typer.Option("--uvloop/--no-uvloop", help="Run on uvloop when it is installed.")] = True,
+         gc_freeze: Annotated[bool, typer.Option("--gc-freeze/--no-gc-freeze", help="Exempt start-up objects from "
+                                                 "garbage collection (shorter GC pauses on the data path).")] = True,
          ) -> None:
     """Run the gate (the reverse proxy in front of the engine) as its own process.
 
@@ -143,6 +145,13 @@ def gate(config: ConfigOpt = None,
     from spotguard.gate.service import run_gate_process
 
     logs.configure(cfg.agent.log_format, cfg.agent.log_level)
+    if gc_freeze:
+        import gc
+
+        # Everything loaded so far lives as long as the process: a full collection need not walk it again
+        # (bench/gate.py: the p99 of 200 streams' first bytes with and without).
+        gc.collect()
+        gc.freeze()
     try:
         code = _run_gate(lambda: run_gate_process(cfg), uvloop)
     except KeyboardInterrupt:

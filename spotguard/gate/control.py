@@ -194,12 +194,13 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
-async def serve_control(control: GateControl, path: str, *,
+async def serve_control(control: GateControl, path: str, sock: socket.socket | None = None, *,
                         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve the control socket until cancelled; the socket file is removed on the way out."""
+    """Serve the control socket (``sock``, else a new one at ``path``) until cancelled; the file is
+    removed on the way out."""
     from anyio.abc import SocketListener
 
-    listener = await SocketListener.from_socket(listen_unix(path))
+    listener = await SocketListener.from_socket(sock if sock is not None else listen_unix(path))
     inode = os.stat(path).st_ino
     try:
         async with listener, anyio.create_task_group() as tg:

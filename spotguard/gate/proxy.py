@@ -33,7 +33,7 @@ from prometheus_client import Counter
 
 from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
-from spotguard.errors import ConfigError
+from spotguard.errors import ConfigError, GateError
 from spotguard.gate.http1 import HOP_BY_HOP, ClientConnection, Request, UpstreamConnection, status_line
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.gate.output import OutputParser, request_meta
@@ -534,11 +534,20 @@ def nodelay_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_gate(gate: Gate, listen: str, *,
-                   task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``gate`` on ``listen`` (host:port) until cancelled, then close it."""
+def listen_socket(listen: str) -> socket.socket:
+    """The gate's listening socket for ``[gate] listen``; a clear GateError when it cannot be had."""
     host, port = parse_listen(listen, "[gate] listen")
-    sock = nodelay_socket(host, port)
+    try:
+        return nodelay_socket(host, port)
+    except OSError as exc:
+        raise GateError(f"the gate cannot listen on {listen} ([gate] listen): {exc.strerror or exc}") from None
+
+
+async def run_gate(gate: Gate, listen: str, sock: socket.socket | None = None, *,
+                   task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``gate`` on ``sock`` (else a new socket for ``listen``) until cancelled, then close it."""
+    if sock is None:
+        sock = listen_socket(listen)
     loop = asyncio.get_running_loop()
     try:
         server = await loop.create_server(lambda: ClientConnection(gate, gate.connections), sock=sock, backlog=2048)

@@ -17,9 +17,10 @@ import anyio
 
 from spotguard import __version__, logs
 from spotguard.config import Config
-from spotguard.gate.control import GateControl, control_path, serve_control
+from spotguard.errors import GateError
+from spotguard.gate.control import GateControl, control_path, listen_unix, serve_control
 from spotguard.gate.journal import Journal
-from spotguard.gate.proxy import Gate, run_gate
+from spotguard.gate.proxy import Gate, listen_socket, run_gate
 from spotguard.metrics import Metrics
 
 STOP_POLL = 0.05
@@ -32,14 +33,21 @@ async def run_gate_process(config: Config) -> int:
     journal = Journal()
     gate = Gate.from_config(config.gate, journal=journal, metrics=Metrics(), log=log)
     path = control_path(config)
+    # Both sockets before anything runs: a gate already running (or the port taken) is a plain error.
+    control_sock = listen_unix(path)
+    try:
+        data_sock = listen_socket(config.gate.listen)
+    except GateError:
+        control_sock.close()
+        raise
     stop = anyio.Event()
     exit_code = 0
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             control = GateControl(gate, journal, listen=config.gate.listen, upstream=config.gate.upstream,
                                   stop=stop.set, log=log)
-            await tg.start(serve_control, control, path, name="gate-control")
-            bound = await tg.start(run_gate, gate, config.gate.listen, name="gate-listener")
+            await tg.start(serve_control, control, path, control_sock, name="gate-control")
+            bound = await tg.start(run_gate, gate, config.gate.listen, data_sock, name="gate-listener")
             log.info("gate_started", version=__version__, listen=bound.url, upstream=config.gate.upstream,
                      control=path)
 
