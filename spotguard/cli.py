@@ -133,7 +133,9 @@ def gate(config: ConfigOpt = None,
 
     cfg = _load(config)
     if not cfg.gate.listen:
-        _fail("[gate] listen is empty: the gate is off in this configuration")
+        # Not a failure: spotguard-gate.service is installed everywhere and stays inactive where the gate is off.
+        typer.echo("spotguard: [gate] listen is empty: the gate is off in this configuration; nothing to run")
+        return
     if stop:
         from spotguard.gate.control import call, control_path
 

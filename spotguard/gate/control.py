@@ -134,8 +134,7 @@ class GateControl:
             return {"released": len(ids)}
         if op == "stop":
             self._log.info("gate_stop_requested")
-            self._stop()
-            return {"stopping": True}
+            return {"stopping": True}  # handle() stops the gate once this answer is sent
         raise GateError(f"unknown op {op!r}")
 
     async def handle(self, stream: SocketStream) -> None:
@@ -157,6 +156,9 @@ class GateControl:
                     await stream.send(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     return
+                finally:
+                    if answer.get("stopping"):
+                        self._stop()
 
 
 def listen_unix(path: str) -> socket.socket:

@@ -15,7 +15,7 @@ import signal
 
 import anyio
 
-from spotguard import __version__, logs
+from spotguard import __version__, logs, sdnotify
 from spotguard.config import Config
 from spotguard.errors import GateError
 from spotguard.gate.control import GateControl, control_path, listen_unix, serve_control
@@ -50,6 +50,7 @@ async def run_gate_process(config: Config) -> int:
             bound = await tg.start(run_gate, gate, config.gate.listen, data_sock, name="gate-listener")
             log.info("gate_started", version=__version__, listen=bound.url, upstream=config.gate.upstream,
                      control=path)
+            sdnotify.notify("READY=1", f"STATUS=gate on {bound.url}")
 
             async def on_signals() -> None:
                 nonlocal exit_code
@@ -64,6 +65,7 @@ async def run_gate_process(config: Config) -> int:
 
             tg.start_soon(on_signals, name="gate-signals")
             await stop.wait()
+            sdnotify.notify("STOPPING=1")
             gate.set_draining(True)
             gate.stop_listening()
             with anyio.move_on_after(config.gate.stop_timeout) as waited:

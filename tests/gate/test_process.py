@@ -178,3 +178,38 @@ async def _metric_is(http: httpx.AsyncClient, url: str, name: str, value: float)
 async def _refused(http: httpx.AsyncClient, url: str) -> bool:
     answer = await http.post(url + "/v1/completions", content=b'{"prompt":"x","max_tokens":1}')
     return answer.status_code == 503 and answer.headers.get("retry-after") == "5"
+
+
+async def test_gate_alone_doctor_and_stop(tmp_path: Path, fake_engine: FakeEngine, gate_socket: str) -> None:
+    """`spotguard gate` on its own: doctor sees it (and its 0600 socket), `--stop` ends it cleanly."""
+    from spotguard import config as configuration
+    from spotguard.doctor import gate_check
+
+    path, _, gate_url = write_config(tmp_path, fake_engine.url)
+    cfg = configuration.load(path, environ={})
+    assert (await gate_check(cfg)).level == "warning"  # none yet; `spotguard run` would start one
+    assert (await gate_check(cfg.replace("gate", start="external"))).level == "error"
+    with open(tmp_path / "gate.log", "wb") as out:
+        gate = subprocess.Popen([SPOTGUARD, "gate", "--config", str(path)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        await until(lambda: _answers(gate_socket))
+        check = await gate_check(cfg)
+        assert check.level == "ok" and f"pid {gate.pid}" in check.detail, check.detail
+        assert oct(os.stat(gate_socket).st_mode & 0o777) == oct(0o600)
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(gate_url + "/v1/models")).status_code == 200
+        stopped = subprocess.run([SPOTGUARD, "gate", "--stop", "--config", str(path)], capture_output=True, timeout=30)
+        assert stopped.returncode == 0, stopped.stderr
+        with anyio.fail_after(20):
+            while gate.poll() is None:
+                await anyio.sleep(0.02)
+        assert gate.returncode == 0 and not os.path.exists(gate_socket)
+    finally:
+        if gate.poll() is None:
+            gate.kill()
+        gate.wait(timeout=10)
+
+
+async def _answers(path: str) -> bool:
+    await call(path, "hello", timeout=2)
+    return True
