@@ -97,6 +97,19 @@ async def load_forever(url: str, streams: int) -> None:
             tg.start_soon(client)
 
 
+async def wait_gate(path: str) -> int:
+    """The pid of the gate once it answers (/readyz does not wait for it yet)."""
+    from spotguard.errors import GateError
+    from spotguard.gate.control import call
+
+    with anyio.fail_after(30):
+        while True:
+            try:
+                return int((await call(path, "hello", timeout=2))["pid"])
+            except GateError:
+                await anyio.sleep(0.05)
+
+
 async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams: int) -> dict[str, Any]:
     """AWS detection with the gate idle vs serving ``streams`` streams, blocks of trials interleaved."""
     import subprocess
@@ -116,7 +129,7 @@ async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams
             gate_socket = str(Path(d.socket).with_name("gate.sock"))
             async with httpx.AsyncClient(timeout=2.0) as http:
                 await wait_status(http, d.url + "/readyz", 200, timeout=30)
-                gate_pid = int((await call(gate_socket, "hello", timeout=2))["pid"])
+                gate_pid = await wait_gate(gate_socket)
                 kind, params = NOTICES["aws"]
                 for block in range(max(2, trials // BLOCK)):
                     mode = "loaded" if block % 2 else "idle"
@@ -136,6 +149,8 @@ async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams
                             seen = await wait_status(http, d.url + "/readyz", 503, timeout=8)
                             latencies[mode].append(seen - raised)
                             await back_to_serving(http, d, functools.partial(emu.withdraw, "aws", event_id))
+                            # Undrain does not reopen the gate yet (issue 9): reopen it, or the load gets 503s.
+                            await call(gate_socket, "draining", timeout=2, on=False)
                     finally:
                         gate_cpu[mode] += proc_cpu_seconds(gate_pid) - cpu0
                         if load is not None:

@@ -81,6 +81,9 @@ class GateLink:
         self._metrics = metrics
         self._log = log
         self._draining = False
+        self._dirty = False
+        """set_draining was called since the last push (pushed even when unchanged: idempotent, and the
+        gate's own flag may differ, e.g. after `spotguard gate` was restarted by hand)."""
         self._changed = anyio.Event()
         self._child: subprocess.Popen[bytes] | None = None
         self._seen: dict[tuple[str, str], int] = {}
@@ -92,6 +95,7 @@ class GateLink:
     def set_draining(self, draining: bool) -> None:
         """Refuse (True) or accept (False) new requests at the gate; pushed by ``run`` at once."""
         self._draining = draining
+        self._dirty = True
         self._changed.set()
 
     def describe(self) -> dict[str, Any]:
@@ -153,6 +157,7 @@ class GateLink:
             connection = await GateConnection.open(self.path)
         try:
             hello = await connection.request("hello", timeout=CALL_TIMEOUT)
+            self._dirty = False
             await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining)
         except GateError:
             await connection.aclose()
@@ -169,15 +174,13 @@ class GateLink:
         return connection
 
     async def _watch(self, connection: GateConnection) -> None:
-        pushed = self._draining
         while True:
             with anyio.move_on_after(WATCH_INTERVAL):
                 await self._changed.wait()
             self._changed = anyio.Event()
-            if self._draining != pushed:
-                want = self._draining
-                await connection.request("draining", timeout=CALL_TIMEOUT, on=want)
-                pushed = want
+            if self._dirty:
+                self._dirty = False
+                await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining)
             self._mirror(await connection.request("stats", timeout=CALL_TIMEOUT))
 
     def _mirror(self, stats: dict[str, Any]) -> None:
