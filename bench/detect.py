@@ -8,8 +8,9 @@ of the widely used Kubernetes handler. Between trials the notice is withdrawn an
 through the control socket.
 
 ``--gate-load 200`` adds a run on AWS with the gate on (``spotguard run`` starts ``spotguard gate`` in
-front of a fake engine): blocks of trials alternate between an idle gate and a gate serving that many
-concurrent streams back to back (a load generator in a process of its own), and the two are compared.
+front of a fake engine): blocks of trials rotate between an idle gate, a gate serving that many
+concurrent streams back to back (a load generator in a process of its own), and the same load sent
+straight to the engine (what the load generator and the engine alone cost a 2-core machine).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ async def trial_run(emu: EmulatorControl, emu_url: str, cloud: str, poll: float,
     return {"cloud": cloud, "poll_interval": poll, "startup_s": startup, **summary(latencies)}
 
 
+SPOT_PATH = "/latest/meta-data/spot/instance-action"
 BLOCK = 10
 """Trials per block when idle and loaded blocks alternate."""
 STREAM_BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30,
@@ -122,8 +124,11 @@ async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams
                                "--port", str(engine_port)])
     sections = cloud_sections("aws", emu_url, 1.0)
     sections["gate"] = {"listen": f"127.0.0.1:{gate_port}", "upstream": f"http://127.0.0.1:{engine_port}"}
-    latencies: dict[str, list[float]] = {"idle": [], "loaded": []}
-    gate_cpu = {"idle": 0.0, "loaded": 0.0}
+    modes = ("idle", "loaded", "direct")
+    latencies: dict[str, list[float]] = {mode: [] for mode in modes}
+    reactions: dict[str, list[float]] = {mode: [] for mode in modes}
+    """From the poll that carried the notice (the emulator's clock) to /readyz 503: the daemon's own part."""
+    gate_cpu = dict.fromkeys(modes, 0.0)
     try:
         with daemon(sections) as d:
             gate_socket = str(Path(d.socket).with_name("gate.sock"))
@@ -131,23 +136,31 @@ async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams
                 await wait_status(http, d.url + "/readyz", 200, timeout=30)
                 gate_pid = await wait_gate(gate_socket)
                 kind, params = NOTICES["aws"]
-                for block in range(max(2, trials // BLOCK)):
-                    mode = "loaded" if block % 2 else "idle"
+                for block in range(max(3, trials // BLOCK)):
+                    mode = modes[block % 3]
                     load = None
-                    if mode == "loaded":
-                        load = subprocess.Popen([sys.executable, str(here), "--load", f"http://127.0.0.1:{gate_port}",
+                    if mode != "idle":
+                        port = gate_port if mode == "loaded" else engine_port
+                        load = subprocess.Popen([sys.executable, str(here), "--load", f"http://127.0.0.1:{port}",
                                                  "--streams", str(streams)])
-                        with anyio.fail_after(30):  # until the streams flow
-                            while int((await call(gate_socket, "stats", timeout=2))["inflight"]) < streams * 0.9:
-                                await anyio.sleep(0.1)
+                        await anyio.sleep(2.0)  # the streams ramp up
+                        if mode == "loaded":
+                            with anyio.fail_after(30):  # until they flow through the gate
+                                while int((await call(gate_socket, "stats", timeout=2))["inflight"]) < streams * 0.9:
+                                    await anyio.sleep(0.1)
                     cpu0 = proc_cpu_seconds(gate_pid)
                     try:
                         for _ in range(BLOCK):
                             await anyio.sleep(random.uniform(0.05, 0.3))  # random phase against the poll cadence
-                            raised = time.perf_counter()
+                            raised, raised_wall = time.perf_counter(), time.time()
                             event_id = await emu.raise_notice("aws", kind, **params)
                             seen = await wait_status(http, d.url + "/readyz", 503, timeout=8)
+                            seen_wall = time.time() - (time.perf_counter() - seen)
                             latencies[mode].append(seen - raised)
+                            polls = [r["timestamp"] for r in await emu.requests(SPOT_PATH)
+                                     if r["timestamp"] >= raised_wall and r.get("status") == 200]
+                            if polls:
+                                reactions[mode].append(seen_wall - min(polls))
                             await back_to_serving(http, d, functools.partial(emu.withdraw, "aws", event_id))
                             # Undrain does not reopen the gate yet (issue 9): reopen it, or the load gets 503s.
                             await call(gate_socket, "draining", timeout=2, on=False)
@@ -160,10 +173,11 @@ async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams
     finally:
         engine.terminate()
         engine.wait(timeout=10)
-    idle, loaded = summary(latencies["idle"]), summary(latencies["loaded"])
+    idle, loaded, direct = (summary(latencies[mode]) for mode in modes)
     return {"cloud": "aws", "poll_interval": 1.0, "streams": streams, "idle": idle, "loaded": loaded,
-            "p99_ratio": loaded["p99"] / idle["p99"], "p50_ratio": loaded["p50"] / idle["p50"],
-            "gate_cpu_s": gate_cpu}
+            "direct": direct, "p99_ratio": loaded["p99"] / idle["p99"], "p50_ratio": loaded["p50"] / idle["p50"],
+            "direct_p99_ratio": direct["p99"] / idle["p99"], "gate_cpu_s": gate_cpu, "latencies": latencies,
+            "reaction": {mode: summary(values) for mode, values in reactions.items() if values}}
 
 
 async def idle_run(emu_url: str, cloud: str, seconds: float) -> dict[str, Any]:
@@ -207,10 +221,15 @@ async def main() -> None:
                 results["runs"].append(run)
             if args.gate_load:
                 loaded = await gate_load_run(emu, bound.url, args.trials, args.gate_load)
-                print(f"aws with the gate, {loaded['streams']} streams: p50 {loaded['idle']['p50'] * 1000:.0f} -> "
-                      f"{loaded['loaded']['p50'] * 1000:.0f} ms, p99 {loaded['idle']['p99'] * 1000:.0f} -> "
-                      f"{loaded['loaded']['p99'] * 1000:.0f} ms (loaded/idle p99 {loaded['p99_ratio']:.3f}; "
-                      f"n={loaded['idle']['n']}+{loaded['loaded']['n']})", flush=True)
+                print(f"aws detection, gate idle / serving {loaded['streams']} streams / same load direct to the "
+                      f"engine: p50 {loaded['idle']['p50'] * 1000:.0f} / {loaded['loaded']['p50'] * 1000:.0f} / "
+                      f"{loaded['direct']['p50'] * 1000:.0f} ms, p99 {loaded['idle']['p99'] * 1000:.0f} / "
+                      f"{loaded['loaded']['p99'] * 1000:.0f} / {loaded['direct']['p99'] * 1000:.0f} ms "
+                      f"(p99 ratio to idle {loaded['p99_ratio']:.3f} / {loaded['direct_p99_ratio']:.3f}; "
+                      f"n={loaded['idle']['n']} each)", flush=True)
+                for mode, reaction in loaded["reaction"].items():
+                    print(f"  reaction (poll that carried the notice -> /readyz 503), {mode}: n={reaction['n']} "
+                          f"p50={reaction['p50'] * 1000:.1f} ms p99={reaction['p99'] * 1000:.1f} ms", flush=True)
                 results["gate_load"] = loaded
             results["idle"] = []
             for cloud in ("aws", "gcp", "azure") if args.idle_seconds > 0 else ():
