@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml
 
 tools: setup
 	bash tools/setup-test-tools.sh
+	bash tools/setup-bench-tools.sh
 	bash tools/setup-azurite.sh
 	bash tools/build-llama-server.sh
 	bash tools/build-rootfs.sh bullseye >/dev/null || echo "(no Debian 11 root file system: the old-Python installer test skips)"

@@ -1,18 +1,23 @@
-"""What the gate costs: added latency and streaming throughput, gate vs direct, side by side.
+"""What the gate costs: added latency, streaming throughput, CPU and RSS, against direct and nginx.
 
-    .venv/bin/python bench/gate.py [--quick] [--rounds 3] [--extra-site DIR] [--json bench/results/gate.json]
+    .venv/bin/python bench/gate.py [--quick] [--rounds 3] [--asyncio] [--baseline REV] [--only plain:50,stream:200]
 
-Three processes: a fast fake OpenAI engine, the gate in front of it, and this load generator. For
-1, 50 and 200 concurrent clients it measures, alternating direct and gated rounds so machine noise
-hits both alike:
+Processes: a fast fake OpenAI engine, the variants in front of it, and this load generator. Variants:
+``gate`` is ``spotguard gate`` exactly as the daemon starts it (on uvloop); ``nginx`` is Debian's
+nginx-light as a keep-alive, unbuffered reverse proxy with one worker (tools/setup-bench-tools.sh);
+``--asyncio`` adds the gate on the stock asyncio loop (what uvloop is worth), ``--baseline REV`` the
+gate of an older revision (what a data-path change is worth). For 1, 50 and 200 concurrent clients,
+rounds of direct and of every variant interleave (in a rotating order) so machine noise hits all alike:
 
 - non-streaming: request latency p50/p99 (clients paced to a fixed total request rate, as LLM clients
   are: the gate's cost shows as added latency, not as queueing in a saturated loop);
-- streaming: time to first token p50/p99 and token throughput (the engine paces tokens like a GPU).
+- streaming: time to first byte p50/p99 and token throughput (the engine paces tokens like a GPU);
+- CPU of the variant's processes per 1,000 requests, and their RSS at the end.
 
-Reports the median over rounds of each figure and gate-minus-direct / gate-over-direct. Targets:
-p99 added <= 1 ms non-streaming at 50 clients; streaming throughput >= 95% of direct. Bounded: each
-round has a fixed length and every request a timeout; the whole run takes well under two minutes.
+Reports the median over rounds of each figure, variant-minus-direct and variant-over-direct. Targets
+(issue 11), as p99 added over direct: 50 paced clients non-streaming <= max(1 ms, 2 x nginx's); 200
+concurrent streams, time to first byte <= max(2 ms, 2 x nginx's); streaming throughput >= 98% of direct
+at every point; zero errors. Bounded: each round has a fixed length and every request a timeout.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import functools
 import json
 import os
 import random
+import shutil
 import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._harness import free_port  # noqa: E402
+from bench._harness import free_port, proc_cpu_seconds, proc_rss_mb  # noqa: E402
 from spotguard.asgi import Receive, Scope, Send, read_body, serve  # noqa: E402
 from spotguard.gate.proxy import nodelay_socket  # noqa: E402
 
@@ -180,16 +187,25 @@ def median(rounds: list[Round], name: str) -> float:
     return float(statistics.median(getattr(r, name) for r in rounds))
 
 
-async def measure(direct: str, gates: dict[str, str], rounds: int, seconds: float) -> list[dict[str, object]]:
-    """One row per (mode, clients, gate variant); every variant's rounds interleave with the direct ones."""
+async def measure(direct: str, gates: dict[str, str], pids: dict[str, list[int]], rounds: int, seconds: float,
+                  only: set[tuple[str, ...]]) -> list[dict[str, object]]:
+    """One row per (mode, clients, variant); every variant's rounds interleave with the direct ones."""
     rows: list[dict[str, object]] = []
     for stream in (False, True):
         for clients in CONCURRENCY:
+            if only and ("stream" if stream else "plain", str(clients)) not in only:
+                continue
             results: dict[str, list[Round]] = {"direct": [], **{name: [] for name in gates}}
+            cpu = {name: 0.0 for name in gates}
             for i in range(rounds):
                 order = [("direct", direct), *gates.items()]
-                for name, url in order if i % 2 == 0 else order[::-1]:
+                # rotate, so that no variant always runs right after another one
+                order = order[i % len(order):] + order[:i % len(order)]
+                for name, url in order:
+                    before = cpu_seconds(pids[name]) if name in pids else 0.0
                     results[name].append(await run_round(url, clients, seconds, stream))
+                    if name in pids:
+                        cpu[name] += cpu_seconds(pids[name]) - before
             d = results["direct"]
             for variant in gates:
                 g = results[variant]
@@ -199,7 +215,9 @@ async def measure(direct: str, gates: dict[str, str], rounds: int, seconds: floa
                     "direct_p99_ms": median(d, "p99_ms"), "gate_p99_ms": median(g, "p99_ms"),
                     "added_p50_ms": median(g, "p50_ms") - median(d, "p50_ms"),
                     "added_p99_ms": median(g, "p99_ms") - median(d, "p99_ms"),
-                    "requests": sum(r.requests for r in d + g), "errors": sum(r.errors for r in d + g),
+                    "requests": sum(r.requests for r in d + g), "errors": sum(r.errors for r in g),
+                    "direct_errors": sum(r.errors for r in d),
+                    "cpu_ms_per_1000": round(1e6 * cpu[variant] / max(1, sum(r.requests for r in g)), 1),
                     "rounds": {k: [asdict(r) for r in results[k]] for k in ("direct", variant)},
                 }
                 if stream:
@@ -212,19 +230,13 @@ async def measure(direct: str, gates: dict[str, str], rounds: int, seconds: floa
 
 
 def _line(row: dict[str, object]) -> str:
-    text = (f"{row['mode']:>6} c={row['clients']:<3} {row['variant']:<14} "
+    text = (f"{row['mode']:>6} c={row['clients']:<3} {row['variant']:<16} "
             f"p50 direct {row['direct_p50_ms']:7.2f} gate {row['gate_p50_ms']:7.2f} added {row['added_p50_ms']:+6.2f} ms | "
             f"p99 direct {row['direct_p99_ms']:7.2f} gate {row['gate_p99_ms']:7.2f} added {row['added_p99_ms']:+6.2f} ms")
     if "throughput_ratio" in row:
         text += (f" | tok/s direct {row['direct_tokens_per_s']:7.0f} gate {row['gate_tokens_per_s']:7.0f} "
                  f"ratio {row['throughput_ratio']:.3f}")
-    return text + f" | n={row['requests']} err={row['errors']}"
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+    return text + f" | cpu {row['cpu_ms_per_1000']} ms/1000 req | n={row['requests']} err={row['errors']}"
 
 
 def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -238,15 +250,107 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
+# -- the variants: each a process (or two, for nginx) in front of the same engine -------------------
+
+NGINX_CONF = """
+{user}worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    upstream engine {{ server 127.0.0.1:{engine_port}; keepalive 512; }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{
+            proxy_pass http://engine;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_command(tmp: Path, engine_port: int, port: int) -> list[str]:
+    """nginx as a plain keep-alive, unbuffered reverse proxy, one worker (the gate is one process)."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise SystemExit("nginx is not installed: run `make tools` (tools/setup-bench-tools.sh installs nginx-light)")
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(user="user root;\n" if os.geteuid() == 0 else "", tmp=tmp,
+                                      engine_port=engine_port, port=port))
+    return [binary, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"]
+
+
+def gate_command(tmp: Path, name: str, engine_url: str, port: int, uvloop: bool, *extra: str) -> list[str]:
+    """``spotguard gate`` exactly as the daemon starts it (control socket and all)."""
+    conf = tmp / f"{name}.toml"
+    conf.write_text(f'''[agent]
+log_format = "json"
+log_level = "warning"
+state_dir = "{tmp}/{name}"
+[control]
+socket = "{tmp}/{name}-control.sock"
+[gate]
+listen = "127.0.0.1:{port}"
+upstream = "{engine_url}"
+control_socket = "{tmp}/{name}.sock"
+''')
+    return [sys.executable, "-m", "spotguard", "gate", "--config", str(conf), "--uvloop" if uvloop else "--no-uvloop",
+            *extra]
+
+
+def baseline_tree(tmp: Path, rev: str) -> Path:
+    """The spotguard package as of ``rev`` (git archive), to run an older gate beside this one."""
+    tree = tmp / f"baseline-{rev}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "spotguard", "bench"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (nginx's worker)."""
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return pids
+    return pids + [int(c) for c in children]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc_cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="gate vs direct latency and throughput")
+    parser = argparse.ArgumentParser(description="gate vs nginx vs direct: latency, throughput, CPU and RSS")
     parser.add_argument("--serve", choices=("engine", "gate"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="one short round per point (smoke run)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per point and variant (median reported)")
-    parser.add_argument("--extra-site", default="",
-                        help="directory added to a second gate process's PYTHONPATH (a candidate dependency)")
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--asyncio", action="store_true",
+                        help="also run the gate on the stock asyncio loop (what uvloop is worth)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                        help="also run `spotguard gate ARGS` as variant NAME (e.g. nogc=--no-gc-freeze)")
+    parser.add_argument("--baseline", default="",
+                        help="also run the gate of this git revision (e.g. an older data path), side by side")
+    parser.add_argument("--only", default="", help="comma-separated points to run, e.g. plain:50,stream:200")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gate.json")
     args = parser.parse_args()
     if args.serve:
@@ -257,37 +361,73 @@ def main() -> None:
     pythonpath = [str(ROOT), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, pythonpath))}
     me = [sys.executable, str(Path(__file__).resolve())]
-    procs = [subprocess.Popen([*me, "--serve", "engine", "--port", str(engine_port)], env=env)]
-    # The gate as installed, and optionally a second gate process that also sees --extra-site (a
-    # directory holding e.g. httptools): a candidate dependency judged against the stock one in the same run.
-    variants = {"gate": env}
-    if args.extra_site:
-        variants["gate+extra"] = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [*pythonpath, args.extra_site]))}
+    procs: list[subprocess.Popen[bytes]] = []
     gates: dict[str, str] = {}
-    try:
-        _wait_up(engine_url, procs[0])
-        for name, variant_env in variants.items():
-            port = free_port()
-            gates[name] = f"http://127.0.0.1:{port}"
-            procs.append(subprocess.Popen([*me, "--serve", "gate", "--port", str(port), "--upstream", engine_url],
-                                          env=variant_env))
-            _wait_up(gates[name], procs[-1])
-        rounds, seconds = (1, 1.0) if args.quick else (args.rounds, 1.5)
-        print(f"gate bench: rounds={rounds} x {seconds}s, rate={RATE:.0f} req/s with many clients, "
-              f"{TOKENS} tokens every {TOKEN_INTERVAL * 1000:.0f} ms when streaming; cpus={os.cpu_count()}; "
-              f"httptools={_has('httptools')} extra site={args.extra_site or '-'}")
-        rows = anyio.run(measure, engine_url, gates, rounds, seconds)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=10)
-    summary: dict[str, object] = {"p99_target_ms": 1.0, "throughput_target": 0.95}
+    pids: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory(prefix="spotguard-gate-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            procs.append(subprocess.Popen([*me, "--serve", "engine", "--port", str(engine_port)], env=env))
+            _wait_up(engine_url, procs[0])
+            commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+            ports = {name: free_port() for name in ("gate", "gate-asyncio", "baseline", "nginx")}
+            for spec in args.variant:
+                name, _, extra = spec.partition("=")
+                ports[f"gate-{name}"] = free_port()
+                commands[f"gate-{name}"] = (gate_command(tmp, f"gate-{name}", engine_url, ports[f"gate-{name}"], True,
+                                                         *extra.split()), env)
+            commands["gate"] = (gate_command(tmp, "gate", engine_url, ports["gate"], True), env)
+            if args.asyncio:
+                commands["gate-asyncio"] = (gate_command(tmp, "gate-asyncio", engine_url, ports["gate-asyncio"],
+                                                         False), env)
+            if args.baseline:
+                tree = baseline_tree(tmp, args.baseline)
+                commands[f"gate@{args.baseline}"] = (
+                    [sys.executable, str(tree / "bench" / "gate.py"), "--serve", "gate", "--port", str(ports["baseline"]),
+                     "--upstream", engine_url], {**os.environ, "PYTHONPATH": str(tree)})
+                ports[f"gate@{args.baseline}"] = ports["baseline"]
+            if not args.no_nginx:
+                commands["nginx"] = (nginx_command(tmp, engine_port, ports["nginx"]), env)
+            for name, (command, variant_env) in commands.items():
+                gates[name] = f"http://127.0.0.1:{ports[name]}"
+                procs.append(subprocess.Popen(command, env=variant_env))
+                _wait_up(gates[name], procs[-1])
+                pids[name] = process_tree(procs[-1].pid)
+            rounds, seconds = (1, 1.0) if args.quick else (args.rounds, 1.5)
+            only = {tuple(p.split(":")) for p in args.only.split(",") if p}
+            print(f"gate bench: rounds={rounds} x {seconds}s, rate={RATE:.0f} req/s with many clients, "
+                  f"{TOKENS} tokens every {TOKEN_INTERVAL * 1000:.0f} ms when streaming; cpus={os.cpu_count()}; "
+                  f"variants={', '.join(gates)}", flush=True)
+            rows = anyio.run(measure, engine_url, gates, pids, rounds, seconds, only)
+            rss = {name: sum(proc_rss_mb(pid) for pid in pids[name]) for name in gates}
+        finally:
+            for proc in procs:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    summary: dict[str, object] = {"rss_mb": rss}
+    nginx = {(r["mode"], r["clients"]): r for r in rows if r["variant"] == "nginx"}
     for variant in gates:
-        plain50 = next(r for r in rows if r["mode"] == "plain" and r["clients"] == 50 and r["variant"] == variant)
-        ratios = [float(r["throughput_ratio"]) for r in rows  # type: ignore[arg-type]
-                  if r["mode"] == "stream" and r["variant"] == variant]
-        summary[variant] = {"p99_added_ms_plain_50": plain50["added_p99_ms"], "min_stream_throughput_ratio": min(ratios)}
-    print(json.dumps(summary))
+        mine = [r for r in rows if r["variant"] == variant]
+        ratios = [float(r["throughput_ratio"]) for r in mine if r["mode"] == "stream"]  # type: ignore[arg-type]
+        entry: dict[str, object] = {
+            "errors": sum(int(r["errors"]) for r in mine),  # type: ignore[call-overload]
+            "min_stream_throughput_ratio": min(ratios) if ratios else None,
+            "cpu_ms_per_1000": {f"{r['mode']}:{r['clients']}": r["cpu_ms_per_1000"] for r in mine},
+        }
+        for (mode, clients, floor) in (("plain", 50, 1.0), ("stream", 200, 2.0)):
+            row = next((r for r in mine if (r["mode"], r["clients"]) == (mode, clients)), None)
+            if row is None:
+                continue
+            reference = nginx.get((mode, clients))
+            limit = max(floor, 2 * float(reference["added_p99_ms"])) if reference else floor  # type: ignore[arg-type]
+            entry[f"p99_added_ms_{mode}_{clients}"] = row["added_p99_ms"]
+            entry[f"target_ms_{mode}_{clients}"] = limit
+            entry[f"met_{mode}_{clients}"] = float(row["added_p99_ms"]) <= limit  # type: ignore[arg-type]
+        summary[variant] = entry
+    print(json.dumps(summary, indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
 

@@ -171,6 +171,14 @@ class GateConfig:
     listen: str = _opt("", "host:port of the gate (reverse proxy in front of the engine); empty = off.")
     upstream: str = _opt("", "Base URL of the engine behind the gate.")
     retry_after: int = _opt(5, "Retry-After seconds sent with 503 once draining.")
+    start: str = _opt("auto", "Who runs the gate process (`spotguard gate`): auto = `spotguard run` starts it when "
+                              "none answers on control_socket and starts it again if it dies; external = a "
+                              "service manager does (systemd's spotguard-gate.service), the daemon only attaches.",
+                      choices=("auto", "external"))
+    control_socket: str = _opt("", "Unix socket between the daemon and the gate process; empty = gate.sock beside "
+                                   "[control] socket.")
+    stop_timeout: float = _opt(30.0, "On SIGTERM the gate stops accepting, then waits this many seconds for "
+                                     "requests in flight before closing them.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -137,6 +137,8 @@ async def run_checks(config: Config) -> list[Check]:
     checks.append(path_check("state dir", Path(config.agent.state_dir), want_dir=True, max_mode=0o755))
     checks.append(path_check("control socket", Path(config.control.socket), want_dir=False,
                              max_mode=int(config.control.mode, 8)))
+    if config.gate.listen:
+        checks.append(await gate_check(config))
     return checks
 
 
@@ -145,6 +147,33 @@ class _Quiet:
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
+
+
+async def gate_check(config: Config) -> Check:
+    """Is the gate process running for this configuration, and is its control socket private?"""
+    from spotguard.errors import GateError
+    from spotguard.gate.control import SOCKET_MODE, call, control_path
+
+    path = control_path(config)
+    try:
+        hello = await call(path, "hello", timeout=2.0)
+    except GateError as exc:
+        if config.gate.start == "auto":
+            return Check("gate", "warning", f"no gate process answers on {path} ({exc}); `spotguard run` starts "
+                         "one ([gate] start = auto)")
+        return Check("gate", "error", f"no gate process answers on {path} ({exc}) and [gate] start = external: "
+                     "start spotguard-gate.service (systemctl enable --now spotguard-gate)")
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & ~SOCKET_MODE:
+        return Check("gate", "warning", f"gate pid {hello.get('pid')} answers, but {path} has mode {mode:04o}; "
+                     f"expected {SOCKET_MODE:04o}")
+    if (hello.get("listen"), hello.get("upstream")) != (config.gate.listen, config.gate.upstream):
+        return Check("gate", "warning", f"gate pid {hello.get('pid')} runs with listen={hello.get('listen')} "
+                     f"upstream={hello.get('upstream')}, not this configuration's; `spotguard gate --stop` "
+                     "once it is idle, then start it again")
+    return Check("gate", "ok", f"gate pid {hello.get('pid')} (spotguard {hello.get('version')}) on "
+                 f"{hello.get('listen')} -> {hello.get('upstream')}, {hello.get('inflight')} in flight, "
+                 f"{'draining' if hello.get('draining') else 'accepting'}")
 
 
 async def _probe_sources(config: Config, http: httpx.AsyncClient, cloud: str) -> str:

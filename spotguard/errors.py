@@ -9,7 +9,8 @@
     │   └── ManualActionRequired   spotguard cannot do it (restart a pid/command engine): a person must
     ├── StoreError             object storage failed
     ├── LoadBalancerError      a load-balancer API refused or failed
-    └── ControlError           the control socket could not be reached or refused the call
+    ├── ControlError           the control socket could not be reached or refused the call
+    └── GateError              the gate process could not be reached or refused a call
 
 Third-party errors are wrapped at the boundary (``raise MetadataError(...) from exc``).
 """
@@ -62,3 +63,7 @@ class LoadBalancerError(SpotguardError):
 
 class ControlError(SpotguardError):
     """The control socket is missing, not permitted, or refused the request."""
+
+
+class GateError(SpotguardError):
+    """The gate process (``spotguard gate``) is not running, not reachable, or refused a call."""

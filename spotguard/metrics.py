@@ -35,7 +35,8 @@ class Metrics:
         self.ready = Gauge("spotguard_ready", "1 while /readyz answers 200", registry=r)
         self.engine_healthy = Gauge("spotguard_engine_healthy",
                                     "1 while the engine's health URL answers 200 (last check)", registry=r)
-        self.gate_up = Gauge("spotguard_gate_up", "1 while the gate accepts connections (last check)", registry=r)
+        self.gate_accepting = Gauge("spotguard_gate_accepting",
+                                    "1 while the gate's listener accepts connections (last check)", registry=r)
         self.cloud_known = Gauge("spotguard_cloud_known",
                                  "0 while [agent] cloud = auto has not been confirmed by a probe yet", registry=r)
         self.deadline = Gauge("spotguard_drain_deadline_timestamp_seconds", "Unix time of the active deadline",
@@ -55,6 +56,12 @@ class Metrics:
         self.gate_requests = Counter("spotguard_gate_requests_total", "Requests through the gate by result",
                                      ["endpoint", "result"], registry=r)
         self.gate_inflight = Gauge("spotguard_gate_inflight_requests", "Requests in flight through the gate",
+                                   registry=r)
+        self.gate_up = Gauge("spotguard_gate_up", "1 while the gate process answers on its control socket",
+                             registry=r)
+        self.gate_failures = Counter("spotguard_gate_failures_total",
+                                     "Times the daemon lost its gate process (died or stopped answering)", registry=r)
+        self.gate_starts = Counter("spotguard_gate_starts_total", "Gate processes started by the daemon",
                                    registry=r)
         self.snapshot_bytes = Counter("spotguard_snapshot_bytes_total", "Bytes written to snapshots", ["kind"],
                                       registry=r)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from spotguard.drain.step import DrainContext
-    from spotguard.gate.journal import Journal
+    from spotguard.gate.journal import JournalAccess
     from spotguard.lb.base import LoadBalancer
     from spotguard.servers.base import EngineAdapter
 
@@ -30,7 +30,8 @@ class Services:
     identity: Identity
     engine: EngineAdapter
     balancers: tuple[LoadBalancer, ...] = ()
-    journal: Journal | None = None
+    journal: JournalAccess | None = None
+    """The gate's journal (in the gate process, reached through ``gate.link``); None when no gate is set."""
     set_ready: Callable[[bool], None] = field(default=lambda ready: None)
     acknowledge: Callable[[str], Awaitable[str]] | None = None
     """Approves the cloud event with this id (Azure StartRequests); None where the cloud has no such call."""

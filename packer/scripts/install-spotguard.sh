@@ -4,6 +4,8 @@
 #   ROOT/etc/spotguard/spotguard.toml                       the given config, or a commented default
 #   ROOT/etc/systemd/system/spotguard.service               the unit
 #   ROOT/etc/systemd/system/spotguard.service.d/10-inference.conf   ordering after the engine's unit
+#   ROOT/etc/systemd/system/spotguard-gate.service (+ .d/10-inference.conf)  the gate, its own unit so it
+#                                                           outlives restarts of spotguard.service
 # and, only when ROOT is / and systemd is running, `systemctl daemon-reload` and `enable`.
 #
 # Python: spotguard needs 3.11 or newer with venv. Without --python it uses the first of python3,
@@ -269,22 +271,25 @@ fi
     "$etc/spotguard.toml" || die "$etc/spotguard.toml is not a valid spotguard configuration"
 
 # --- systemd units --------------------------------------------------------------------------------
-mkdir -p "$units/spotguard.service.d"
+mkdir -p "$units/spotguard.service.d" "$units/spotguard-gate.service.d"
 install -m 0644 "$systemd_dir/spotguard.service" "$units/spotguard.service"
+install -m 0644 "$systemd_dir/spotguard-gate.service" "$units/spotguard-gate.service"
 if [ -n "$inference_unit" ]; then
-    # The example drop-in names vllm.service; its comments explain the ordering.
-    sed "s/vllm\\.service/$inference_unit/g" "$systemd_dir/spotguard.service.d/10-inference.conf" \
-        >"$units/spotguard.service.d/10-inference.conf"
-    chmod 0644 "$units/spotguard.service.d/10-inference.conf"
-    echo "install-spotguard: spotguard is ordered after $inference_unit (stopped and drained before it)"
+    # The example drop-ins name vllm.service; their comments explain the ordering.
+    for unit in spotguard spotguard-gate; do
+        sed "s/vllm\\.service/$inference_unit/g" "$systemd_dir/$unit.service.d/10-inference.conf" \
+            >"$units/$unit.service.d/10-inference.conf"
+        chmod 0644 "$units/$unit.service.d/10-inference.conf"
+    done
+    echo "install-spotguard: spotguard and its gate are ordered after $inference_unit (stopped before it)"
 else
     echo "install-spotguard: no --inference-unit; shutdown ordering against the engine is not set" >&2
 fi
 
 if [ "$enable" -eq 1 ] && [ -z "$root" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload
-    systemctl enable spotguard.service
-    echo "install-spotguard: enabled spotguard.service (starts on next boot or systemctl start)"
+    systemctl enable spotguard.service spotguard-gate.service
+    echo "install-spotguard: enabled spotguard.service and spotguard-gate.service (start on next boot or systemctl start)"
 else
     echo "install-spotguard: systemctl not run (root ${root:-/}, --no-enable or systemd not running)"
 fi

@@ -64,7 +64,8 @@ class Daemon:
                                            log=logs.get("runner"), store=StateStore(config.agent.state_dir),
                                            sources=[], driver=wiring.driver)
                 readiness = self.readiness = Readiness(config, http, wiring.metrics, state=lambda: agent.state,
-                                                       gate_draining=wiring.gate_draining, log=logs.get("readiness"))
+                                                       gate_draining=wiring.gate_draining, gate_alive=wiring.gate_alive,
+                                                       log=logs.get("readiness"))
                 agent.status_extras += [lambda: {"readiness": readiness.describe()}, wiring.status]
                 async with anyio.create_task_group() as tg:
                     await tg.start(agent.run, name="runner")

@@ -63,11 +63,12 @@ class Readiness:
     """Runs the gate and engine checks; ``verdict`` combines them with the node's live state."""
 
     def __init__(self, config: Config, http: httpx.AsyncClient, metrics: Metrics, *, state: Callable[[], str],
-                 gate_draining: Callable[[], bool], log: Any) -> None:
+                 gate_draining: Callable[[], bool], gate_alive: Callable[[], bool], log: Any) -> None:
         self._http = http
         self._metrics = metrics
         self._state = state
         self._gate_draining = gate_draining
+        self._gate_alive = gate_alive
         self._log = log
         self.health_url = engine_health_url(config)
         self.gate = gate_address(config)
@@ -112,7 +113,7 @@ class Readiness:
 
     def _changed(self, what: str, old: Check, new: Check) -> Check:
         new = Check(new.ok, new.detail, time.time())
-        gauge = self._metrics.engine_healthy if what == "engine" else self._metrics.gate_up
+        gauge = self._metrics.engine_healthy if what == "engine" else self._metrics.gate_accepting
         gauge.set(1 if new.ok else 0)
         if old.ok is not new.ok:
             log = self._log.info if new.ok else self._log.warning
@@ -129,6 +130,8 @@ class Readiness:
             failing.append(f"node is {state}")
         if not self.gate_check.ok:
             failing.append(f"gate: {self.gate_check.detail}")
+        elif self.gate and not self._gate_alive():
+            failing.append("gate: its process does not answer on its control socket (cannot be told to drain)")
         elif self.gate and self._gate_draining():
             failing.append("gate: refusing new requests (draining)")
         if not self.engine_check.ok:

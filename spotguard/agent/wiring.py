@@ -29,7 +29,7 @@ from spotguard.drain.step import DrainContext, drain_deadline
 from spotguard.drain.timeline import Timeline as DrainTimeline
 from spotguard.drain.undo import undo_plan
 from spotguard.errors import ConfigError, SpotguardError
-from spotguard.gate.journal import Journal
+from spotguard.gate.link import GateLink
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, NoticeSource
 from spotguard.services import Identity, Services
@@ -188,8 +188,8 @@ class Wiring:
     metrics: Metrics
     identity: Identity
     http: httpx.AsyncClient
-    journal: Journal = field(default_factory=Journal)
-    gate: Any = None
+    gate: GateLink | None = None
+    """The gate process's handle (``alive``, ``set_draining``, ``journal``); None when no gate is set."""
     services: Services | None = None
     driver: EngineDriver | None = None
     attached: anyio.Event = field(default_factory=anyio.Event)
@@ -210,6 +210,10 @@ class Wiring:
     def gate_draining(self) -> bool:
         return bool(self.gate is not None and self.gate.draining)
 
+    def gate_alive(self) -> bool:
+        """The gate process answers its control socket (True when no gate is configured)."""
+        return self.gate is None or self.gate.alive
+
     async def start_listeners(self, tg: TaskGroup, agent: Agent) -> None:
         from spotguard.control.server import serve_control
         from spotguard.gpu import GpuMonitor
@@ -220,9 +224,7 @@ class Wiring:
                                                          metrics=self.metrics, task_status=task_status),
                        name="control")
         if self.gate is not None:
-            from spotguard.gate.proxy import run_gate
-
-            await tg.start(run_gate, self.gate, self.config.gate.listen, name="gate")
+            await tg.start(self.gate.run, name="gate-link")
         tg.start_soon(GpuMonitor(self.metrics, log=logs.get("gpu")).run, name="gpu")
 
     async def attach_cloud(self, agent: Agent) -> None:
@@ -262,6 +264,7 @@ class Wiring:
 
     def describe(self) -> dict[str, Any]:
         return {"instance_id": self.identity.instance_id, "gate": self.config.gate.listen or None,
+                "gate_process": self.gate.describe() if self.gate is not None else None,
                 "snapshot": bool(self.config.snapshot.url),
                 "balancers": [b.name for b in (self.services.balancers if self.services else ())]}
 
@@ -283,11 +286,11 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
     cloud = config.agent.cloud if config.agent.cloud != "auto" else "unknown"
     wiring = Wiring(config=config, cloud=cloud, metrics=metrics, identity=identity, http=http)
     if config.gate.listen:
-        from spotguard.gate.proxy import Gate
-
-        wiring.gate = Gate.from_config(config.gate, journal=wiring.journal, metrics=metrics, log=logs.get("gate"))
+        if not config.gate.upstream:
+            raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
+        wiring.gate = GateLink(config, metrics, log=logs.get("gate"))
     gate = wiring.gate
-    engine = build_engine(config, http, journal=wiring.journal,
+    engine = build_engine(config, http, journal=gate.journal if gate is not None else None,
                           set_gate_draining=(lambda: gate.set_draining(True)) if gate is not None else None)
     snapshot = None
     if config.snapshot.url:
@@ -295,7 +298,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
 
         snapshot = wiring.snapshotter = await prepare(config)
     wiring.services = Services(identity=identity, engine=engine,
-                               journal=wiring.journal if gate is not None else None,
+                               journal=gate.journal if gate is not None else None,
                                set_ready=wiring.set_ready, snapshot=snapshot)
 
     def services() -> Services:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import anyio
 
 from spotguard.drain.step import DrainContext, StepResult, step_time_left, tail_reserve
-from spotguard.errors import EngineError
+from spotguard.errors import EngineError, GateError
 
 READINESS_BUDGET = 1.0
 STOP_FLOOR = 2.0
@@ -77,7 +77,12 @@ async def inflight_count(ctx: DrainContext) -> InflightReading:
         ctx.metrics.config_errors.labels(component="drain", reason="inflight").inc()
     counts = [c for c in (engine_count,) if c is not None]
     if ctx.services.journal is not None:
-        counts.append(len(ctx.services.journal))
+        try:
+            with anyio.fail_after(max(0.01, min(INFLIGHT_CALL_TIMEOUT, step_time_left()))):
+                counts.append(await ctx.services.journal.count())
+        except (GateError, TimeoutError) as exc:
+            unreadable = unreadable or f"gate journal: {type(exc).__name__}: {exc}"
+            ctx.metrics.config_errors.labels(component="drain", reason="gate_journal").inc()
     return InflightReading(max(counts) if counts else None, unreadable)
 
 

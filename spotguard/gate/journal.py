@@ -19,9 +19,10 @@ Life of an entry:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 import anyio
 
@@ -50,6 +51,27 @@ class InflightRequest:
     @property
     def output_text(self) -> str:
         return "".join(self.output)
+
+
+class JournalAccess(Protocol):
+    """What the drain steps use of a journal: this process's ``Journal``, or the gate process's
+    through ``gate.link.RemoteJournal``. All calls are async: the journal may live in another process."""
+
+    async def count(self) -> int:
+        """Requests in flight right now."""
+        ...
+
+    async def entries(self) -> list[InflightRequest]:
+        """The requests in flight, with their output so far."""
+        ...
+
+    async def interrupt_and_wait(self, timeout: float) -> list[InflightRequest]:
+        """Cut every request, wait up to ``timeout`` s until each is settled; returns what was cut."""
+        ...
+
+    async def release(self, request_ids: Sequence[str]) -> None:
+        """Forget interrupted requests once their records are stored."""
+        ...
 
 
 InterruptListener = Callable[[InflightRequest], None]
@@ -114,6 +136,18 @@ class Journal:
         for request in cut:
             self.interrupt(request.id)
         return cut
+
+    # -- JournalAccess ---------------------------------------------------------------------------
+
+    async def count(self) -> int:
+        return len(self._requests)
+
+    async def entries(self) -> list[InflightRequest]:
+        return self.active()
+
+    async def release(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            self.remove(request_id)
 
     async def interrupt_and_wait(self, timeout: float) -> list[InflightRequest]:
         """``interrupt_all``, then wait up to ``timeout`` s until the gate has settled each one.

@@ -11,32 +11,33 @@ upstream connection closed, so the engine frees the slot, and its client gets a 
 SSE ``data: {"error": ...}`` event saying it was interrupted for migration, or a 503 when no answer
 had started yet.
 
-Speed matters (the gate sits on every token): pooled httpx clients (sharded, see ``Gate.__init__``),
-raw byte pass-through, an incremental SSE parser, and no work per chunk beyond finding line ends and
-one ``json.loads`` per event. Clients of other paths that disconnect mid-answer are noticed only when
-the engine's answer ends (uvicorn drops writes to a closed connection silently).
+Speed matters (the gate sits on every token). The data path is plain asyncio protocols over httptools
+(``http1.py``), run on uvloop by ``spotguard gate``: no task and no ASGI message per request or chunk,
+only callbacks. Per chunk the gate frames and writes the bytes it got; a journaled stream also feeds
+the incremental SSE parser (``output.py``: line ends, one ``json.loads`` per event). Every request
+enters through one method, ``Gate.handle``, where a check (routes, peers) can hook in.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
+import asyncio
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import anyio
-import httpx
 import structlog
 from anyio.abc import TaskStatus
 from prometheus_client import Counter
 
-from spotguard.asgi import Bound, Receive, Scope, Send, read_body, serve, tcp_socket
+from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
-from spotguard.errors import ConfigError
+from spotguard.errors import ConfigError, GateError
+from spotguard.gate.http1 import HOP_BY_HOP, ClientConnection, Request, UpstreamConnection, status_line
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.gate.output import OutputParser, request_meta
+from spotguard.gate.upstream import UpstreamPool
 from spotguard.metrics import Metrics
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
@@ -45,82 +46,54 @@ JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 MAX_BODY = 64 << 20
 """Largest journaled request body (long contexts, inline images); bigger ones get 413."""
 
-POOL_SHARDS = 32
-"""Upstream connection pools; see ``Gate.__init__``."""
+TIMEOUT_SWEEP = 1.0
+"""Seconds between checks for engine answers that stopped arriving (read timeout)."""
 
-URL_CACHE = 1024
-"""Upstream URLs kept parsed, by path and query (cleared when full: query strings may be unique)."""
-
-CLOSE_TIMEOUT = 2.0
-"""Seconds allowed to close an upstream response or finish a client answer after a cut."""
-
-_HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade",
-})
-_NOT_FORWARDED = _HOP_BY_HOP | {b"host"}  # httpx sets Host to the upstream's
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+_NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
 _EVENT_STREAM = b"text/event-stream"
 _INTERRUPTED_EVENT = (
     b'data: {"error":{"message":"request interrupted for migration: this replica is being evicted; '
     b'retry on another replica","type":"interrupted_for_migration","code":503}}\n\n'
 )
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
 def _error_body(message: str, kind: str, code: int) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
 
 
-@dataclass(eq=False)
-class _Flight:
-    """The gate's handle on one journaled request: cancelling ``scope`` cuts its upstream exchange."""
-
-    scope: anyio.CancelScope
-    reason: str = ""
-    done: bool = False
-
-    def cut(self, reason: str) -> None:
-        if not self.done and not self.reason:
-            self.reason = reason
-            self.scope.cancel()
-
-
 class Gate:
-    """The ASGI app. Build one per daemon; ``aclose()`` it when done."""
+    """The data plane: serve it with ``run_gate``; ``aclose()`` it when done."""
 
     def __init__(self, *, upstream: str, journal: Journal, metrics: Metrics, retry_after: int = 5,
                  read_timeout: float = 600.0, connect_timeout: float = 5.0, max_body: int = MAX_BODY,
                  log: structlog.stdlib.BoundLogger | None = None) -> None:
-        base = httpx.URL(upstream)
-        if base.scheme not in ("http", "https") or not base.host:
+        base = urlsplit(upstream)
+        if base.scheme not in ("http", "https") or not base.hostname:
             raise ConfigError(
                 f"[gate] upstream: expected a base URL like http://127.0.0.1:8080, got {upstream!r}")
-        self._scheme = base.scheme
-        self._host = base.host
-        self._port = base.port
-        self._prefix = base.raw_path.split(b"?", 1)[0].rstrip(b"/")
+        tls = base.scheme == "https"
+        port = base.port or (443 if tls else 80)
+        self._host_line = b"host: " + base.netloc.rpartition("@")[2].encode("idna") + b"\r\n"
+        self._prefix = base.path.rstrip("/").encode()
+        self.pool = UpstreamPool(host=base.hostname, port=port, tls=ssl.create_default_context() if tls else None,
+                                 connect_timeout=connect_timeout)
         self.journal = journal
         self._metrics = metrics
         self._retry_after = str(retry_after).encode()
+        self._read_timeout = read_timeout
+        self._connect_timeout = connect_timeout
         self._max_body = max_body
         self._log = log if log is not None else structlog.stdlib.get_logger("spotguard.gate")
         self._draining = False
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, Exchange] = {}
         self._counters: dict[tuple[str, str], Counter] = {}
-        self._urls: dict[bytes, httpx.URL] = {}
-        # Upstream cookies must never leak from one client to the next: the jar refuses them all.
-        no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        tls = ssl.create_default_context()
-        # httpcore's pool checks every idle connection (a poll() each) on every request and release, so
-        # one pool of hundreds of connections costs more than the proxying itself: shard it, and keep a
-        # client connection on one shard so its upstream connection is reused.
-        self._clients = [httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0,
-                                  pool=connect_timeout),
-            # Idle upstream connections are dropped before the engine's own keep-alive timeout (5 s in
-            # llama.cpp and uvicorn), so a reused one is not closed under our feet.
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=128, keepalive_expiry=4.0),
-            cookies=no_cookies, follow_redirects=False, trust_env=False, verify=tls,
-        ) for _ in range(POOL_SHARDS)]
+        self._counts: dict[tuple[str, str], int] = {}
+        self.exchanges: set[Exchange] = set()
+        self.connections: set[ClientConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.TimerHandle | None = None
         self._unsubscribe = journal.subscribe(self._on_interrupt)
 
     @classmethod
@@ -135,289 +108,452 @@ class Gate:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def active(self) -> int:
+        """Requests being answered right now (journaled or not)."""
+        return len(self.exchanges)
+
     def set_draining(self, draining: bool) -> None:
         """Refuse (True) or accept again (False) new requests; requests in flight are not touched."""
         self._draining = draining
 
+    def request_counts(self) -> list[tuple[str, str, int]]:
+        """Requests answered since start, by (endpoint, result): what the daemon mirrors in its metrics."""
+        return [(endpoint, result, n) for (endpoint, result), n in self._counts.items()]
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+
     async def aclose(self) -> None:
+        """Stop listening, cut what is still running and close the connections to the engine."""
         self._unsubscribe()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
-            for client in self._clients:
-                await client.aclose()
+        self.stop_listening()
+        for exchange in list(self.exchanges):
+            exchange.client.abort()
+            exchange.cut("shutdown")
+        for connection in list(self.connections):
+            connection.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.pool.close()
+
+    def count(self, endpoint: str, result: str) -> None:
+        key = (endpoint, result)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = self._metrics.gate_requests.labels(endpoint=endpoint, result=result)
+        child.inc()
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def _on_interrupt(self, request: InflightRequest) -> None:
-        flight = self._flights.get(request.id)
-        if flight is not None:
-            flight.cut("interrupted")
+        exchange = self._flights.get(request.id)
+        if exchange is not None:
+            exchange.cut("interrupted")
 
-    def _count(self, endpoint: str, result: str) -> None:
-        child = self._counters.get((endpoint, result))
-        if child is None:
-            child = self._counters[(endpoint, result)] = self._metrics.gate_requests.labels(
-                endpoint=endpoint, result=result)
-        child.inc()
+    # -- the one entry point of every request ----------------------------------------------------
 
-    # -- ASGI ------------------------------------------------------------------------------------
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return  # lifespan is off; websockets are not proxied (uvicorn answers 403)
-        kind = JOURNALED.get(scope["path"]) if scope["method"] == "POST" else None
+    def handle(self, connection: ClientConnection, request: Request) -> None:
+        """Called once the head of a request is in; decides what happens to it."""
+        kind = JOURNALED.get(request.path) if request.method == b"POST" else None
         if self._draining:
-            self._count(kind or "other", "rejected")
-            await self._answer(send, 503, "this replica is draining before eviction; retry on another "
-                               "replica", "unavailable", retry_after=True)
-        elif kind is None:
-            await self._passthrough(scope, receive, send)
-        else:
-            await self._journaled(scope, receive, send, kind)
-
-    def _request(self, scope: Scope, content: bytes | AsyncIterator[bytes] | None) -> httpx.Request:
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        query = scope.get("query_string", b"")
-        target = raw_path + b"?" + query if query else raw_path
-        url = self._urls.get(target)
-        if url is None:
-            # Parsing a URL costs more than the rest of the request set-up; the same few paths recur.
-            url = httpx.URL(scheme=self._scheme, host=self._host, port=self._port,
-                            raw_path=self._prefix + target)
-            if len(self._urls) >= URL_CACHE:
-                self._urls.clear()
-            self._urls[target] = url
-        headers = [(k, v) for k, v in scope["headers"] if k not in _NOT_FORWARDED]
-        return httpx.Request(scope["method"], url, headers=headers, content=content)
-
-    async def _send(self, scope: Scope, content: bytes | AsyncIterator[bytes] | None) -> httpx.Response:
-        client = self._clients[hash(scope.get("client")) % POOL_SHARDS]
-        return await client.send(self._request(scope, content), stream=True)
-
-    @staticmethod
-    def _response_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
-        return [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
-
-    async def _answer(self, send: Send, status: int, message: str, kind: str, *,
-                      retry_after: bool = False) -> None:
-        body = _error_body(message, kind, status)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if retry_after:
-            headers.append((b"retry-after", self._retry_after))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async def _upstream_failed(self, send: Send, endpoint: str, exc: httpx.HTTPError, started: bool) -> None:
-        """Answer 502/504 if nothing was sent yet; otherwise the client sees its answer cut short."""
-        self._count(endpoint, "upstream_error")
-        self._log.warning("gate_upstream_error", endpoint=endpoint, error=type(exc).__name__, started=started)
-        if not started:
-            timeout = isinstance(exc, httpx.TimeoutException)
-            await self._answer(send, 504 if timeout else 502,
-                               f"the engine behind the gate failed: {type(exc).__name__}", "upstream_error")
-
-    # -- everything else: untouched --------------------------------------------------------------
-
-    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
-        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
-        if await self._relay(scope, send, _request_body(receive) if has_body else None, "other"):
-            self._count("other", "ok")
-
-    async def _relay(self, scope: Scope, send: Send, content: bytes | AsyncIterator[bytes] | None,
-                     kind: str) -> bool:
-        """Send the request upstream and stream its answer back as is; False when the upstream failed."""
-        started = False
-        response: httpx.Response | None = None
-        try:
-            response = await self._send(scope, content)
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": self._response_headers(response)})
-            started = True
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            return True
-        except httpx.HTTPError as exc:
-            await self._upstream_failed(send, kind, exc, started)
-            return False
-        finally:
-            if response is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
-                    await response.aclose()
-
-    # -- chat / completions: journaled -----------------------------------------------------------
-
-    async def _journaled(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
-        try:
-            body = await read_body(receive, self._max_body)
-        except ValueError:
-            self._count(kind, "too_large")
-            await self._answer(send, 413, f"request body larger than {self._max_body} bytes",
-                               "invalid_request")
+            self.count(kind or "other", "rejected")
+            request.sink = _drop
+            self.answer(connection, request, 503, "this replica is draining before eviction; retry on another "
+                        "replica", "unavailable", retry_after=True)
             return
+        exchange = Exchange(self, connection, request, kind or "other")
+        if kind is None:
+            exchange.forward()
+        else:
+            exchange.read_body()
+
+    def bad_request(self, connection: ClientConnection, status: int, message: str) -> None:
+        body = _error_body(message, "invalid_request", status)
+        connection.write(status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
+                         b"connection: close\r\n\r\n%s" % (len(body), body))
+
+    def answer(self, connection: ClientConnection, request: Request, status: int, message: str, kind: str, *,
+               retry_after: bool = False) -> None:
+        """A whole JSON error answer from the gate itself."""
+        body = _error_body(message, kind, status)
+        close = not request.keep_alive or not request.body_done
+        connection.write(b"".join((
+            status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+            b"retry-after: " + self._retry_after + b"\r\n" if retry_after else b"",
+            b"connection: close\r\n" if close else b"", b"\r\n", body)))
+        connection.finish(request, close=close)
+
+    def upstream_head(self, request: Request, length: int | None, chunked: bool) -> bytes:
+        parts = [request.method, b" ", self._prefix, request.target, b" HTTP/1.1\r\n", self._host_line]
+        for name, value in request.headers:
+            if name.lower() not in _NOT_FORWARDED:
+                parts += (name, b": ", value, b"\r\n")
+        if length is not None:
+            parts.append(b"content-length: %d\r\n" % length)
+        elif chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def track(self, exchange: Exchange) -> None:
+        self.exchanges.add(exchange)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail exchanges whose engine has sent nothing for ``read_timeout`` s (one timer, not one per read)."""
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        for exchange in list(self.exchanges):
+            upstream = exchange.upstream
+            if upstream is not None and now - upstream.last_read > self._read_timeout:
+                exchange.upstream_failed("ReadTimeout", timeout=True)
+        if self.exchanges:
+            self._sweeper = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._sweep)
+
+
+def _drop(_: bytes) -> None:
+    """The body of a request answered without it."""
+
+
+class Exchange:
+    """One request, from the client through the engine and back."""
+
+    __slots__ = ("gate", "client", "request", "endpoint", "entry", "parser", "upstream", "body", "started",
+                 "sse", "encoded", "chunked", "close_after", "collected", "status", "headers", "reason",
+                 "failed", "complete", "retried", "ended", "counted", "loop")
+
+    def __init__(self, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> None:
+        self.gate = gate
+        self.client = client
+        self.request = request
+        self.endpoint = endpoint
+        self.entry: InflightRequest | None = None
+        self.parser: OutputParser | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.body: bytes | None = None
+        """The whole request body, when it is sent in one piece (journaled); then a retry is possible."""
+        self.started = self.sse = self.encoded = self.chunked = self.close_after = False
+        self.collected: list[bytes] | None = None
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = ""
+        self.failed = self.complete = self.retried = self.ended = self.counted = False
+        self.loop = asyncio.get_running_loop()
+        client.on_lost = self._client_lost
+        client.on_pause = self._client_paused
+        gate.track(self)
+
+    # -- the request -----------------------------------------------------------------------------
+
+    def read_body(self) -> None:
+        """Journaled: the body is needed whole before anything is sent."""
+        request = self.request
+        if request.length is not None and request.length > self.gate._max_body:
+            self._too_large()
+        elif request.body_done:
+            self._journal()
+        else:
+            request.sink = self._more_body
+            request.on_done = self._journal
+
+    def _more_body(self, chunk: bytes) -> None:
+        request = self.request
+        request.body.append(chunk)
+        if request.body_size > self.gate._max_body and not self.ended:
+            request.sink = _drop
+            request.on_done = None
+            self._too_large()
+
+    def _too_large(self) -> None:
+        gate = self.gate
+        gate.count(self.endpoint, "too_large")
+        self.counted = True
+        self._end()
+        gate.answer(self.client, self.request, 413, f"request body larger than {gate._max_body} bytes",
+                    "invalid_request")
+
+    def _journal(self) -> None:
+        request = self.request
+        body = self.body = b"".join(request.body)
+        request.body.clear()
         meta = request_meta(body)
         if meta is None:
             # Not ours to judge: the engine answers it (400), it is just not worth journaling.
-            self._count(kind, "bad_request")
-            await self._passthrough_buffered(scope, send, body)
-            return
-        model, stream, slot = meta
-        entry = InflightRequest(id=self.journal.new_id(), endpoint=scope["path"], model=model, body=body,
-                                stream=stream, slot_id=slot)
-        flight = _Flight(anyio.CancelScope())
-        self._flights[entry.id] = flight
-        self.journal.add(entry)
-        self._metrics.gate_inflight.set(len(self.journal))
-        parser = OutputParser(entry, chat=kind == "chat")
-        state = _Exchange()
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_client, receive, flight)
-                with flight.scope:
-                    await self._exchange(scope, send, entry, parser, flight, state)
-                flight.done = True
-                tg.cancel_scope.cancel()
-        finally:
-            flight.done = True
-            del self._flights[entry.id]
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
-                if state.response is not None:
-                    # Mid-stream this closes the connection: the engine stops and frees the slot.
-                    await state.response.aclose()
-                if flight.reason == "interrupted" and flight.scope.cancelled_caught and not state.complete:
-                    await self._end_interrupted(send, state.started, state.sse)
-            entry.settled.set()
-            self._settle(entry, kind, flight, state, parser)
+            self.gate.count(self.endpoint, "bad_request")
+            self.counted = True
+        else:
+            model, stream, slot = meta
+            journal = self.gate.journal
+            entry = self.entry = InflightRequest(id=journal.new_id(), endpoint=request.path, model=model,
+                                                 body=body, stream=stream, slot_id=slot)
+            self.parser = OutputParser(entry, chat=self.endpoint == "chat")
+            self.gate._flights[entry.id] = self
+            journal.add(entry)
+            self.gate._metrics.gate_inflight.set(len(journal))
+        self._send()
 
-    async def _exchange(self, scope: Scope, send: Send, entry: InflightRequest, parser: OutputParser,
-                        flight: _Flight, state: _Exchange) -> None:
+    def forward(self) -> None:
+        """Passed through: sent upstream at once, the body streamed as it comes."""
+        self._send()
+
+    def _send(self) -> None:
+        connection = self.gate.pool.take(self.loop.time())
+        if connection is not None:
+            self._use(connection)
+        else:
+            self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
         try:
-            response = state.response = await self._send(scope, entry.body)
-            headers = self._response_headers(response)
-            content_type = response.headers.get("content-type", "")
-            encoded = response.headers.get("content-encoding", "identity") != "identity"
-            if content_type.encode().startswith(_EVENT_STREAM):
-                await send({"type": "http.response.start", "status": response.status_code,
-                            "headers": headers})
-                state.started = state.sse = True
-                if encoded:
-                    parser.errors += 1  # compressed: pass it on, but we cannot read the output
-                    async for chunk in response.aiter_raw():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                else:
-                    feed = parser.feed
-                    # Fallback for an event set directly rather than through Journal.interrupt().
-                    interrupted = entry.interrupted.is_set
-                    async for chunk in response.aiter_raw():
-                        feed(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        if interrupted():
-                            flight.cut("interrupted")
-                    parser.finish()
-                await send({"type": "http.response.body", "body": b""})
+            connection = await self.gate.pool.connect()
+        except (OSError, TimeoutError) as exc:
+            if not self.ended:
+                self.upstream_failed(type(exc).__name__ if str(exc) == "" else f"{type(exc).__name__}: {exc}",
+                                     timeout=isinstance(exc, TimeoutError))
+            return
+        if self.ended:
+            self.gate.pool.give_back(connection, self.loop.time())
+        else:
+            self._use(connection)
+
+    def _use(self, connection: UpstreamConnection) -> None:
+        self.upstream = connection
+        request = self.request
+        gate = self.gate
+        connection.begin(self, request.method == b"HEAD", self.loop.time())
+        connection.on_pause = self.client.pause_reading
+        if self.body is not None:
+            connection.write(gate.upstream_head(request, len(self.body), False) + self.body)
+            return
+        if not request.has_body:
+            connection.write(gate.upstream_head(request, None, False))
+            return
+        chunked = request.length is None
+        pending = b"".join(request.body)
+        request.body.clear()
+        if chunked:
+            head = gate.upstream_head(request, None, True)
+            connection.write(head + (b"%x\r\n%s\r\n" % (len(pending), pending) if pending else b""))
+            request.sink = lambda chunk: connection.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            request.on_done = lambda: connection.write(_LAST_CHUNK)
+            if request.body_done:
+                connection.write(_LAST_CHUNK)
+        else:
+            connection.write(gate.upstream_head(request, request.length, False) + pending)
+            request.sink = connection.write
+
+    def _client_paused(self, paused: bool) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading(paused)
+
+    # -- the answer (ResponseSink) ----------------------------------------------------------------
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], upstream: UpstreamConnection) -> None:
+        length: bytes | None = None
+        kept: list[tuple[bytes, bytes]] = []
+        content_type = b""
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered in _NOT_RETURNED:
+                if lowered == b"content-length":
+                    length = value.strip()
+                continue
+            if lowered == b"content-type":
+                content_type = value
+            elif lowered == b"content-encoding":
+                self.encoded = value.strip().lower() != b"identity"
+            kept.append((name, value))
+        if self.entry is not None:
+            if content_type.startswith(_EVENT_STREAM):
+                self.sse = True
+                if self.encoded and self.parser is not None:
+                    self.parser.errors += 1  # compressed: pass it on, but we cannot read the output
             else:
                 # A non-streaming answer arrives all at once after generation: read it whole, so a cut
                 # before it is complete can still be answered with a clean 503 instead of half a body.
-                chunks = [chunk async for chunk in response.aiter_raw()]
-                answer = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                if response.status_code == 200 and not encoded:
-                    parser.parse_body(answer)
-                await send({"type": "http.response.start", "status": response.status_code,
-                            "headers": headers})
-                state.started = True
-                await send({"type": "http.response.body", "body": answer})
-            state.complete = True
-        except httpx.HTTPError as exc:
-            state.failed = True
-            await self._upstream_failed(send, JOURNALED[scope["path"]], exc, state.started)
+                self.status, self.headers, self.collected = status, kept, []
+                return
+        self._head(status, kept, length)
 
-    async def _end_interrupted(self, send: Send, started: bool, sse: bool) -> None:
-        try:
-            if started:
-                # Headers are out: an SSE client gets a last event saying why, then a clean end of body.
-                await send({"type": "http.response.body", "body": _INTERRUPTED_EVENT if sse else b"",
-                            "more_body": True})
-                await send({"type": "http.response.body", "body": b""})
-            else:
-                await self._answer(send, 503, "request interrupted for migration: this replica is being "
-                                   "evicted; retry on another replica", "interrupted_for_migration",
-                                   retry_after=True)
-        except (OSError, RuntimeError) as exc:
-            # The cut raced the end of the answer or the client's departure: nothing left to tell.
-            self._log.info("gate_interrupt_notice_not_sent", error=type(exc).__name__)
-
-    def _settle(self, entry: InflightRequest, kind: str, flight: _Flight, state: _Exchange,
-                parser: OutputParser) -> None:
-        cut = flight.scope.cancelled_caught
-        if cut and flight.reason == "interrupted":
-            result = "interrupted"  # the entry stays for the snapshot step, which removes it
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], length: bytes | None) -> None:
+        request = self.request
+        parts = [status_line(status)]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if request.method == b"HEAD" or status in (204, 304):
+            if length is not None:
+                parts.append(b"content-length: " + length + b"\r\n")
+        elif length is not None:
+            parts.append(b"content-length: " + length + b"\r\n")
+        elif request.http10:
+            self.close_after = True  # no framing: the end of the body is the end of the connection
         else:
-            self.journal.remove(entry.id)
-            if cut and flight.reason == "client_disconnect":
-                result = "client_disconnect"
-            elif state.failed:
-                result = ""  # counted where it failed
-            elif parser.errors:
-                result = "malformed"
-            elif state.complete:
-                result = "ok"
-            else:
-                result = "cancelled"
+            self.chunked = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if self.close_after or not request.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        self.client.write(b"".join(parts))
+        self.started = True
+
+    def on_response_body(self, body: bytes) -> None:
+        if self.collected is not None:
+            self.collected.append(body)
+            return
+        if self.sse and not self.encoded and self.parser is not None:
+            self.parser.feed(body)
+        if self.chunked:
+            self.client.write(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.client.write(body)
+
+    def on_response_done(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            self.gate.pool.give_back(upstream, self.loop.time())
+        if self.collected is not None:
+            answer = b"".join(self.collected)
+            if self.status == 200 and not self.encoded and self.parser is not None:
+                self.parser.parse_body(answer)
+            self._head(self.status, self.headers, b"%d" % len(answer))
+            self.client.write(answer)
+        else:
+            if self.sse and self.parser is not None:
+                self.parser.finish()
+            if self.chunked:
+                self.client.write(_LAST_CHUNK)
+        self.complete = True
+        self._end()
+
+    def on_upstream_lost(self, error: str) -> None:
+        upstream, self.upstream = self.upstream, None
+        if (upstream is not None and upstream.reused and not upstream.received and not self.retried
+                and (self.body is not None or not self.request.has_body)):
+            # The engine closed a kept-alive connection just as we reused it: nothing reached it, send again.
+            self.retried = True
+            self._send()
+            return
+        self.upstream_failed(error, timeout=False)
+
+    def upstream_failed(self, error: str, *, timeout: bool) -> None:
+        """Answer 502/504 if nothing was sent yet; otherwise the client sees its answer cut short."""
+        if self.ended:
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        gate = self.gate
+        self.failed = self.counted = True
+        gate.count(self.endpoint, "upstream_error")
+        gate._log.warning("gate_upstream_error", endpoint=self.endpoint, error=error, started=self.started)
+        self._end()
+        if self.started:
+            self.client.abort()
+        else:
+            gate.answer(self.client, self.request, 504 if timeout else 502,
+                        f"the engine behind the gate failed: {error}", "upstream_error")
+
+    # -- ends ------------------------------------------------------------------------------------
+
+    def _client_lost(self) -> None:
+        self.cut("client_disconnect")
+
+    def cut(self, reason: str) -> None:
+        """Cut the exchange: the engine's connection is closed (it stops and frees the slot)."""
+        if self.ended:
+            return
+        self.reason = reason
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._end()
+        if reason != "interrupted":
+            return
+        client = self.client
+        if not self.started:
+            self.gate.answer(client, self.request, 503, "request interrupted for migration: this replica is being "
+                             "evicted; retry on another replica", "interrupted_for_migration", retry_after=True)
+        elif self.chunked:
+            # Headers are out: an SSE client gets a last event saying why, then a clean end of body.
+            event = _INTERRUPTED_EVENT if self.sse else b""
+            client.write((b"%x\r\n%s\r\n" % (len(event), event) if event else b"") + _LAST_CHUNK)
+            client.finish(self.request)
+        else:
+            client.close()
+
+    def _end(self) -> None:
+        """Settle the journal entry, count the result, and let the client connection move on."""
+        if self.ended:
+            return
+        self.ended = True
+        gate = self.gate
+        gate.exchanges.discard(self)
+        request = self.request
+        if request.sink is not _drop:
+            request.sink = _drop
+        request.on_done = None
+        entry, parser = self.entry, self.parser
+        result = ""
+        if entry is not None:
+            del gate._flights[entry.id]
+            entry.settled.set()
+            if self.reason != "interrupted":
+                gate.journal.remove(entry.id)
+            gate._metrics.gate_inflight.set(len(gate.journal))
+        if self.reason in ("interrupted", "client_disconnect"):
+            result = self.reason
+        elif self.counted:
+            result = ""  # counted where it happened
+        elif parser is not None and parser.errors:
+            result = "malformed"
+        elif self.complete:
+            result = "ok"
+        else:
+            result = "cancelled"
         if result:
-            self._count(kind, result)
-        if parser.errors:
-            self._log.warning("gate_malformed_upstream", endpoint=kind, errors=parser.errors)
-        self._metrics.gate_inflight.set(len(self.journal))
-
-    async def _passthrough_buffered(self, scope: Scope, send: Send, body: bytes) -> None:
-        await self._relay(scope, send, body, JOURNALED[scope["path"]])
-
-
-@dataclass(eq=False)
-class _Exchange:
-    response: httpx.Response | None = None
-    started: bool = False
-    sse: bool = False
-    complete: bool = False
-    failed: bool = False
-
-
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
-    """The client's request body as it arrives, for pass-through without buffering."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
-
-
-async def _watch_client(receive: Receive, flight: _Flight) -> None:
-    """Cut the exchange when the client goes away (the request body has been read already)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            flight.cut("client_disconnect")
-            return
+            gate.count(self.endpoint, result)
+        if parser is not None and parser.errors:
+            gate._log.warning("gate_malformed_upstream", endpoint=self.endpoint, errors=parser.errors)
+        if self.complete:
+            self.client.finish(request, close=self.close_after)
 
 
 def nodelay_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket whose accepted connections have Nagle off.
-
-    asyncio sets TCP_NODELAY only on sockets created with proto IPPROTO_TCP, which ``tcp_socket``'s are
-    not; without it a client that writes headers and body separately waits ~40 ms for delayed ACKs.
-    Linux copies the option from the listener to every accepted socket.
-    """
-    sock = tcp_socket(host, port)
+    """A listening TCP socket whose accepted connections have Nagle off (Linux copies the option to them);
+    without it a client that writes headers and body separately waits ~40 ms for delayed ACKs."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
     return sock
 
 
-async def run_gate(gate: Gate, listen: str, *,
-                   task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``gate`` on ``listen`` (host:port) until cancelled, then close its upstream pool."""
+def listen_socket(listen: str) -> socket.socket:
+    """The gate's listening socket for ``[gate] listen``; a clear GateError when it cannot be had."""
     host, port = parse_listen(listen, "[gate] listen")
     try:
-        await serve(gate, nodelay_socket(host, port), task_status=task_status)
+        return nodelay_socket(host, port)
+    except OSError as exc:
+        raise GateError(f"the gate cannot listen on {listen} ([gate] listen): {exc.strerror or exc}") from None
+
+
+async def run_gate(gate: Gate, listen: str, sock: socket.socket | None = None, *,
+                   task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``gate`` on ``sock`` (else a new socket for ``listen``) until cancelled, then close it."""
+    if sock is None:
+        sock = listen_socket(listen)
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(lambda: ClientConnection(gate, gate.connections), sock=sock, backlog=2048)
+        gate._servers.append(server)
+        name = sock.getsockname()
+        task_status.started(Bound(str(name[0]), int(name[1])))
+        await anyio.sleep_forever()
     finally:
         await gate.aclose()

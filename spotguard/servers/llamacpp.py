@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from spotguard.errors import EngineError
+from spotguard.errors import EngineError, GateError
 from spotguard.servers.call import call, expect_ok, parse_json
 
 if TYPE_CHECKING:
-    from spotguard.gate.journal import Journal
+    from spotguard.gate.journal import JournalAccess
 
 
 def busy_slots(payload: object, source: str) -> int:
@@ -39,7 +39,7 @@ def busy_slots(payload: object, source: str) -> int:
 class LlamaCppAdapter:
     name = "llamacpp"
 
-    def __init__(self, *, http: httpx.AsyncClient, url: str, timeout: float, journal: Journal | None = None,
+    def __init__(self, *, http: httpx.AsyncClient, url: str, timeout: float, journal: JournalAccess | None = None,
                  set_gate_draining: Callable[[], None] | None = None) -> None:
         self.http = http
         self.url = url.rstrip("/")
@@ -70,4 +70,9 @@ class LlamaCppAdapter:
         expect_ok(response, f"GET {url}")
         busy = busy_slots(parse_json(response, f"GET {url}"), f"GET {url}")
         # Requests queued inside llama-server hold no slot yet; the gate's journal still sees them.
-        return max(busy, len(self.journal)) if self.journal is not None else busy
+        if self.journal is None:
+            return busy
+        try:
+            return max(busy, await self.journal.count())
+        except GateError:
+            return busy

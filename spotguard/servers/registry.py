@@ -20,12 +20,12 @@ from spotguard.servers.prom import metrics_url
 from spotguard.servers.triton import TritonAdapter, default_metrics_url
 
 if TYPE_CHECKING:
-    from spotguard.gate.journal import Journal
+    from spotguard.gate.journal import JournalAccess
 
 SIGNALLED = {"vllm": vllm.build, "sglang": sglang.build, "tgi": tgi.build}
 
 
-def build_engine(config: Config, http: httpx.AsyncClient, *, journal: Journal | None = None,
+def build_engine(config: Config, http: httpx.AsyncClient, *, journal: JournalAccess | None = None,
                  set_gate_draining: Callable[[], None] | None = None) -> EngineAdapter:
     """The adapter for ``[server] kind``; ConfigError naming the key when a setting it needs is missing."""
     server = config.server

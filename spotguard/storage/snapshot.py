@@ -15,6 +15,7 @@ attempt; the drain goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,7 +29,7 @@ import anyio
 import structlog
 
 from spotguard.drain.step import step_time_left
-from spotguard.errors import EngineError, SpotguardError, StoreError
+from spotguard.errors import EngineError, GateError, SpotguardError, StoreError
 from spotguard.notice import rfc3339, utcnow
 from spotguard.storage import crypto, llamacpp, model_hash
 from spotguard.storage.format import (
@@ -325,7 +326,11 @@ async def _work(job: _Job, work_budget: float) -> None:
     # so the records and the saved KV hold the same tokens.
     requests: list[InflightRequest] = []
     if journal is not None:
-        requests = (await journal.interrupt_and_wait(min(1.0, work_budget * 0.1)) if kv else journal.active())
+        try:
+            requests = (await journal.interrupt_and_wait(min(1.0, work_budget * 0.1)) if kv
+                        else await journal.entries())
+        except GateError as exc:
+            job.problem("gate", f"gate journal: {exc}")
     job.progress.requests = len(requests)
     owners = {r.slot_id: r.id for r in requests if r.slot_id is not None}
     if len(requests) == 1 and len(busy) == 1 and not owners:
@@ -368,7 +373,10 @@ async def take_snapshot(ctx: DrainContext, prepared: Prepared | None = None) -> 
     budget = min(step_time_left(), ctx.seconds_left(), config.drain.snapshot_budget) - SAFETY
     instance = ctx.services.identity.instance_id or config.agent.instance_id or socket.gethostname()
     prefix = f"{safe_segment(instance)}/{safe_segment(ctx.notice.event_id)}"
-    requests = len(ctx.services.journal) if ctx.services.journal is not None else 0
+    try:
+        requests = await ctx.services.journal.count() if ctx.services.journal is not None else 0
+    except GateError:
+        requests = 0  # _work reports the gate's failure when it reads the journal
     if ctx.dry_run:
         return f"would save {requests} in-flight requests to {config.snapshot.url}/{prefix}/"
     if budget <= 0:
@@ -418,9 +426,8 @@ async def take_snapshot(ctx: DrainContext, prepared: Prepared | None = None) -> 
         ctx.metrics.snapshot_objects.labels(kind="manifest", result="failed").inc()
     stored_ids = {i for e in progress.entries if e.kind == "records" for i in e.request_ids}
     if ctx.services.journal is not None:
-        for request_id in progress.interrupted:
-            if request_id in stored_ids:
-                ctx.services.journal.remove(request_id)
+        with contextlib.suppress(GateError):  # a gate that is gone has forgotten them anyway
+            await ctx.services.journal.release([i for i in progress.interrupted if i in stored_ids])
     records = len(stored_ids)
     kv = sum(1 for e in progress.entries if e.kind == "kv")
     summary = f"{records}/{requests} records, {kv} kv slots, {len(progress.missing)} missing"

@@ -142,8 +142,8 @@ async def test_interrupt_closes_upstream_and_ends_the_stream_cleanly(fake_engine
                 rest = [event async for event in _data(lines)]  # ends: the gate closed the body
     assert len(cut) == 1 and cut[0].settled.is_set()
     assert rest == [rest[-1]] and json.loads(rest[-1])["error"]["type"] == "interrupted_for_migration"
-    await wait_for(lambda: fake_engine.disconnects == 1)  # the engine saw its connection close
-    assert fake_engine.streams_open == 0
+    # the engine saw its connection close, and stopped generating
+    await wait_for(lambda: fake_engine.disconnects == 1 and fake_engine.streams_open == 0)
     # The entry stays, with its output, until the snapshot step releases it.
     [entry] = gw.journal.active()
     assert entry is cut[0] and entry.output_text == token(0) + token(1) and entry.finish_reason is None
@@ -245,3 +245,38 @@ async def test_unreachable_engine_gives_502(start_gate: StartGate) -> None:
     assert chat.json()["error"]["type"] == "upstream_error"
     assert len(gw.journal) == 0
     assert gw.count("chat", "upstream_error") == 1 and gw.count("other", "upstream_error") == 1
+
+
+async def test_chunked_upload_and_head_pass_through(fake_engine: FakeEngine, start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+
+    async def parts() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield f"part{i};".encode()
+
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        with anyio.fail_after(10):
+            put = await client.put("/upload", content=parts())  # no length: sent chunked
+            head = await client.head("/v1/models")
+            after = await client.get("/v1/models")  # the connection is still good after a HEAD
+    assert base64.b64decode(put.json()["body"]) == b"part0;part1;part2;"
+    assert head.status_code == 200 and head.content == b""
+    assert after.json()["path"] == "/v1/models"
+    assert gw.count("other", "ok") == 3
+
+
+async def test_pipelined_requests_are_answered_in_order(fake_engine: FakeEngine, start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url)
+    host, port = gw.url.removeprefix("http://").split(":")
+    with anyio.fail_after(10):
+        async with await anyio.connect_tcp(host, int(port)) as sock:
+            await sock.send(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\nGET /second HTTP/1.1\r\nhost: x\r\n"
+                            b"connection: close\r\n\r\n")
+            received = b""
+            try:
+                while True:
+                    received += await sock.receive()
+            except anyio.EndOfStream:
+                pass
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+    assert received.index(b'"/first"') < received.index(b'"/second"')

@@ -34,6 +34,9 @@ def test_files_are_where_the_unit_expects_them(installed: Installed) -> None:
     assert (root / config_path.lstrip("/")).is_file()
     dropin = (root / "etc/systemd/system/spotguard.service.d/10-inference.conf").read_text()
     assert "After=vllm.service" in dropin and "Wants=vllm.service" in dropin
+    assert (root / "etc/systemd/system/spotguard-gate.service").is_file()
+    gate_dropin = (root / "etc/systemd/system/spotguard-gate.service.d/10-inference.conf").read_text()
+    assert "After=vllm.service" in gate_dropin
 
 
 def test_default_config_is_valid_and_names_the_engine_unit(installed: Installed) -> None:

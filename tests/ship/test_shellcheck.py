@@ -8,7 +8,8 @@ import pytest
 
 from tests.ship.conftest import REPO, need_tool
 
-SCRIPTS = sorted([*REPO.glob("packer/scripts/*.sh"), REPO / "tools" / "setup-test-tools.sh"])
+SCRIPTS = sorted([*REPO.glob("packer/scripts/*.sh"), REPO / "tools" / "setup-test-tools.sh",
+                  REPO / "tools" / "setup-bench-tools.sh"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))

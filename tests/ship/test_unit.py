@@ -14,6 +14,8 @@ from tests.ship.conftest import SYSTEMD_DIR, Installed, need_tool, unit_root
 
 UNIT = SYSTEMD_DIR / "spotguard.service"
 DROPIN = SYSTEMD_DIR / "spotguard.service.d" / "10-inference.conf"
+GATE = SYSTEMD_DIR / "spotguard-gate.service"
+GATE_DROPIN = SYSTEMD_DIR / "spotguard-gate.service.d" / "10-inference.conf"
 
 
 def settings(*paths: Path) -> dict[str, list[str]]:
@@ -31,15 +33,19 @@ def verify(root: Path) -> subprocess.CompletedProcess[str]:
     tool = need_tool("systemd-analyze")
     # --root makes verify resolve units, ExecStart and drop-ins inside the root, so the check sees the
     # same tree a VM would have, without touching this machine's /etc.
-    return subprocess.run([tool, "verify", "--man=no", f"--root={root}", "spotguard.service"],
+    return subprocess.run([tool, "verify", "--man=no", f"--root={root}", "spotguard.service",
+                           "spotguard-gate.service"],
                           capture_output=True, text=True, timeout=60, check=False)
 
 
 def stage(root: Path, engine: bool = True) -> Path:
     units = unit_root(root) / "etc/systemd/system"
     (units / "spotguard.service.d").mkdir(parents=True, exist_ok=True)
+    (units / "spotguard-gate.service.d").mkdir(parents=True, exist_ok=True)
     shutil.copy2(UNIT, units / "spotguard.service")
     shutil.copy2(DROPIN, units / "spotguard.service.d" / DROPIN.name)
+    shutil.copy2(GATE, units / "spotguard-gate.service")
+    shutil.copy2(GATE_DROPIN, units / "spotguard-gate.service.d" / GATE_DROPIN.name)
     binary = root / "opt/spotguard/venv/bin/spotguard"
     binary.parent.mkdir(parents=True, exist_ok=True)
     binary.write_text("#!/bin/sh\nexit 0\n")
@@ -96,6 +102,26 @@ def test_dropin_orders_spotguard_after_the_engine() -> None:
     assert "Requires" not in dropin and "BindsTo" not in dropin
 
 
-@pytest.mark.parametrize("path", [UNIT, DROPIN])
+def test_gate_unit_outlives_spotguard_and_matches_its_defaults() -> None:
+    gate, unit = settings(GATE), settings(UNIT)
+    defaults = config.Config()
+    assert gate["ExecStart"] == [f"/opt/spotguard/venv/bin/spotguard gate --config {config.DEFAULT_CONFIG_PATH}"]
+    assert gate["Type"] == ["notify"] and gate["Restart"] == ["on-failure"]
+    assert float(gate["TimeoutStopSec"][0]) > defaults.gate.stop_timeout
+    # Started before spotguard, stopped after it; never restarted or stopped along with it.
+    assert gate["Before"] == ["spotguard.service"]
+    assert "spotguard-gate.service" in unit["Wants"] and "spotguard-gate.service" in unit["After"]
+    for key in ("Requires", "BindsTo", "PartOf"):
+        assert key not in unit and key not in gate, key
+    # Both units name the same control socket, in the gate's own runtime directory (not /run/spotguard,
+    # which goes away while spotguard.service restarts), and the daemon leaves starting it to systemd.
+    socket_env = "SPOTGUARD_GATE_CONTROL_SOCKET=/run/spotguard-gate/gate.sock"
+    assert socket_env in gate["Environment"] and socket_env in unit["Environment"]
+    assert Path("/run", gate["RuntimeDirectory"][0]) == Path("/run/spotguard-gate")
+    assert "SPOTGUARD_GATE_START=external" in unit["Environment"]
+    assert settings(GATE_DROPIN)["After"] == ["vllm.service"]
+
+
+@pytest.mark.parametrize("path", [UNIT, DROPIN, GATE, GATE_DROPIN])
 def test_unit_files_end_with_newline(path: Path) -> None:
     assert path.read_text().endswith("\n")

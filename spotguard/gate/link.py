@@ -1,0 +1,246 @@
+"""The daemon's side of the gate: finds (or starts) the gate process and keeps track of it.
+
+``GateLink.run`` attaches to the gate answering on ``[gate] control_socket``: one that is already
+running for this configuration (a restarted daemon takes over its journal and its requests in flight),
+or, with ``[gate] start = auto``, one it starts itself (``python -m spotguard gate``, in a session of
+its own so it outlives the daemon). It then keeps ``alive`` current (a stats call every second), pushes
+the draining flag, and mirrors the gate's counts into the daemon's metrics. When the gate dies the
+daemon logs ``gate_down``, counts it, reports ``alive = False`` (readiness fails) and, with ``start =
+auto``, starts it again; with ``external`` it waits for the service manager to.
+
+``RemoteJournal`` is the gate's journal as the drain steps see it (``JournalAccess``), one control
+call per use.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from spotguard.config import Config, to_toml
+from spotguard.errors import GateError
+from spotguard.gate.control import GateConnection, call, control_path, entry_from_wire
+from spotguard.gate.journal import InflightRequest
+from spotguard.metrics import Metrics
+
+WATCH_INTERVAL = 1.0
+"""Seconds between liveness checks (stats calls) of an attached gate."""
+CALL_TIMEOUT = 5.0
+"""Seconds one control call may take (an interrupt: its own timeout on top)."""
+START_TIMEOUT = 20.0
+"""Seconds a gate the daemon started may take to answer on its control socket."""
+RETRY_MIN, RETRY_MAX = 0.2, 5.0
+"""Backoff in seconds between attempts to reach (or start) a gate that is not there."""
+
+
+class RemoteJournal:
+    """The gate process's journal, one control call per use (``JournalAccess``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def count(self) -> int:
+        return int((await call(self.path, "stats", timeout=CALL_TIMEOUT))["inflight"])
+
+    async def entries(self) -> list[InflightRequest]:
+        return _entries(await call(self.path, "journal", timeout=CALL_TIMEOUT))
+
+    async def interrupt_and_wait(self, timeout: float) -> list[InflightRequest]:
+        return _entries(await call(self.path, "interrupt", timeout=timeout + CALL_TIMEOUT, seconds=timeout))
+
+    async def release(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            await call(self.path, "release", timeout=CALL_TIMEOUT, ids=list(request_ids))
+
+
+def _entries(answer: dict[str, Any]) -> list[InflightRequest]:
+    requests = answer.get("requests")
+    if not isinstance(requests, list):
+        raise GateError("the gate's journal answer has no request list")
+    return [entry_from_wire(doc) for doc in requests]
+
+
+class GateLink:
+    """The daemon's handle on the gate process: ``alive``, ``set_draining``, ``journal``."""
+
+    def __init__(self, config: Config, metrics: Metrics, *, log: structlog.stdlib.BoundLogger) -> None:
+        self.config = config
+        self.path = control_path(config)
+        self.journal = RemoteJournal(self.path)
+        self.alive = False
+        """True while the gate answers its control socket (kept current by ``run``)."""
+        self.pid: int | None = None
+        self._metrics = metrics
+        self._log = log
+        self._draining = False
+        self._dirty = False
+        """set_draining was called since the last push (pushed even when unchanged: idempotent, and the
+        gate's own flag may differ, e.g. after `spotguard gate` was restarted by hand)."""
+        self._changed = anyio.Event()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._seen: dict[tuple[str, str], int] = {}
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def set_draining(self, draining: bool) -> None:
+        """Refuse (True) or accept (False) new requests at the gate; pushed by ``run`` at once."""
+        self._draining = draining
+        self._dirty = True
+        self._changed.set()
+
+    def describe(self) -> dict[str, Any]:
+        return {"alive": self.alive, "pid": self.pid, "control_socket": self.path, "start": self.config.gate.start}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Attach to (or start) the gate and watch it until cancelled.
+
+        Reports started after the first attempt, whatever its outcome: a daemon without its gate still
+        watches for notices (and says, through ``alive`` and readiness, that the gate is missing).
+        """
+        started = False
+        delay = RETRY_MIN
+        attempt = 0
+        while True:
+            try:
+                connection = await self._attach(attempt)
+            except GateError as exc:
+                self._down_state()
+                if attempt == 0 or delay >= RETRY_MAX:
+                    self._log.error("gate_unavailable", error=str(exc), start=self.config.gate.start,
+                                    retry_in=delay)
+                self._metrics.config_errors.labels(component="gate", reason="unavailable").inc()
+                if not started:
+                    task_status.started()
+                    started = True
+                attempt += 1
+                await anyio.sleep(delay)
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            attempt, delay = 0, RETRY_MIN
+            self.alive = True
+            self._metrics.gate_up.set(1)
+            if not started:
+                task_status.started()
+                started = True
+            try:
+                await self._watch(connection)
+            except GateError as exc:
+                self._down_state()
+                self._metrics.gate_failures.inc()
+                code = self._reap()
+                self._log.error("gate_down", pid=self.pid, error=str(exc),
+                                exit_code=code, restart=self.config.gate.start == "auto")
+            finally:
+                await connection.aclose()
+
+    def _down_state(self) -> None:
+        self.alive = False
+        self._metrics.gate_up.set(0)
+
+    async def _attach(self, attempt: int) -> GateConnection:
+        try:
+            connection = await GateConnection.open(self.path)
+        except GateError:
+            if self.config.gate.start != "auto":
+                raise
+            await self._start()
+            connection = await GateConnection.open(self.path)
+        try:
+            hello = await connection.request("hello", timeout=CALL_TIMEOUT)
+            self._dirty = False
+            await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining)
+        except GateError:
+            await connection.aclose()
+            raise
+        self.pid = int(hello.get("pid", 0)) or None
+        self._seen = {}
+        mine = (self.config.gate.listen, self.config.gate.upstream)
+        if (hello.get("listen"), hello.get("upstream")) != mine:
+            # Not ours to restart with requests in flight: say so; `spotguard gate --stop` then restart.
+            self._log.warning("gate_config_differs", running={"listen": hello.get("listen"),
+                              "upstream": hello.get("upstream")}, configured={"listen": mine[0], "upstream": mine[1]})
+        self._log.info("gate_attached", pid=self.pid, version=hello.get("version"), started_at=hello.get("started_at"),
+                       inflight=hello.get("inflight"), started_by_us=self._child is not None)
+        return connection
+
+    async def _watch(self, connection: GateConnection) -> None:
+        while True:
+            with anyio.move_on_after(WATCH_INTERVAL):
+                await self._changed.wait()
+            self._changed = anyio.Event()
+            if self._dirty:
+                self._dirty = False
+                await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining)
+            self._mirror(await connection.request("stats", timeout=CALL_TIMEOUT))
+
+    def _mirror(self, stats: dict[str, Any]) -> None:
+        self._metrics.gate_inflight.set(float(stats.get("inflight", 0)))
+        for row in stats.get("requests", ()):
+            try:
+                endpoint, result, count = str(row[0]), str(row[1]), int(row[2])
+            except (IndexError, TypeError, ValueError):
+                continue
+            delta = count - self._seen.get((endpoint, result), 0)
+            if delta > 0:
+                self._metrics.gate_requests.labels(endpoint=endpoint, result=result).inc(delta)
+            self._seen[(endpoint, result)] = count
+
+    async def _start(self) -> None:
+        """Start ``spotguard gate`` in a session of its own and wait until its control socket answers."""
+        self._reap()
+        state = Path(self.config.agent.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        settings = state / "gate.toml"
+        # Only what the gate reads (never the whole file: webhook URLs and such are nobody else's).
+        own = Config(agent=self.config.agent, control=self.config.control).replace(
+            "gate", **{**_section(self.config, "gate"), "control_socket": self.path})
+        fd = os.open(settings, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(to_toml(own))
+        log_path = state / "gate.log"
+        with open(log_path, "ab") as out:
+            child = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "spotguard", "gate", "--config", str(settings)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                close_fds=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._child = child
+        self._log.info("gate_starting", pid=child.pid, log=str(log_path))
+        with anyio.move_on_after(START_TIMEOUT):
+            while child.poll() is None:
+                try:
+                    connection = await GateConnection.open(self.path, 0.5)
+                except GateError:
+                    await anyio.sleep(0.02)  # process start-up, bounded by START_TIMEOUT
+                    continue
+                await connection.aclose()
+                self._metrics.gate_starts.inc()
+                return
+        code = self._reap()
+        raise GateError(f"the gate did not come up within {START_TIMEOUT:.0f}s (exit code {code}); "
+                        f"see {log_path}")
+
+    def _reap(self) -> int | None:
+        """Collect a child gate that has exited (no zombie left behind); its exit code, if it exited."""
+        child = self._child
+        if child is None:
+            return None
+        code = child.poll()
+        if code is not None:
+            self._child = None
+        return code
+
+
+def _section(config: Config, name: str) -> dict[str, Any]:
+    from spotguard.config import to_dict
+
+    return dict(to_dict(config)[name])
