@@ -12,7 +12,7 @@ URL forms: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``az://container/pref
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +36,9 @@ PART_SIZE = 8 * 1024 * 1024
 """Objects above this go up as multipart uploads, parts in parallel (S3's minimum part is 5 MiB)."""
 
 PART_CONCURRENCY = 8
+
+STREAM_CHUNK = 1024 * 1024
+"""Bytes per chunk when an object is read as a stream (downloads, KV files): memory stays flat."""
 
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -173,12 +176,40 @@ class Store:
             self.inner, path, data, use_multipart=len(data) > PART_SIZE, chunk_size=PART_SIZE,
             max_concurrency=PART_CONCURRENCY))
 
-    async def get(self, path: str) -> bytes:
-        async def fetch() -> bytes:
-            result = await obstore.get_async(self.inner, path)
-            return bytes(await result.bytes_async())
+    async def put_stream(self, path: str, parts: AsyncIterable[bytes], *, concurrency: int = PART_CONCURRENCY) -> None:
+        """Upload from an async stream as a multipart upload: at most ``concurrency`` parts of PART_SIZE
+        are held at once, whatever the object's size; nothing is visible at ``path`` until it completes."""
+        await self._call(f"put {path}", obstore.put_async(
+            self.inner, path, parts, use_multipart=True, chunk_size=PART_SIZE, max_concurrency=concurrency))
 
-        return await self._call(f"get {path}", fetch())
+    async def get(self, path: str, *, limit: int | None = None) -> bytes:
+        """The whole object; with ``limit``, StoreError as soon as it turns out to be longer."""
+        if limit is None:
+            async def fetch() -> bytes:
+                result = await obstore.get_async(self.inner, path)
+                return bytes(await result.bytes_async())
+
+            return await self._call(f"get {path}", fetch())
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.stream(path):
+            size += len(chunk)
+            if size > limit:
+                raise StoreError(f"{self.url}: get {path}: larger than the {limit} bytes expected")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def stream(self, path: str) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks of about STREAM_CHUNK, as they arrive."""
+        what = f"get {path}"
+        result = await self._call(what, obstore.get_async(self.inner, path))
+        chunks = result.stream(min_chunk_size=STREAM_CHUNK)
+        while True:
+            try:
+                chunk = await self._call(what, _next(chunks))
+            except StopAsyncIteration:
+                return
+            yield bytes(chunk)
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         async def collect() -> list[ObjectInfo]:
@@ -201,6 +232,12 @@ class Store:
             raise StoreError(f"{self.url}: {what} failed: {_first_line(exc)}") from exc
         except OSError as exc:
             raise StoreError(f"{self.url}: {what} failed: {exc}") from exc
+        except ValueError as exc:  # obstore refuses some paths (``..``, ``//``) with a plain ValueError
+            raise StoreError(f"{self.url}: {what} refused: {_first_line(exc)}") from exc
+
+
+async def _next(chunks: AsyncIterator[T]) -> T:
+    return await chunks.__anext__()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -84,13 +84,13 @@ async def test_encryption_round_trip(moto_url: str, bucket: str, tmp_path: Path)
             plain = await open_snapshot(url, options)
             with pytest.raises(StoreError, match="encrypted"):
                 await plain.records()
-            wrong = await open_snapshot(url, options, key=crypto.Key(os.urandom(32)))
-            with pytest.raises(StoreError, match="key"):
-                await wrong.records()
+            with pytest.raises(StoreError, match="authenticated with key"):
+                await open_snapshot(url, options, key=crypto.Key(os.urandom(32)))
             right = await open_snapshot(url, options, key=crypto.load_key(str(key_file)))
             records = await right.records()
     assert secret.encode() not in stored and stored.startswith(crypto.MAGIC)
     assert right.manifest.encryption["algorithm"] == "AES-256-GCM"
+    assert right.trust.authenticated and right.manifest.version == 2
     assert all(e.encrypted for e in right.manifest.objects)
     assert [r.body_bytes() for r in records] == [r.body for r in journal.active()]
 
@@ -110,9 +110,12 @@ def test_key_file_must_be_32_bytes_or_64_hex(tmp_path: Path) -> None:
 
 def test_swapped_ciphertext_fails_authentication() -> None:
     key = crypto.Key(os.urandom(32))
-    sealed = crypto.encrypt(key, "records/000000.jsonl", b"data")
-    with pytest.raises(StoreError, match="authentication failed"):
-        crypto.decrypt(key, "kv/slot-0.bin", sealed)
+    sealed = crypto.seal(key, crypto.binding("i-1", "evt-1", "records/000000.jsonl"), b"data")
+    assert crypto.open_sealed(key, crypto.binding("i-1", "evt-1", "records/000000.jsonl"), "r", sealed) == b"data"
+    for other in (crypto.binding("i-1", "evt-1", "kv/slot-0.bin"), crypto.binding("i-1", "evt-2", "records/000000.jsonl"),
+                  crypto.binding("i-2", "evt-1", "records/000000.jsonl")):
+        with pytest.raises(StoreError, match="authentication failed"):
+            crypto.open_sealed(key, other, "r", sealed)
 
 
 def _dead_port() -> int:
