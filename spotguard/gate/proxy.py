@@ -1,8 +1,9 @@
 """The gate: a reverse proxy in front of the engine that journals chat/completions requests.
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` are journaled (see ``journal.py`` for the
-life of an entry); every other request is passed through untouched: method, path, query, headers
-(hop-by-hop ones aside), body and status, streamed both ways. Authorization headers are forwarded
+life of an entry); every other request the path policy allows (``routes.py``: the inference API,
+health and ``[gate] allow_paths``; anything else is 403) is passed through untouched: method, path,
+query, headers (hop-by-hop ones aside), body and status, streamed both ways. Authorization headers are forwarded
 and never stored or logged; bodies and outputs are user data and never logged.
 
 Once ``set_draining(True)``, every NEW request gets 503 with ``Retry-After`` and a JSON error, while
@@ -37,6 +38,7 @@ from spotguard.config import GateConfig, parse_listen
 from spotguard.errors import ConfigError
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.gate.output import OutputParser, request_meta
+from spotguard.gate.routes import Routes
 from spotguard.metrics import Metrics
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
@@ -89,7 +91,8 @@ class Gate:
 
     def __init__(self, *, upstream: str, journal: Journal, metrics: Metrics, retry_after: int = 5,
                  read_timeout: float = 600.0, connect_timeout: float = 5.0, max_body: int = MAX_BODY,
-                 log: structlog.stdlib.BoundLogger | None = None) -> None:
+                 log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = ()) -> None:
+        self._routes = Routes(allow_paths)
         base = httpx.URL(upstream)
         if base.scheme not in ("http", "https") or not base.host:
             raise ConfigError(
@@ -129,7 +132,7 @@ class Gate:
         if not config.upstream:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         return cls(upstream=config.upstream, journal=journal, metrics=metrics, retry_after=config.retry_after,
-                   log=log)
+                   log=log, allow_paths=config.allow_paths)
 
     @property
     def draining(self) -> bool:
@@ -162,6 +165,13 @@ class Gate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not proxied (uvicorn answers 403)
+        verdict = self._routes.check(scope["method"], scope.get("raw_path") or scope["path"].encode())
+        if not verdict.allowed:  # admin endpoints and anything else outside the inference API: see routes.py
+            self._count("other", "forbidden")
+            await self._answer(send, 403, verdict.reason, "forbidden")
+            return
+        if verdict.raw_path != scope.get("raw_path"):
+            scope = {**scope, "path": verdict.path, "raw_path": verdict.raw_path}
         kind = JOURNALED.get(scope["path"]) if scope["method"] == "POST" else None
         if self._draining:
             self._count(kind or "other", "rejected")

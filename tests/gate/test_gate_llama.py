@@ -103,8 +103,8 @@ async def test_draining_with_a_real_engine(llama_server: LlamaServer, start_gate
     assert len(gw.journal) == 0
 
 
-async def test_slot_actions_pass_through(llama_server: LlamaServer, start_gate: StartGate) -> None:
-    gw = await start_gate(llama_server.url)
+async def test_slot_actions_pass_through_when_allowed(llama_server: LlamaServer, start_gate: StartGate) -> None:
+    gw = await start_gate(llama_server.url, allow_paths=("POST /slots/*",))
     assert llama_server.slot_save_path is not None
     async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
         with anyio.fail_after(20):
