@@ -265,7 +265,10 @@ def snapshots_show(snapshot_url: str, config: ConfigOpt = None, allow_unauthenti
     options, key = _store(cfg)
     snap = _run(lambda: open_snapshot(snapshot_url, options, key=key, allow_unauthenticated=allow_unauthenticated))
     _trust_note(snap)
-    typer.echo(json.dumps(json.loads(snap.manifest.to_json()), indent=2, sort_keys=True))
+    doc = json.loads(snap.manifest.to_json())
+    if snap.manifest.authentication:
+        doc["authentication"] = snap.manifest.authentication
+    typer.echo(json.dumps(doc, indent=2, sort_keys=True))
 
 
 @snapshots_app.command("get")

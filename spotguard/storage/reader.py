@@ -20,7 +20,8 @@ Everything in the store is treated as hostile (see docs/snapshots.md, "Trust mod
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,16 +143,17 @@ class Snapshot:
     key: crypto.Key | None = None
     trust: Trust = Trust(False, "not checked")
 
-    async def _chunks(self, entry: Entry) -> AsyncIterator[bytes]:
+    async def _chunks(self, entry: Entry) -> AsyncGenerator[bytes, None]:
         """The object's plaintext, chunk by chunk; the last chunk only once size and sha256 matched.
 
         Callers must not publish anything before the iteration ended without an error.
         """
         check = _Check(self, entry)
-        async for stored in self.store.stream(entry.name):
-            plain = check.feed(stored)
-            if plain:
-                yield plain
+        async with aclosing(self.store.stream(entry.name)) as stream:
+            async for stored in stream:
+                plain = check.feed(stored)
+                if plain:
+                    yield plain
         tail = check.finish()
         if tail:
             yield tail
@@ -162,15 +164,17 @@ class Snapshot:
         if entry.size > MAX_INLINE_BYTES:
             raise StoreError(f"{self.url}/{name}: {entry.size} bytes is too large to read into memory; "
                              f"save it to a file instead")
-        return b"".join([chunk async for chunk in self._chunks(entry)])
+        async with aclosing(self._chunks(entry)) as chunks:
+            return b"".join([chunk async for chunk in chunks])
 
     async def save(self, name: str, root: Path, as_name: str | None = None) -> Path:
         """Stream the object's plaintext to ``root / (as_name or name)``, published only once it checked out."""
         entry = self.manifest.entry(name)
         target = await anyio.to_thread.run_sync(SafeFile, root, as_name or entry.name)
         try:
-            async for chunk in self._chunks(entry):
-                await anyio.to_thread.run_sync(target.write, chunk)
+            async with aclosing(self._chunks(entry)) as chunks:
+                async for chunk in chunks:
+                    await anyio.to_thread.run_sync(target.write, chunk)
             return await anyio.to_thread.run_sync(target.commit)
         finally:
             with anyio.CancelScope(shield=True):
@@ -204,11 +208,12 @@ class Snapshot:
             digest = hashlib.sha256()
             size = 0
             try:
-                async for stored in self.store.stream(entry.name):
-                    size += len(stored)
-                    if size > entry.size:
-                        break
-                    digest.update(stored)
+                async with aclosing(self.store.stream(entry.name)) as stream:
+                    async for stored in stream:
+                        size += len(stored)
+                        if size > entry.size:
+                            break
+                        digest.update(stored)
             except StoreError as exc:
                 problems.append(f"{entry.name}: {exc}")
                 continue

@@ -12,7 +12,8 @@ URL forms: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``az://container/pref
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -192,15 +193,19 @@ class Store:
             return await self._call(f"get {path}", fetch())
         chunks: list[bytes] = []
         size = 0
-        async for chunk in self.stream(path):
-            size += len(chunk)
-            if size > limit:
-                raise StoreError(f"{self.url}: get {path}: larger than the {limit} bytes expected")
-            chunks.append(chunk)
+        async with aclosing(self.stream(path)) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    raise StoreError(f"{self.url}: get {path}: larger than the {limit} bytes expected")
+                chunks.append(chunk)
         return b"".join(chunks)
 
-    async def stream(self, path: str) -> AsyncIterator[bytes]:
-        """The object's bytes in chunks of about STREAM_CHUNK, as they arrive."""
+    async def stream(self, path: str) -> AsyncGenerator[bytes, None]:
+        """The object's bytes in chunks of about STREAM_CHUNK, as they arrive.
+
+        Iterate it inside ``contextlib.aclosing``: a stream left open until interpreter exit aborts it.
+        """
         what = f"get {path}"
         result = await self._call(what, obstore.get_async(self.inner, path))
         chunks = result.stream(min_chunk_size=STREAM_CHUNK)
