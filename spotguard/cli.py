@@ -337,7 +337,7 @@ def resume(snapshot_url: str, config: ConfigOpt = None,
     try:
         results = _run(lambda: replay(snapshot_url, to, engine=engine, slot_dir=slot_dir,  # type: ignore[arg-type]
                                       options=options, key=key, model_sha256=model_hash, max_tokens=max_tokens,
-                                      allow_unauthenticated=allow_unauthenticated))
+                                      allow_unauthenticated=allow_unauthenticated, opened=_trust_note))
         for result in results:
             status = "ok" if result.ok else "FAILED " + shown(result.error, 500)
             summary = (f"{result.id}: {status} kv_restored={result.kv_restored} cache_n={result.cache_n}"

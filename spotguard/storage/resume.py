@@ -19,6 +19,7 @@ Prompts and outputs are user data: they are returned, never logged.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -217,10 +218,17 @@ async def _restore_slots(snapshot: Snapshot, http: httpx.AsyncClient, to_url: st
 async def resume(snapshot_url: str, to_url: str, *, engine: Engine = "openai", slot_dir: str | None = None,
                  options: StoreOptions | None = None, key: crypto.Key | None = None, model_sha256: str = "",
                  max_tokens: int | None = None, timeout: float = 120.0,
-                 allow_unauthenticated: bool = False) -> list[ResumeResult]:
-    """Replay every record of the snapshot to ``to_url``; one result per record, in record order."""
+                 allow_unauthenticated: bool = False,
+                 opened: Callable[[Snapshot], None] | None = None) -> list[ResumeResult]:
+    """Replay every record of the snapshot to ``to_url``; one result per record, in record order.
+
+    ``opened`` is called with the snapshot once its manifest checked out (the CLI says whether it was
+    authenticated).
+    """
     to_url = target_base(to_url)
     snapshot = await open_snapshot(snapshot_url, options, key=key, allow_unauthenticated=allow_unauthenticated)
+    if opened is not None:
+        opened(snapshot)
     records = await snapshot.read_records()
     results: list[ResumeResult] = []
     # No redirects and no proxies from the environment: the requests go to --to and nowhere else.
