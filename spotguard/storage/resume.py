@@ -193,8 +193,8 @@ async def _restore_slots(snapshot: Snapshot, http: httpx.AsyncClient, to_url: st
            else "the target's model sha256 is unknown (pass --model or --model-sha256)" if not model_sha256
            else "the target's model differs from the snapshot's" if model_sha256 != engine.model_sha256
            else "")
-    if why:
-        return placed, {_owner(e): why for e in kv}
+    if why:  # "*": the reason holds for every record, also those whose slot file is not tied to them
+        return placed, {**{_owner(e): why for e in kv}, "*": why}
     props = await llamacpp.props(http, to_url, timeout=timeout)
     for index, entry in enumerate(kv):
         owner = _owner(entry)
@@ -242,7 +242,7 @@ async def resume(snapshot_url: str, to_url: str, *, engine: Engine = "openai", s
                 results.append(ResumeResult(record.id, False, error=f"bad record ({record.source} line "
                                                                     f"{record.line}): {record.error}"))
                 continue
-            note = skipped.get(record.id, "")
+            note = skipped.get(record.id, skipped.get("*", ""))
             if record.finish_reason is not None:
                 results.append(ResumeResult(record.id, True))  # it had already finished
                 continue

@@ -86,7 +86,7 @@ SEGMENTS = st.sampled_from(["v1", "chat", "completions", "models", "slots", "0",
 def spellings(text: str) -> st.SearchStrategy[bytes]:
     """``text`` with any of its characters percent-encoded."""
     return st.lists(st.booleans(), min_size=len(text), max_size=len(text)).map(
-        lambda flags: "".join(quote(c, safe="") if f and c != "/" else c for c, f in zip(text, flags)).encode())
+        lambda flags: "".join(quote(c, safe="") if f and c != "/" else c for c, f in zip(text, flags, strict=True)).encode())
 
 
 @settings(max_examples=400, deadline=None)
