@@ -1,4 +1,4 @@
-"""Snapshot benchmark (one command, under 2 minutes): .venv/bin/python bench/snapshot.py
+"""Snapshot benchmark (one command, about 4 minutes): .venv/bin/python bench/snapshot.py
 
 1. Upload throughput of spotguard's object path (sha256 of the stored bytes + obstore multipart put)
    vs a raw ``obstore.put_async`` of the same bytes, in the same run, to moto S3 and to local files.
@@ -119,6 +119,10 @@ def make_slot_file(path: Path, size_mb: int) -> None:
             out.write(os.urandom(8 * 2**20))
 
 
+async def raw_upload(store: Store, source: Path) -> None:
+    await obstore.put_async(store.inner, "raw/slot.bin", source, chunk_size=8 << 20, max_concurrency=8)
+
+
 def kv_peak_rss(moto_url: str, bucket: str, size_mb: int, work: Path) -> dict[str, object]:
     """Peak RSS of the snapshot step uploading a ``size_mb`` slot file, per store and with/without a key."""
     master = work / "master-slot.bin"
@@ -139,6 +143,13 @@ def kv_peak_rss(moto_url: str, bucket: str, size_mb: int, work: Path) -> dict[st
             results[f"{store}_{mode}"] = json.loads(child.stdout.strip().splitlines()[-1])
             if store == "local_files":
                 subprocess.run(["rm", "-rf", f"{work}/store"], check=True)
+        # Reference: obstore uploading the same file by itself (its own reader, 8 MiB parts, 8 in flight).
+        raw = open_store(url, StoreOptions(endpoint_url=endpoint) if endpoint else None)
+        started = time.perf_counter()
+        anyio.run(raw_upload, raw, master)
+        results[f"{store}_raw_obstore_mb_s"] = round(master.stat().st_size / 1e6 / (time.perf_counter() - started), 1)
+        if store == "local_files":
+            subprocess.run(["rm", "-rf", f"{work}/store"], check=True)
     return results
 
 
