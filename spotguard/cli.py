@@ -252,8 +252,9 @@ def snapshots_list(config: ConfigOpt = None,
     options, _ = _store(cfg)
     found = _run(lambda: list_snapshots(target, options))
     for snap in found:
-        typer.echo(f"{shown(snap.url, 400)}  objects={snap.objects} bytes={snap.bytes} "
-                   f"{'complete' if snap.has_manifest else 'INCOMPLETE (no manifest)'}")
+        state = (f"UNREADABLE ({shown(snap.error, 300)})" if snap.error
+                 else "complete" if snap.has_manifest else "INCOMPLETE (no manifest)")
+        typer.echo(f"{shown(snap.url, 400)}  objects={snap.objects} bytes={snap.bytes} {state}")
 
 
 @snapshots_app.command("show")

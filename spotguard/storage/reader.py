@@ -67,20 +67,52 @@ class SnapshotSummary:
     has_manifest: bool
     objects: int
     bytes: int
+    error: str = ""
+    """Why this snapshot could not be listed (e.g. a key the store cannot parse); empty when it could."""
 
 
 async def list_snapshots(store_url: str, options: StoreOptions | None = None) -> list[SnapshotSummary]:
-    """Every ``<instance>/<event>/`` under ``store_url``; those without a manifest are marked so."""
+    """Every ``<instance>/<event>/`` under ``store_url``; those without a manifest are marked so.
+
+    One flat listing normally. Anyone who can write the bucket can plant a key the store client
+    refuses to parse (a literal ``..``), which fails a flat listing as a whole: then the store is walked
+    level by level, so only the snapshot holding that key is reported as unreadable.
+    """
     store = open_store(store_url, options)
     found: dict[tuple[str, str], list[tuple[str, int]]] = {}
-    for info in await store.list():
+    try:
+        listing = await store.list()
+    except MissingObject:
+        raise
+    except StoreError:
+        return await _walk(store)
+    for info in listing:
         parts = info.path.split("/")
         if len(parts) >= 3:
             found.setdefault((parts[0], parts[1]), []).append(("/".join(parts[2:]), info.size))
-    return [SnapshotSummary(url=f"{store.url}/{instance}/{event}", instance_id=instance, event_id=event,
-                            has_manifest=any(name == MANIFEST for name, _ in items), objects=len(items),
-                            bytes=sum(size for _, size in items))
-            for (instance, event), items in sorted(found.items())]
+    return [_summary(store, instance, event, items) for (instance, event), items in sorted(found.items())]
+
+
+def _summary(store: Store, instance: str, event: str, items: list[tuple[str, int]], error: str = "") -> SnapshotSummary:
+    return SnapshotSummary(url=f"{store.url}/{instance}/{event}", instance_id=instance, event_id=event,
+                           has_manifest=any(name == MANIFEST for name, _ in items), objects=len(items),
+                           bytes=sum(size for _, size in items), error=error)
+
+
+async def _walk(store: Store) -> list[SnapshotSummary]:
+    summaries = []
+    for instance_path in sorted(await store.children()):
+        instance = instance_path.rstrip("/").rsplit("/", 1)[-1]
+        for event_path in sorted(await store.children(instance_path)):
+            event = event_path.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                listing = await store.list(event_path)
+            except StoreError as exc:
+                summaries.append(_summary(store, instance, event, [], error=str(exc)))
+                continue
+            items = [(info.path.split("/", 2)[-1], info.size) for info in listing]
+            summaries.append(_summary(store, instance, event, items))
+    return summaries
 
 
 class _Check:

@@ -11,6 +11,7 @@ URL forms: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``az://container/pref
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
 from contextlib import aclosing
@@ -222,6 +223,14 @@ class Store:
             async for batch in obstore.list(self.inner, prefix or None, chunk_size=1000):
                 found.extend(ObjectInfo(str(meta["path"]), int(meta["size"])) for meta in batch)
             return found
+
+        return await self._call(f"list {prefix or '/'}", collect())
+
+    async def children(self, prefix: str = "") -> builtins.list[str]:
+        """The "directories" right under ``prefix`` (one delimiter listing: keys deeper down are not parsed)."""
+        async def collect() -> builtins.list[str]:
+            result = await obstore.list_with_delimiter_async(self.inner, prefix or None)
+            return [str(p) for p in result["common_prefixes"]]
 
         return await self._call(f"list {prefix or '/'}", collect())
 

@@ -209,3 +209,16 @@ async def test_resume_sends_nothing_but_to_to(moto_url: str, bucket: str, tmp_pa
         assert not by_id[name]["ok"] and "bad record" in by_id[name]["error"] and "endpoint" in by_id[name]["error"]
     assert not by_id["records/000000.jsonl:6"]["ok"] and "id" in by_id["records/000000.jsonl:6"]["error"]
     assert "not JSON" in by_id["records/000000.jsonl:8"]["error"]
+
+
+async def test_a_poisoned_key_hides_no_other_snapshot_from_list(moto_url: str, bucket: str, tmp_path: Path) -> None:
+    await real_snapshot(moto_url, bucket, event="evt-1")
+    await real_snapshot(moto_url, bucket, event="evt-2")
+    s3(moto_url).put_object(Bucket=bucket, Key="spotguard/i-test/evt-2/../../evil", Body=b"x")  # unparseable key
+    code, out, err = await cli("snapshots", "list", "--url", f"s3://{bucket}/spotguard", "--config",
+                               str(write_config(tmp_path / "c.toml", endpoint_url=moto_url)))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("complete") and "/i-test/evt-1 " in lines[0]
+    assert "/i-test/evt-2 " in lines[1] and "UNREADABLE" in lines[1] and ".." in lines[1]
