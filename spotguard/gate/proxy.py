@@ -3,8 +3,8 @@
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` are journaled (see ``journal.py`` for the
 life of an entry); every other request the path policy allows (``routes.py``: the inference API,
 health and ``[gate] allow_paths``; anything else is 403) is passed through untouched: method, path,
-query, headers (hop-by-hop ones aside), body and status, streamed both ways. Authorization headers are forwarded
-and never stored or logged; bodies and outputs are user data and never logged.
+query, headers (hop-by-hop ones aside), body and status, streamed both ways. Authorization headers
+are forwarded and never stored or logged; bodies and outputs are user data and never logged.
 
 Once ``set_draining(True)``, every NEW request gets 503 with ``Retry-After`` and a JSON error, while
 requests already in flight carry on. An interrupted request (``Journal.interrupt_all``) has its
