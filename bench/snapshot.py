@@ -139,7 +139,7 @@ def kv_peak_rss(moto_url: str, bucket: str, size_mb: int, work: Path) -> dict[st
                                     str(master), str(slots)], capture_output=True, text=True, timeout=900,
                                    check=False)
             if child.returncode != 0:
-                raise RuntimeError(f"kv step failed: {child.stderr[-2000:]}")
+                raise RuntimeError(f"kv step ({store}, {mode}) exited {child.returncode}: {child.stderr[-2000:]}")
             results[f"{store}_{mode}"] = json.loads(child.stdout.strip().splitlines()[-1])
             if store == "local_files":
                 subprocess.run(["rm", "-rf", f"{work}/store"], check=True)

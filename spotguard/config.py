@@ -318,7 +318,8 @@ def _validate(config: Config) -> None:
 
 
 def _validate_budgets(config: Config) -> None:
-    """Budgets that can never fit are errors here; plans that overrun a cloud's window are doctor warnings."""
+    """Budgets that can never fit are errors here; plans that overrun a cloud's window (which depends on
+    the cloud the daemon finds itself on) are ``spotguard doctor`` warnings and errors."""
     drain = config.drain
     for key in ("manual_deadline", "wait_inflight_budget", "stop_budget", "deregister_budget", "snapshot_budget",
                 "notify_budget"):
@@ -331,9 +332,6 @@ def _validate_budgets(config: Config) -> None:
     if drain.manual_deadline <= margin:
         raise ConfigError(f"[drain] manual_deadline {drain.manual_deadline:g}s is not more than [drain] "
                           f"safety_margin {margin:g}s: a manual drain would have no time at all")
-    if config.gcp.window <= margin:
-        raise ConfigError(f"[gcp] window {config.gcp.window:g}s is not more than [drain] safety_margin {margin:g}s: "
-                          f"a GCP preemption drain would have no time at all")
 
 
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:

@@ -35,7 +35,6 @@ def test_a_missing_config_file_named_anywhere_is_an_error_that_names_it(tmp_path
 @pytest.mark.parametrize(("section", "values", "message"), [
     ("shutdown", {"budget": 5.0}, r"\[shutdown\] budget 5s is not more than \[drain\] safety_margin 5s"),
     ("drain", {"manual_deadline": 3.0}, r"manual_deadline 3s is not more than"),
-    ("gcp", {"window": 4.0}, r"\[gcp\] window 4s"),
     ("drain", {"snapshot_budget": -1.0}, r"snapshot_budget must be >= 0"),
     ("gate", {"allow_paths": ["/slots/../x"]}, r"allow_paths: '/slots/../x'"),
 ])
