@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -366,4 +367,20 @@ def main() -> None:
         app()
     except SpotguardError as exc:  # pragma: no cover - commands catch their own
         typer.echo(f"spotguard: {exc}", err=True)
-        sys.exit(2)
+        _exit(2)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            typer.echo(exc.code, err=True)
+        _exit(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+
+
+def _exit(code: int) -> NoReturn:
+    """Leave without the interpreter's teardown, once everything is written and flushed.
+
+    obstore 0.12's runtime threads can abort the process while Python finalises (SIGABRT, exit 134,
+    seen in about one exit in three after any store call, with spotguard's code before this change
+    too); the command's work and output are complete by then, so the exit code must not be lost to it.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

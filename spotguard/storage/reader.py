@@ -143,7 +143,7 @@ class _Check:
     def feed(self, stored: bytes) -> bytes:
         self._size += len(stored)
         if self._size > self._entry.size:
-            raise self._altered()
+            raise self.altered()
         self._digest.update(stored)
         if self._opener is not None:
             return self._opener.feed(stored)
@@ -154,7 +154,7 @@ class _Check:
 
     def finish(self) -> bytes:
         if self._size != self._entry.size or self._digest.hexdigest() != self._entry.sha256:
-            raise self._altered()
+            raise self.altered()
         if self._opener is not None:
             return self._opener.finish()
         if self._v1 is not None:
@@ -162,7 +162,7 @@ class _Check:
             return crypto.decrypt_v1(self._key, self._entry.name, b"".join(self._v1))
         return b""
 
-    def _altered(self) -> StoreError:
+    def altered(self) -> StoreError:
         return StoreError(f"{self._url}/{self._entry.name}: size or sha256 differs from the manifest "
                           f"(corrupt or altered)")
 
@@ -181,7 +181,9 @@ class Snapshot:
         Callers must not publish anything before the iteration ended without an error.
         """
         check = _Check(self, entry)
-        async with aclosing(self.store.stream(entry.name)) as stream:
+        if await self.store.size(entry.name) != entry.size:
+            raise check.altered()
+        async with aclosing(self.store.stream(entry.name, entry.size)) as stream:
             async for stored in stream:
                 plain = check.feed(stored)
                 if plain:
@@ -240,7 +242,10 @@ class Snapshot:
             digest = hashlib.sha256()
             size = 0
             try:
-                async with aclosing(self.store.stream(entry.name)) as stream:
+                if await self.store.size(entry.name) != entry.size:
+                    problems.append(f"{entry.name}: size or sha256 differs from the manifest")
+                    continue
+                async with aclosing(self.store.stream(entry.name, entry.size)) as stream:
                     async for stored in stream:
                         size += len(stored)
                         if size > entry.size:

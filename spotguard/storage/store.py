@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import builtins
 import ipaddress
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,8 +38,8 @@ PART_SIZE = 8 * 1024 * 1024
 
 PART_CONCURRENCY = 8
 
-STREAM_CHUNK = 1024 * 1024
-"""Bytes per chunk when an object is read as a stream (downloads, KV files): memory stays flat."""
+STREAM_CHUNK = 8 * 1024 * 1024
+"""Bytes per ranged read when an object is read as a stream (downloads, KV files): memory stays flat."""
 
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -185,37 +184,50 @@ class Store:
             self.inner, path, parts, use_multipart=True, chunk_size=PART_SIZE, max_concurrency=concurrency))
 
     async def get(self, path: str, *, limit: int | None = None) -> bytes:
-        """The whole object; with ``limit``, StoreError as soon as it turns out to be longer."""
+        """The whole object; with ``limit``, StoreError without reading it when it is longer."""
         if limit is None:
             async def fetch() -> bytes:
                 result = await obstore.get_async(self.inner, path)
                 return bytes(await result.bytes_async())
 
             return await self._call(f"get {path}", fetch())
-        chunks: list[bytes] = []
-        size = 0
-        async with aclosing(self.stream(path)) as stream:
-            async for chunk in stream:
-                size += len(chunk)
-                if size > limit:
-                    raise StoreError(f"{self.url}: get {path}: larger than the {limit} bytes expected")
-                chunks.append(chunk)
-        return b"".join(chunks)
+        size = await self.size(path)
+        if size > limit:
+            raise StoreError(f"{self.url}: get {path}: {size} bytes, larger than the {limit} bytes expected")
+        return await self.read_range(path, 0, size)
 
-    async def stream(self, path: str) -> AsyncGenerator[bytes, None]:
-        """The object's bytes in chunks of about STREAM_CHUNK, as they arrive.
+    async def size(self, path: str) -> int:
+        async def head() -> int:
+            return int((await obstore.head_async(self.inner, path))["size"])
 
-        Iterate it inside ``contextlib.aclosing``: a stream left open until interpreter exit aborts it.
+        return await self._call(f"head {path}", head())
+
+    async def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of the object; at most ``end - start`` whatever the object holds."""
+        if end <= start:
+            return b""
+
+        async def fetch() -> bytes:
+            return bytes(await obstore.get_range_async(self.inner, path, start=start, end=end))
+
+        return await self._call(f"get {path} [{start}:{end}]", fetch())
+
+    async def stream(self, path: str, size: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The object's first ``size`` bytes (default: its size now) in ranged reads of STREAM_CHUNK.
+
+        Each chunk is its own request, so a reader that stops early (a hostile object) leaves no
+        transfer running behind it, and memory stays at one chunk whatever the object's size.
         """
-        what = f"get {path}"
-        result = await self._call(what, obstore.get_async(self.inner, path))
-        chunks = result.stream(min_chunk_size=STREAM_CHUNK)
-        while True:
-            try:
-                chunk = await self._call(what, _next(chunks))
-            except StopAsyncIteration:
-                return
-            yield bytes(chunk)
+        total = await self.size(path) if size is None else size
+        offset = 0
+        while offset < total:
+            want = min(total - offset, STREAM_CHUNK)
+            chunk = await self.read_range(path, offset, offset + want)
+            if chunk:
+                yield chunk
+            if len(chunk) < want:
+                return  # the object is shorter than expected: the caller's size check says so
+            offset += want
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         async def collect() -> list[ObjectInfo]:
@@ -248,10 +260,6 @@ class Store:
             raise StoreError(f"{self.url}: {what} failed: {exc}") from exc
         except ValueError as exc:  # obstore refuses some paths (``..``, ``//``) with a plain ValueError
             raise StoreError(f"{self.url}: {what} refused: {_first_line(exc)}") from exc
-
-
-async def _next(chunks: AsyncIterator[T]) -> T:
-    return await chunks.__anext__()
 
 
 def _first_line(exc: BaseException) -> str:
