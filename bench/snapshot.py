@@ -1,10 +1,13 @@
-"""Snapshot benchmark (one command, under 2 minutes): .venv/bin/python bench/snapshot.py
+"""Snapshot benchmark (one command, about 4 minutes): .venv/bin/python bench/snapshot.py
 
 1. Upload throughput of spotguard's object path (sha256 of the stored bytes + obstore multipart put)
    vs a raw ``obstore.put_async`` of the same bytes, in the same run, to moto S3 and to local files.
    Target: ratio >= 0.9.
 2. Time to commit continuation records for 1,000 in-flight requests to moto S3 through
    ``take_snapshot`` (records phase, and the whole step including the manifest). Target: <= 1 s.
+3. Peak RSS of the snapshot step uploading one big KV slot file (default 2 GiB; ``--kv-mb``), each run
+   in its own process (bench/_kv_step.py), to local files and to moto S3, plain and encrypted.
+   Target: peak RSS < 300 MB. ``--kv-only`` runs just this part.
 
 Prints medians; ``--json`` prints them as one JSON object.
 """
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +54,7 @@ async def throughput(store: Store, data: bytes, reps: int) -> dict[str, float]:
 
     async def run_ours(rep: int) -> None:
         started = time.perf_counter()
-        await seal_and_put(store, None, f"bench/ours-{rep}", f"ours-{rep}", data)
+        await seal_and_put(store, None, f"bench/ours-{rep}", b"", data)
         ours.append(time.perf_counter() - started)
 
     async def run_raw(rep: int) -> None:
@@ -106,15 +110,64 @@ async def records_commit(moto_url: str, bucket: str, reps: int) -> dict[str, flo
             "step_s_median": round(statistics.median(step_s), 3)}
 
 
-async def main(size_mb: int, reps: int) -> dict[str, object]:
+def make_slot_file(path: Path, size_mb: int) -> None:
+    """Random bytes (a KV cache does not compress), written once and reused."""
+    if path.exists() and path.stat().st_size == size_mb * 2**20:
+        return
+    with open(path, "wb") as out:
+        for _ in range(size_mb // 8):
+            out.write(os.urandom(8 * 2**20))
+
+
+async def raw_upload(store: Store, source: Path) -> None:
+    await obstore.put_async(store.inner, "raw/slot.bin", source, chunk_size=8 << 20, max_concurrency=8)
+
+
+def kv_peak_rss(moto_url: str, bucket: str, size_mb: int, work: Path) -> dict[str, object]:
+    """Peak RSS of the snapshot step uploading a ``size_mb`` slot file, per store and with/without a key."""
+    master = work / "master-slot.bin"
+    make_slot_file(master, size_mb)
+    key_file = work / "key"
+    key_file.write_bytes(os.urandom(32))
+    slots = work / "slots"
+    slots.mkdir(exist_ok=True)
+    results: dict[str, object] = {}
+    for store, url, endpoint in (("local_files", f"file://{work}/store", ""),
+                                 ("moto_s3", f"s3://{bucket}/kv", moto_url)):
+        for mode, key in (("plain", ""), ("encrypted", str(key_file))):
+            child = subprocess.run([sys.executable, str(Path(__file__).with_name("_kv_step.py")), url, endpoint, key,
+                                    str(master), str(slots)], capture_output=True, text=True, timeout=900,
+                                   check=False)
+            if child.returncode != 0:
+                raise RuntimeError(f"kv step ({store}, {mode}) exited {child.returncode}: {child.stderr[-2000:]}")
+            results[f"{store}_{mode}"] = json.loads(child.stdout.strip().splitlines()[-1])
+            if store == "local_files":
+                subprocess.run(["rm", "-rf", f"{work}/store"], check=True)
+        # Reference: obstore uploading the same file by itself (its own reader, 8 MiB parts, 8 in flight).
+        raw = open_store(url, StoreOptions(endpoint_url=endpoint) if endpoint else None)
+        started = time.perf_counter()
+        anyio.run(raw_upload, raw, master)
+        results[f"{store}_raw_obstore_mb_s"] = round(master.stat().st_size / 1e6 / (time.perf_counter() - started), 1)
+        if store == "local_files":
+            subprocess.run(["rm", "-rf", f"{work}/store"], check=True)
+    return results
+
+
+async def main(size_mb: int, reps: int, kv_mb: int, kv_only: bool) -> dict[str, object]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # keep the output to results
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     proc, moto_url = start_moto()
     try:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         boto3.client("s3", endpoint_url=moto_url).create_bucket(Bucket=bucket)
-        data = os.urandom(size_mb * 1024 * 1024)
         results: dict[str, object] = {"object_mb": size_mb, "reps": reps}
+        if kv_mb:
+            with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+                results["kv_step_peak_rss"] = await anyio.to_thread.run_sync(kv_peak_rss, moto_url, bucket, kv_mb,
+                                                                             Path(tmp))
+        if kv_only:
+            return results
+        data = os.urandom(size_mb * 1024 * 1024)
         results["moto_s3"] = await throughput(open_store(f"s3://{bucket}/t", StoreOptions(endpoint_url=moto_url)),
                                               data, reps)
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,9 +183,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=64, help="object size for the throughput runs")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--kv-mb", type=int, default=2048, help="slot file size for the peak-RSS run (0 = skip)")
+    parser.add_argument("--kv-only", action="store_true", help="only the KV peak-RSS run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    out = anyio.run(main, args.size_mb, args.reps)
+    out = anyio.run(main, args.size_mb, args.reps, args.kv_mb, args.kv_only)
     if args.json:
         print(json.dumps(out))
     else:

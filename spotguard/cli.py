@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,15 +37,22 @@ def _name_values(command: Any) -> None:
         _name_values(sub)
 
 
+# A traceback must never print local variables: they hold the configuration (webhook URLs with tokens).
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, cls=_PlainHelp,
+                  pretty_exceptions_show_locals=False,
                   help="Notices spot/preemptible evictions and drains the local inference server in time.")
-config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
-snapshots_app = typer.Typer(no_args_is_help=True, help="List, inspect and download snapshots of in-flight work.")
+config_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False,
+                         help="Inspect the configuration.")
+snapshots_app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False,
+                            help="List, inspect and download snapshots of in-flight work.")
 app.add_typer(config_app, name="config")
 app.add_typer(snapshots_app, name="snapshots")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", metavar="FILE", help="TOML config file "  # noqa: UP007
                                                     "(default $SPOTGUARD_CONFIG or /etc/spotguard/spotguard.toml).")]
+UnauthOpt = Annotated[bool, typer.Option(
+    "--allow-unauthenticated", help="With a key, read a snapshot whose manifest carries no MAC (format version 1, "
+                                    "or written without a key): anyone who can write the store could have changed it.")]
 
 
 T = TypeVar("T")
@@ -319,6 +327,12 @@ def config_show(config: ConfigOpt = None,
     typer.echo(config_module.to_toml(_load(config)))
 
 
+def _trust_note(snap: Any) -> None:
+    """Say on stderr when what was read could not be authenticated."""
+    if not snap.trust.authenticated:
+        typer.echo(f"spotguard: warning: {snap.url}: not authenticated: {snap.trust.note}", err=True)
+
+
 def _store(cfg: Any) -> tuple[Any, Any]:
     from spotguard.storage import crypto
     from spotguard.storage.store import StoreOptions
@@ -331,6 +345,7 @@ def _store(cfg: Any) -> tuple[Any, Any]:
 def snapshots_list(config: ConfigOpt = None,
                    url: Annotated[str | None, typer.Option(help="Store URL; default [snapshot] url.")] = None) -> None:  # noqa: UP007
     """List the snapshots under the store URL (those without a manifest are incomplete)."""
+    from spotguard.storage.names import shown
     from spotguard.storage.reader import list_snapshots
 
     cfg = _load(config)
@@ -340,31 +355,41 @@ def snapshots_list(config: ConfigOpt = None,
     options, _ = _store(cfg)
     found = _run(lambda: list_snapshots(target, options))
     for snap in found:
-        typer.echo(f"{snap.url}  objects={snap.objects} bytes={snap.bytes} "
-                   f"{'complete' if snap.has_manifest else 'INCOMPLETE (no manifest)'}")
+        state = (f"UNREADABLE ({shown(snap.error, 300)})" if snap.error
+                 else "complete" if snap.has_manifest else "INCOMPLETE (no manifest)")
+        typer.echo(f"{shown(snap.url, 400)}  objects={snap.objects} bytes={snap.bytes} {state}")
 
 
 @snapshots_app.command("show")
-def snapshots_show(snapshot_url: str, config: ConfigOpt = None) -> None:
+def snapshots_show(snapshot_url: str, config: ConfigOpt = None, allow_unauthenticated: UnauthOpt = False) -> None:
     """Print a snapshot's manifest (objects, sizes, hashes, what was skipped, timings)."""
     from spotguard.storage.reader import open_snapshot
 
     cfg = _load(config)
     options, key = _store(cfg)
-    snap = _run(lambda: open_snapshot(snapshot_url, options, key=key))
-    typer.echo(json.dumps(json.loads(snap.manifest.to_json()), indent=2, sort_keys=True))
+    snap = _run(lambda: open_snapshot(snapshot_url, options, key=key, allow_unauthenticated=allow_unauthenticated))
+    _trust_note(snap)
+    doc = json.loads(snap.manifest.to_json())
+    if snap.manifest.authentication:
+        doc["authentication"] = snap.manifest.authentication
+    typer.echo(json.dumps(doc, indent=2, sort_keys=True))
 
 
 @snapshots_app.command("get")
-def snapshots_get(snapshot_url: str, directory: Path, config: ConfigOpt = None) -> None:
-    """Download (and decrypt) every object of a snapshot, checking each hash."""
+def snapshots_get(snapshot_url: str, directory: Path, config: ConfigOpt = None,
+                  allow_unauthenticated: UnauthOpt = False) -> None:
+    """Download (and decrypt) every object of a snapshot under DIRECTORY, checking each hash.
+
+    A snapshot that names any object outside itself is refused whole, before anything is written.
+    """
     from spotguard.storage.reader import open_snapshot
 
     cfg = _load(config)
     options, key = _store(cfg)
 
     async def fetch() -> list[Path]:
-        snap = await open_snapshot(snapshot_url, options, key=key)
+        snap = await open_snapshot(snapshot_url, options, key=key, allow_unauthenticated=allow_unauthenticated)
+        _trust_note(snap)
         return await snap.download(str(directory))
 
     written = _run(fetch)
@@ -376,8 +401,22 @@ def snapshots_get(snapshot_url: str, directory: Path, config: ConfigOpt = None) 
 def resume(snapshot_url: str, config: ConfigOpt = None,
            to: Annotated[str, typer.Option("--to", help="Base URL of the OpenAI-compatible server to resume on.")] = "",
            engine: Annotated[str, typer.Option(help="openai, vllm or llamacpp.")] = "openai",
-           slot_dir: Annotated[str | None, typer.Option(help="Target llama-server's --slot-save-path.")] = None) -> None:  # noqa: UP007
-    """Replay a snapshot's in-flight requests to another server so each answer continues where it stopped."""
+           slot_dir: Annotated[str | None, typer.Option(help="Target llama-server's --slot-save-path.")] = None,  # noqa: UP007
+           model: Annotated[Path | None, typer.Option(  # noqa: UP007
+               help="The target's model file: its sha256 must equal the snapshot's before KV slots are restored "
+                    "(default [snapshot] model_path).")] = None,
+           model_sha256: Annotated[str, typer.Option(help="The target model's sha256, instead of hashing --model.")] = "",
+           max_tokens: Annotated[int | None, typer.Option(help="Most tokens each continuation may add.")] = None,  # noqa: UP007
+           jsonl: Annotated[str | None, typer.Option(  # noqa: UP007
+               help="Write one JSON object per record (id, ok, text, kv_restored, cache_n, error, kv_note) to this "
+                    "file, or - for stdout, instead of printing the continuations.")] = None,
+           allow_unauthenticated: UnauthOpt = False) -> None:
+    """Replay a snapshot's in-flight requests to another server so each answer continues where it stopped.
+
+    Prints each record's outcome and the text the target produced, or writes them as JSON Lines (--jsonl).
+    """
+    from spotguard.storage.model_hash import sha256_file
+    from spotguard.storage.names import shown
     from spotguard.storage.resume import resume as replay
 
     if not to:
@@ -386,11 +425,42 @@ def resume(snapshot_url: str, config: ConfigOpt = None,
         _fail("--engine must be openai, vllm or llamacpp")
     cfg = _load(config)
     options, key = _store(cfg)
-    results = _run(lambda: replay(snapshot_url, to, engine=engine, slot_dir=slot_dir,  # type: ignore[arg-type]
-                                  options=options, key=key))
-    for result in results:  # the continuation text is user data: counts only
-        typer.echo(f"{result.id}: {'ok' if result.ok else 'FAILED ' + result.error} "
-                   f"kv_restored={result.kv_restored} cache_n={result.cache_n}")
+    model_hash = model_sha256.strip().lower()
+    model_file = str(model) if model is not None else cfg.snapshot.model_path
+    if not model_hash and model_file and engine == "llamacpp" and slot_dir:
+        try:
+            model_hash = sha256_file(model_file)
+        except OSError as exc:
+            _fail(f"--model {model_file}: cannot be read: {exc.strerror}")
+    out = None
+    if jsonl not in (None, "-"):
+        try:
+            out = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115 - closed below, after the replay
+        except OSError as exc:
+            _fail(f"--jsonl {jsonl}: cannot be written: {exc.strerror}")
+    try:
+        results = _run(lambda: replay(snapshot_url, to, engine=engine, slot_dir=slot_dir,  # type: ignore[arg-type]
+                                      options=options, key=key, model_sha256=model_hash, max_tokens=max_tokens,
+                                      allow_unauthenticated=allow_unauthenticated, opened=_trust_note))
+        for result in results:
+            status = "ok" if result.ok else "FAILED " + shown(result.error, 500)
+            summary = (f"{result.id}: {status} kv_restored={result.kv_restored} cache_n={result.cache_n}"
+                       + (f" (kv not restored: {result.kv_note})" if result.kv_note else ""))
+            if jsonl is None:
+                typer.echo(f"== {summary}")
+                if result.text:
+                    # The text answers a prompt read from the store: control characters escaped, lines kept.
+                    typer.echo("\n".join(shown(line, len(line)) for line in result.text.split("\n")))
+                continue
+            typer.echo(summary, err=True)
+            line = json.dumps(result.to_json(), ensure_ascii=False)
+            if out is None:
+                typer.echo(line)
+            else:
+                out.write(line + "\n")
+    finally:
+        if out is not None:
+            out.close()
     raise typer.Exit(0 if all(r.ok for r in results) else 1)
 
 
@@ -399,4 +469,20 @@ def main() -> None:
         app()
     except SpotguardError as exc:  # pragma: no cover - commands catch their own
         typer.echo(f"spotguard: {exc}", err=True)
-        sys.exit(2)
+        _exit(2)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            typer.echo(exc.code, err=True)
+        _exit(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+
+
+def _exit(code: int) -> NoReturn:
+    """Leave without the interpreter's teardown, once everything is written and flushed.
+
+    obstore 0.12's runtime threads can abort the process while Python finalises (SIGABRT, exit 134,
+    seen in about one exit in three after any store call, with spotguard's code before this change
+    too); the command's work and output are complete by then, so the exit code must not be lost to it.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

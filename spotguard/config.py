@@ -179,6 +179,11 @@ class GateConfig:
                                    "[control] socket.")
     stop_timeout: float = _opt(30.0, "On SIGTERM the gate stops accepting, then waits this many seconds for "
                                      "requests in flight before closing them.")
+    allow_paths: tuple[str, ...] = _opt([], "Paths forwarded beyond the inference API (OpenAI chat, completions, "
+                                        "embeddings, responses, models; health), as \"/path\", \"/prefix/*\" or "
+                                        "\"METHOD /path\". Everything else gets 403: admin endpoints (llama.cpp "
+                                        "/slots, vLLM /pause, SGLang /flush_cache) let any client of the API erase "
+                                        "other users' state or stop the engine. Open only what the clients need.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,6 +323,11 @@ def _validate(config: Config) -> None:
         raise ConfigError("[aws] token_ttl must be between 1 and 21600 seconds")
     if config.drain.safety_margin < 0:
         raise ConfigError("[drain] safety_margin must be >= 0")
+    _validate_budgets(config)
+    if config.gate.allow_paths:
+        from spotguard.gate.routes import parse_allow
+
+        parse_allow(config.gate.allow_paths)
     for section, key in (("http", "listen"), ("gate", "listen")):
         value = getattr(getattr(config, section), key)
         if value:
@@ -331,6 +341,23 @@ def _validate(config: Config) -> None:
         if name.strip().lower() not in known:
             raise ConfigError(f"[azure] drain_event_types: {name!r} is not an Azure scheduled event type "
                               f"({', '.join(AZURE_EVENT_TYPES)})")
+
+
+def _validate_budgets(config: Config) -> None:
+    """Budgets that can never fit are errors here; plans that overrun a cloud's window (which depends on
+    the cloud the daemon finds itself on) are ``spotguard doctor`` warnings and errors."""
+    drain = config.drain
+    for key in ("manual_deadline", "wait_inflight_budget", "stop_budget", "deregister_budget", "snapshot_budget",
+                "notify_budget"):
+        if getattr(drain, key) < 0:
+            raise ConfigError(f"[drain] {key} must be >= 0 seconds")
+    margin = drain.safety_margin
+    if config.shutdown.enabled and config.shutdown.budget <= margin:
+        raise ConfigError(f"[shutdown] budget {config.shutdown.budget:g}s is not more than [drain] safety_margin "
+                          f"{margin:g}s: a drain after SIGTERM would have no time at all")
+    if drain.manual_deadline <= margin:
+        raise ConfigError(f"[drain] manual_deadline {drain.manual_deadline:g}s is not more than [drain] "
+                          f"safety_margin {margin:g}s: a manual drain would have no time at all")
 
 
 def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
@@ -372,18 +399,20 @@ def load(path: Path | str | None = None, *, environ: Mapping[str, str] | None = 
          overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
     """Build the configuration: file, then environment, then CLI overrides.
 
-    ``path`` None means ``$SPOTGUARD_CONFIG`` or the default path, each only if it exists; an explicit
-    path must exist.
+    ``path`` None means ``$SPOTGUARD_CONFIG``, else the default path only if it exists; a file named by
+    ``--config`` or ``$SPOTGUARD_CONFIG`` must exist (a typo must not silently run on defaults).
     """
     env = os.environ if environ is None else environ
     file_data: dict[str, dict[str, Any]] = {}
     origin = "defaults"
-    candidate = Path(path) if path is not None else Path(env.get("SPOTGUARD_CONFIG") or DEFAULT_CONFIG_PATH)
-    if path is not None or candidate.exists():
+    named = env.get("SPOTGUARD_CONFIG") or ""
+    via = "--config" if path is not None else "$SPOTGUARD_CONFIG"
+    candidate = Path(path) if path is not None else Path(named or DEFAULT_CONFIG_PATH)
+    if path is not None or named or candidate.exists():
         try:
             raw = tomllib.loads(candidate.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {candidate} does not exist (--config / SPOTGUARD_CONFIG)") from None
+            raise ConfigError(f"config file {candidate} (named by {via}) does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {candidate} is not valid TOML: {exc}") from None
         except OSError as exc:

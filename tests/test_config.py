@@ -20,8 +20,32 @@ def test_environment_beats_file_and_flags_beat_environment(tmp_path: Path) -> No
 
 def test_tooling_variables_under_the_prefix_are_not_configuration() -> None:
     # The Makefile exports SPOTGUARD_CACHE; a daemon started from that shell must not refuse to run.
-    environ = {"SPOTGUARD_CACHE": "/tmp/cache", "SPOTGUARD_LLAMA_SERVER": "/bin/true", "SPOTGUARD_CONFIG": "/nope"}
+    environ = {"SPOTGUARD_CACHE": "/tmp/cache", "SPOTGUARD_LLAMA_SERVER": "/bin/true"}
     assert load(None, environ=environ).agent.cloud == "auto"
+
+
+def test_a_missing_config_file_named_anywhere_is_an_error_that_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=f"{missing}.*SPOTGUARD_CONFIG.*does not exist"):
+        load(None, environ={"SPOTGUARD_CONFIG": str(missing)})
+    with pytest.raises(ConfigError, match=f"{missing}.*--config.*does not exist"):
+        load(missing, environ={})
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("shutdown", {"budget": 5.0}, r"\[shutdown\] budget 5s is not more than \[drain\] safety_margin 5s"),
+    ("drain", {"manual_deadline": 3.0}, r"manual_deadline 3s is not more than"),
+    ("drain", {"snapshot_budget": -1.0}, r"snapshot_budget must be >= 0"),
+    ("gate", {"allow_paths": ["/slots/../x"]}, r"allow_paths: '/slots/../x'"),
+])
+def test_budgets_and_gate_paths_that_cannot_work_are_errors(section: str, values: dict[str, object],
+                                                            message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(None, environ={}, overrides={section: values})
+
+
+def test_a_shutdown_budget_within_the_margin_is_fine_when_sigterm_does_not_drain() -> None:
+    assert load(None, environ={}, overrides={"shutdown": {"enabled": False, "budget": 1.0}}).shutdown.budget == 1.0
 
 
 @pytest.mark.parametrize(("environ", "names"), [

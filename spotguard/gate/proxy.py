@@ -1,9 +1,10 @@
 """The gate: a reverse proxy in front of the engine that journals chat/completions requests.
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` are journaled (see ``journal.py`` for the
-life of an entry); every other request is passed through untouched: method, path, query, headers
-(hop-by-hop ones aside), body and status, streamed both ways. Authorization headers are forwarded
-and never stored or logged; bodies and outputs are user data and never logged.
+life of an entry); every other request the path policy allows (``routes.py``: the inference API,
+health and ``[gate] allow_paths``; anything else is 403) is passed through untouched: method, path,
+query, headers (hop-by-hop ones aside), body and status, streamed both ways. Authorization headers
+are forwarded and never stored or logged; bodies and outputs are user data and never logged.
 
 Once ``set_draining(True)``, every NEW request gets 503 with ``Retry-After`` and a JSON error, while
 requests already in flight carry on. An interrupted request (``Journal.interrupt_all``) has its
@@ -37,6 +38,7 @@ from spotguard.errors import ConfigError, GateError
 from spotguard.gate.http1 import HOP_BY_HOP, ClientConnection, Request, UpstreamConnection, status_line
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.gate.output import OutputParser, request_meta
+from spotguard.gate.routes import Routes
 from spotguard.gate.upstream import UpstreamPool
 from spotguard.metrics import Metrics
 
@@ -68,7 +70,8 @@ class Gate:
 
     def __init__(self, *, upstream: str, journal: Journal, metrics: Metrics, retry_after: int = 5,
                  read_timeout: float = 600.0, connect_timeout: float = 5.0, max_body: int = MAX_BODY,
-                 log: structlog.stdlib.BoundLogger | None = None) -> None:
+                 log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = ()) -> None:
+        self._routes = Routes(allow_paths)
         base = urlsplit(upstream)
         if base.scheme not in ("http", "https") or not base.hostname:
             raise ConfigError(
@@ -102,7 +105,7 @@ class Gate:
         if not config.upstream:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         return cls(upstream=config.upstream, journal=journal, metrics=metrics, retry_after=config.retry_after,
-                   log=log)
+                   log=log, allow_paths=config.allow_paths)
 
     @property
     def draining(self) -> bool:
@@ -156,6 +159,16 @@ class Gate:
 
     def handle(self, connection: ClientConnection, request: Request) -> None:
         """Called once the head of a request is in; decides what happens to it."""
+        raw_path, _, query = request.target.partition(b"?")
+        verdict = self._routes.check(request.method.decode("latin-1"), raw_path)
+        if not verdict.allowed:  # admin endpoints and anything else outside the inference API: see routes.py
+            self.count("other", "forbidden")
+            request.sink = _drop
+            self.answer(connection, request, 403, verdict.reason, "forbidden")
+            return
+        if verdict.raw_path != raw_path:  # what the engine would have decoded it to, and nothing else
+            request.target = verdict.raw_path + (b"?" + query if query else b"")
+            request.path = verdict.path
         kind = JOURNALED.get(request.path) if request.method == b"POST" else None
         if self._draining:
             self.count(kind or "other", "rejected")

@@ -4,8 +4,9 @@ Order, so that what matters most lands first when time runs short:
 
 1. continuation records (request body + output so far) for every in-flight request: small, one
    batch object per few MiB, uploaded in parallel;
-2. llama.cpp KV slot files, most compute saved per byte first (tokens / bytes), in parallel,
-   multipart for big files;
+2. llama.cpp KV slot files, most compute saved per byte first (tokens / bytes), in parallel, each
+   streamed from disk in bounded multipart parts (and sealed frame by frame when encrypted), so memory
+   stays flat whatever the size of the files;
 3. manifest.json, last, in a slice of the budget kept for it. It lists only objects whose upload
    finished, and says what is missing and why. No manifest = incomplete snapshot.
 
@@ -22,8 +23,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import anyio
 import structlog
@@ -43,7 +46,7 @@ from spotguard.storage.format import (
     Missing,
     safe_segment,
 )
-from spotguard.storage.store import MissingObject, Store, StoreOptions, open_store
+from spotguard.storage.store import PART_SIZE, MissingObject, Store, StoreOptions, open_store
 
 if TYPE_CHECKING:
     from spotguard.config import Config
@@ -53,6 +56,10 @@ if TYPE_CHECKING:
 RECORD_BATCH_BYTES = 4 * 1024 * 1024
 UPLOAD_CONCURRENCY = 8
 EARLIER_MANIFEST_TIMEOUT = 1.0
+KV_UPLOADS = 4
+"""KV files uploaded side by side."""
+KV_PART_CONCURRENCY = 4
+"""Parts in flight per KV file: KV_UPLOADS x KV_PART_CONCURRENCY x PART_SIZE (128 MiB) bounds the buffers."""
 SAFETY = 0.05
 """Seconds kept back from the budget so our own scopes end before the engine's."""
 
@@ -135,6 +142,8 @@ class _Job:
     prepared: Prepared
     prefix: str
     progress: _Progress
+    instance: str
+    """The instance id as written in the manifest: encrypted objects are bound to it and the event id."""
 
     def problem(self, reason: str, message: str) -> None:
         """Record, log and count a problem; messages name objects and endpoints, never user data."""
@@ -142,10 +151,16 @@ class _Job:
         self.ctx.metrics.config_errors.labels(component="snapshot", reason=reason).inc()
         self.ctx.log.warning("snapshot.problem", reason=reason, error=message)
 
-    async def store_object(self, name: str, kind: str, plain: bytes, **extra: object) -> None:
+    async def store_object(self, name: str, kind: str, plain: bytes | Path, **extra: object) -> None:
+        """Store ``plain`` (bytes, or a file streamed from disk) as ``name`` and list it for the manifest."""
         key = self.prepared.key
+        path = f"{self.prefix}/{name}"
+        bound = crypto.binding(self.instance, self.ctx.notice.event_id, name)
         try:
-            size, digest = await seal_and_put(self.prepared.store, key, f"{self.prefix}/{name}", name, plain)
+            if isinstance(plain, Path):
+                size, digest = await put_file(self.prepared.store, key, path, bound, plain)
+            else:
+                size, digest = await seal_and_put(self.prepared.store, key, path, bound, plain)
         except StoreError:
             self.ctx.metrics.snapshot_objects.labels(kind=kind, result="failed").inc()
             raise
@@ -160,18 +175,20 @@ SMALL = 256 * 1024
 """Below this, hashing and sealing inline is cheaper than a worker thread."""
 
 
-async def seal_and_put(store: Store, key: crypto.Key | None, path: str, name: str, plain: bytes) -> tuple[int, str]:
-    """Encrypt (if a key is set), upload, and hash the stored bytes; returns (size, sha256).
+async def seal_and_put(store: Store, key: crypto.Key | None, path: str, bound_to: bytes,
+                       plain: bytes) -> tuple[int, str]:
+    """Encrypt (if a key is set; ``bound_to`` from ``crypto.binding``), upload, and hash the stored bytes;
+    returns (size, sha256). For objects already in memory (records, metadata); files go through ``put_file``.
 
     For big objects the hash runs in a worker thread while the upload is in flight (both release
     the GIL), so integrity costs no upload time.
     """
     if len(plain) < SMALL:
-        stored = crypto.encrypt(key, name, plain) if key else plain
+        stored = crypto.seal(key, bound_to, plain) if key else plain
         await store.put(path, stored)
         return len(stored), hashlib.sha256(stored).hexdigest()
     # abandon_on_cancel: at the budget's end a thread still hashing a big file must not hold the step.
-    sealed = (await anyio.to_thread.run_sync(crypto.encrypt, key, name, plain, abandon_on_cancel=True)
+    sealed = (await anyio.to_thread.run_sync(crypto.seal, key, bound_to, plain, abandon_on_cancel=True)
               if key else plain)
     digests: list[str] = []
 
@@ -183,6 +200,73 @@ async def seal_and_put(store: Store, key: crypto.Key | None, path: str, name: st
         tg.start_soon(digest)
         await store.put(path, sealed)
     return len(sealed), digests[0]
+
+
+class _FileParts:
+    """Reads a file part by part, sealing it frame by frame when a key is set, hashing what is stored.
+
+    Blocking (file reads, AES, sha256 all release the GIL): ``next_part`` runs in a worker thread.
+    """
+
+    def __init__(self, handle: BinaryIO, sealer: crypto.Sealer | None) -> None:
+        self._handle = handle
+        self._sealer = sealer
+        self._frame = sealer.frame_bytes if sealer else PART_SIZE
+        self._ahead: bytes | None = None
+        self._header = sealer.header if sealer else b""
+        self._done = False
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def _read(self) -> bytes:
+        chunks = []
+        want = self._frame
+        while want:
+            chunk = self._handle.read(want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+
+    def next_part(self) -> bytes | None:
+        if self._done:
+            return None
+        out = [self._header]
+        self._header = b""
+        produced = 0
+        while produced < PART_SIZE and not self._done:
+            frame = self._read() if self._ahead is None else self._ahead
+            # The last frame is sealed as such: look one frame ahead to know.
+            self._ahead = self._read() if len(frame) == self._frame else b""
+            last = not self._ahead
+            piece = self._sealer.seal(frame, last) if self._sealer else frame
+            self._done = last
+            out.append(piece)
+            produced += len(piece)
+        part = b"".join(out)
+        self.digest.update(part)
+        self.size += len(part)
+        return part
+
+
+async def put_file(store: Store, key: crypto.Key | None, path: str, bound_to: bytes, source: Path, *,
+                   concurrency: int = KV_PART_CONCURRENCY) -> tuple[int, str]:
+    """Stream ``source`` to the store in parts of PART_SIZE (sealed frame by frame with ``key``), hashing the
+    stored bytes on the way; returns (size, sha256). Memory: about ``concurrency`` + 1 parts, whatever the size."""
+    handle = await anyio.to_thread.run_sync(open, source, "rb")
+    reader = _FileParts(handle, crypto.Sealer(key, bound_to) if key else None)
+
+    async def parts() -> AsyncIterator[bytes]:
+        while (part := await anyio.to_thread.run_sync(reader.next_part, abandon_on_cancel=True)) is not None:
+            yield part
+
+    try:
+        await store.put_stream(path, parts(), concurrency=concurrency)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(handle.close)
+    return reader.size, reader.digest.hexdigest()
 
 
 def _records(requests: list[InflightRequest]) -> list[tuple[list[str], bytes]]:
@@ -268,19 +352,18 @@ async def _upload_slots(job: _Job, saved: list[llamacpp.SavedSlot], owners: dict
     ordered = order_by_value(saved)
     for slot in ordered:
         job.progress.pending[f"{KV_DIR}/slot-{slot.slot_id}.bin"] = f"kv slot {slot.slot_id} ({slot.tokens} tokens)"
-    limiter = anyio.CapacityLimiter(4)
+    limiter = anyio.CapacityLimiter(KV_UPLOADS)
 
     async def one(slot: llamacpp.SavedSlot) -> None:
         path = llamacpp.slot_file(directory, slot.filename)
         async with limiter:
             try:
-                data = await anyio.to_thread.run_sync(path.read_bytes, abandon_on_cancel=True)
                 owner = owners.get(slot.slot_id)
                 meta = {"slot_id": slot.slot_id, "request_id": owner, "tokens": slot.tokens, "bytes": slot.bytes,
                         "model_sha256": engine.model_sha256, "n_ctx": engine.n_ctx,
                         "total_slots": engine.total_slots, "kv_cache_types": engine.kv_cache_types}
                 name = f"{KV_DIR}/slot-{slot.slot_id}.bin"
-                await job.store_object(name, "kv", data, slot_id=slot.slot_id, tokens=slot.tokens,
+                await job.store_object(name, "kv", path, slot_id=slot.slot_id, tokens=slot.tokens,
                                        request_ids=(owner,) if owner else ())
                 await job.store_object(f"{KV_DIR}/slot-{slot.slot_id}.json", "kv_meta",
                                        json.dumps(meta, sort_keys=True).encode(), slot_id=slot.slot_id)
@@ -385,7 +468,7 @@ async def take_snapshot(ctx: DrainContext, prepared: Prepared | None = None) -> 
         prepared = await anyio.to_thread.run_sync(prepare_blocking, config.replace("snapshot", model_path=""))
     started = time.monotonic()
     created = rfc3339(utcnow())
-    job = _Job(ctx, prepared, prefix, _Progress(requests=requests))
+    job = _Job(ctx, prepared, prefix, _Progress(requests=requests), instance)
     # The manifest's slice: enough for one small put, never more than half the budget.
     reserve = min(max(0.5, budget * 0.15), 3.0, budget / 2)
     with anyio.move_on_after(budget - reserve) as scope:
@@ -416,7 +499,7 @@ async def take_snapshot(ctx: DrainContext, prepared: Prepared | None = None) -> 
     left = max(0.05, budget - (time.monotonic() - started))
     with anyio.move_on_after(left) as manifest_scope:
         try:
-            await prepared.store.put(f"{prefix}/{MANIFEST}", manifest.to_json())
+            await prepared.store.put(f"{prefix}/{MANIFEST}", manifest.to_json(prepared.key))
             ctx.metrics.snapshot_objects.labels(kind="manifest", result="ok").inc()
         except SpotguardError as exc:
             manifest_error = str(exc)

@@ -11,8 +11,9 @@ URL forms: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``az://container/pref
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +37,9 @@ PART_SIZE = 8 * 1024 * 1024
 """Objects above this go up as multipart uploads, parts in parallel (S3's minimum part is 5 MiB)."""
 
 PART_CONCURRENCY = 8
+
+STREAM_CHUNK = 8 * 1024 * 1024
+"""Bytes per ranged read when an object is read as a stream (downloads, KV files): memory stays flat."""
 
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -173,12 +177,57 @@ class Store:
             self.inner, path, data, use_multipart=len(data) > PART_SIZE, chunk_size=PART_SIZE,
             max_concurrency=PART_CONCURRENCY))
 
-    async def get(self, path: str) -> bytes:
-        async def fetch() -> bytes:
-            result = await obstore.get_async(self.inner, path)
-            return bytes(await result.bytes_async())
+    async def put_stream(self, path: str, parts: AsyncIterable[bytes], *, concurrency: int = PART_CONCURRENCY) -> None:
+        """Upload from an async stream as a multipart upload: at most ``concurrency`` parts of PART_SIZE
+        are held at once, whatever the object's size; nothing is visible at ``path`` until it completes."""
+        await self._call(f"put {path}", obstore.put_async(
+            self.inner, path, parts, use_multipart=True, chunk_size=PART_SIZE, max_concurrency=concurrency))
 
-        return await self._call(f"get {path}", fetch())
+    async def get(self, path: str, *, limit: int | None = None) -> bytes:
+        """The whole object; with ``limit``, StoreError without reading it when it is longer."""
+        if limit is None:
+            async def fetch() -> bytes:
+                result = await obstore.get_async(self.inner, path)
+                return bytes(await result.bytes_async())
+
+            return await self._call(f"get {path}", fetch())
+        size = await self.size(path)
+        if size > limit:
+            raise StoreError(f"{self.url}: get {path}: {size} bytes, larger than the {limit} bytes expected")
+        return await self.read_range(path, 0, size)
+
+    async def size(self, path: str) -> int:
+        async def head() -> int:
+            return int((await obstore.head_async(self.inner, path))["size"])
+
+        return await self._call(f"head {path}", head())
+
+    async def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of the object; at most ``end - start`` whatever the object holds."""
+        if end <= start:
+            return b""
+
+        async def fetch() -> bytes:
+            return bytes(await obstore.get_range_async(self.inner, path, start=start, end=end))
+
+        return await self._call(f"get {path} [{start}:{end}]", fetch())
+
+    async def stream(self, path: str, size: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The object's first ``size`` bytes (default: its size now) in ranged reads of STREAM_CHUNK.
+
+        Each chunk is its own request, so a reader that stops early (a hostile object) leaves no
+        transfer running behind it, and memory stays at one chunk whatever the object's size.
+        """
+        total = await self.size(path) if size is None else size
+        offset = 0
+        while offset < total:
+            want = min(total - offset, STREAM_CHUNK)
+            chunk = await self.read_range(path, offset, offset + want)
+            if chunk:
+                yield chunk
+            if len(chunk) < want:
+                return  # the object is shorter than expected: the caller's size check says so
+            offset += want
 
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         async def collect() -> list[ObjectInfo]:
@@ -186,6 +235,14 @@ class Store:
             async for batch in obstore.list(self.inner, prefix or None, chunk_size=1000):
                 found.extend(ObjectInfo(str(meta["path"]), int(meta["size"])) for meta in batch)
             return found
+
+        return await self._call(f"list {prefix or '/'}", collect())
+
+    async def children(self, prefix: str = "") -> builtins.list[str]:
+        """The "directories" right under ``prefix`` (one delimiter listing: keys deeper down are not parsed)."""
+        async def collect() -> builtins.list[str]:
+            result = await obstore.list_with_delimiter_async(self.inner, prefix or None)
+            return [str(p) for p in result["common_prefixes"]]
 
         return await self._call(f"list {prefix or '/'}", collect())
 
@@ -201,6 +258,8 @@ class Store:
             raise StoreError(f"{self.url}: {what} failed: {_first_line(exc)}") from exc
         except OSError as exc:
             raise StoreError(f"{self.url}: {what} failed: {exc}") from exc
+        except ValueError as exc:  # obstore refuses some paths (``..``, ``//``) with a plain ValueError
+            raise StoreError(f"{self.url}: {what} refused: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

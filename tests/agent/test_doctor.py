@@ -14,7 +14,7 @@ def test_budget_check_warns_when_the_gcp_window_is_too_short() -> None:
     config = load(None, environ={})
     assert budget_check(config, "aws").level == "ok" or budget_check(config, "aws").level == "warning"
     assert budget_check(config, "gcp").level == "warning"
-    tight = load(None, environ={}, overrides={"drain": {"safety_margin": 40.0}})
+    tight = load(None, environ={}, overrides={"drain": {"safety_margin": 40.0}, "shutdown": {"budget": 60.0}})
     assert budget_check(tight, "gcp").level == "error"
 
 

@@ -103,8 +103,8 @@ async def test_draining_with_a_real_engine(llama_server: LlamaServer, start_gate
     assert len(gw.journal) == 0
 
 
-async def test_slot_actions_pass_through(llama_server: LlamaServer, start_gate: StartGate) -> None:
-    gw = await start_gate(llama_server.url)
+async def test_slot_actions_pass_through_when_allowed(llama_server: LlamaServer, start_gate: StartGate) -> None:
+    gw = await start_gate(llama_server.url, allow_paths=("POST /slots/*",))
     assert llama_server.slot_save_path is not None
     async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
         with anyio.fail_after(20):
@@ -118,3 +118,46 @@ async def test_slot_actions_pass_through(llama_server: LlamaServer, start_gate: 
     assert (llama_server.slot_save_path / "one.bin").stat().st_size == saved.json()["n_written"]
     assert restored.status_code == 200 and restored.json()["n_restored"] == saved.json()["n_saved"]
     assert bad.status_code == 400
+
+
+async def raw_request(url: str, head: bytes) -> tuple[int, bytes]:
+    """One request written byte for byte (no client normalises the path), and the answer's status and body."""
+    host, port = url.removeprefix("http://").split(":")
+    async with await anyio.connect_tcp(host, int(port)) as stream:
+        await stream.send(head)
+        data = b""
+        with anyio.move_on_after(10):
+            while True:
+                try:
+                    data += await stream.receive()
+                except anyio.EndOfStream:
+                    break
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+async def test_admin_endpoints_are_403_while_inference_works(llama_server: LlamaServer,
+                                                            start_gate: StartGate) -> None:
+    gw = await start_gate(llama_server.url)
+    body = b'{"filename":"x.bin"}'
+    attacks = [b"/slots/0?action=erase", b"/%73lots/0?action=erase", b"/v1/chat/completions/../../slots/0?action=erase",
+               b"/v1/models/..%2F..%2Fslots/1?action=restore", b"//slots/0?action=save", b"/%2573lots/0?action=erase"]
+    async with httpx.AsyncClient(timeout=30) as client:
+        with anyio.fail_after(60):
+            for target in attacks:
+                status, answer = await raw_request(gw.url, b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                                                   b"Content-Type: application/json\r\nConnection: close\r\n"
+                                                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                assert status == 403, target
+                assert json.loads(answer)["error"]["type"] == "forbidden"
+            for path in ("/slots", "/props", "/metrics"):
+                assert (await client.get(gw.url + path)).status_code == 403
+            # The same erase straight to the engine works: the endpoint is real, only the gate refuses it.
+            assert (await client.post(llama_server.url + "/slots/0?action=erase")).status_code == 200
+            chat = await client.post(gw.url + CHAT, json={"model": "tiny", "max_tokens": 4,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+            models = await client.get(gw.url + "/v1/models")
+            health = await client.get(gw.url + "/health")
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
+    assert models.status_code == 200 and health.status_code == 200
+    assert gw.count("other", "forbidden") == len(attacks) + 3

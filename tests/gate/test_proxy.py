@@ -186,7 +186,8 @@ async def test_client_disconnect_cancels_upstream_and_drops_the_entry(fake_engin
 
 
 async def test_other_requests_pass_through_untouched(fake_engine: FakeEngine, start_gate: StartGate) -> None:
-    gw = await start_gate(fake_engine.url)
+    """What the path policy lets through (here opened with [gate] allow_paths) goes through untouched."""
+    gw = await start_gate(fake_engine.url, allow_paths=("PUT /slots/*", "GET /v1/chat/completions", "/stream-other"))
     headers = {"authorization": "Bearer s3cret", "x-custom": "a b", "content-type": "application/octet-stream"}
     payload = bytes(range(256)) * 10
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:

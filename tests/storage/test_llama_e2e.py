@@ -19,6 +19,7 @@ from spotguard.storage.resume import resume
 from spotguard.storage.snapshot import prepare, take_snapshot
 from spotguard.storage.store import StoreOptions
 from tests.storage.conftest import StallWhen, make_ctx
+from tests.storage.hostile import cli, write_config
 from tests.support.gate import StartGate
 from tests.support.llama import LlamaServer
 
@@ -130,17 +131,20 @@ async def test_stalled_kv_upload_leaves_records_and_an_honest_manifest(
 
 
 async def test_two_requests_without_known_slots_resume_from_their_own_caches(
-        llama_server_factory: Callable[..., LlamaServer], start_gate: StartGate, tmp_path: Path,
+        llama_server_factory: Callable[..., LlamaServer], start_gate: StartGate, tmp_path: Path, tiny_model: Path,
         moto_url: str, bucket: str) -> None:
     """The gate did not learn which slot served which request: both slot files are restored and each
-    continuation finds its own cache through llama-server's prompt-similarity slot choice."""
+    continuation finds its own cache through llama-server's prompt-similarity slot choice. Resumed with the
+    real ``spotguard resume`` command, which hashes ``--model`` and checks it against the snapshot's."""
     source = llama_server_factory(slots=2, ctx=8192, slot_save_path=tmp_path / "source-slots")
     target = llama_server_factory(slots=2, ctx=8192, slot_save_path=tmp_path / "target-slots")
+    spare = llama_server_factory(slots=2, ctx=8192, slot_save_path=tmp_path / "spare-slots")
     gate = await start_gate(source.url)
     config = (Config()
               .replace("snapshot", url=f"s3://{bucket}/snaps", endpoint_url=moto_url,
-                       slot_save_path=str(tmp_path / "source-slots"))
+                       slot_save_path=str(tmp_path / "source-slots"), model_path=str(tiny_model))
               .replace("server", kind="llamacpp", url=source.url))
+    snapshotter = await prepare(config)  # hashes the model once, as the daemon does at startup
     prompts = ["Alpha beta gamma delta epsilon. " * 10, "Red green blue yellow purple orange. " * 10]
     async with httpx.AsyncClient(timeout=60) as http, anyio.create_task_group() as tg:
         for prompt in prompts:
@@ -150,16 +154,26 @@ async def test_two_requests_without_known_slots_resume_from_their_own_caches(
             while not (len(gate.journal) == 2 and all(len(r.output_text) > 20 for r in gate.journal.active())):
                 await anyio.sleep(0.02)
         with anyio.fail_after(30):
-            detail = await take_snapshot(make_ctx(config, http, gate.journal))
+            detail = await snapshotter(make_ctx(config, http, gate.journal))
         tg.cancel_scope.cancel()
     assert "2/2 records, 2 kv slots, 0 missing" in detail, detail
     url = f"s3://{bucket}/snaps/i-test/evt-1"
+    cli_config = write_config(tmp_path / "c.toml", endpoint_url=moto_url)
+    args = ["resume", url, "--engine", "llamacpp", "--max-tokens", "8", "--jsonl", "-", "--config", str(cli_config)]
     with anyio.fail_after(120):
-        results = await resume(url, target.url, engine="llamacpp", slot_dir=str(tmp_path / "target-slots"),
-                               options=StoreOptions(endpoint_url=moto_url), max_tokens=8)
+        # No model given (on a spare server, so its caches stay out of the real run): nothing is restored.
+        code, out, err = await cli(*args, "--to", spare.url, "--slot-dir", str(tmp_path / "spare-slots"))
+        assert code == 0, err
+        assert [json.loads(line)["kv_note"] for line in out.splitlines()] == [
+            "the target's model sha256 is unknown (pass --model or --model-sha256)"] * 2
+        assert not list((tmp_path / "spare-slots").glob("resume-*"))
+        code, out, err = await cli(*args, "--to", target.url, "--slot-dir", str(tmp_path / "target-slots"),
+                                   "--model", str(tiny_model))
+        results = [json.loads(line) for line in out.splitlines()]
         async with httpx.AsyncClient(timeout=10) as http:
             counts = [len((await http.post(f"{target.url}/tokenize", json={"content": p})).json()["tokens"])
                       for p in prompts]
-    assert [r.ok for r in results] == [True, True], [r.error for r in results]
+    assert code == 0 and [r["ok"] for r in results] == [True, True], err
     for result, prompt_tokens in zip(results, counts, strict=True):
-        assert result.cache_n is not None and result.cache_n >= prompt_tokens, (result.cache_n, prompt_tokens)
+        assert result["cache_n"] is not None and result["cache_n"] >= prompt_tokens, (result, prompt_tokens)
+        assert result["text"]  # the continuation itself comes back

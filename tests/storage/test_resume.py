@@ -13,9 +13,10 @@ from spotguard.config import Config
 from spotguard.errors import StoreError
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.storage.reader import open_snapshot
-from spotguard.storage.resume import resume
+from spotguard.storage.resume import _restore_slots, resume
 from spotguard.storage.snapshot import take_snapshot
 from tests.storage.conftest import make_ctx
+from tests.storage.hostile import cli, entry, manifest, record, write_config
 from tests.support.openai_upstream import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -86,3 +87,41 @@ async def test_download_writes_plaintext_objects(tmp_path: Path) -> None:
         written = await (await open_snapshot(url)).download(str(tmp_path / "out"))
     assert [p.relative_to(tmp_path / "out").as_posix() for p in written] == ["records/000000.jsonl"]
     assert len((tmp_path / "out" / "records" / "000000.jsonl").read_text().splitlines()) == 4
+
+
+async def test_cli_resume_prints_each_continuation_or_writes_json_lines(tmp_path: Path,
+                                                                         fake_engine: FakeEngine) -> None:
+    url = await _snapshot(tmp_path)
+    config = write_config(tmp_path / "c.toml")
+    code, out, err = await cli("resume", url, "--to", fake_engine.url, "--config", str(config))
+    assert code == 1  # the junk record failed
+    assert "== chat: ok" in out and "== text: ok" in out and "== junk: FAILED" in out
+    assert "tok0 tok1" in out  # the continuation text itself, not only counts
+    assert "not authenticated" in err
+    code, out, err = await cli("resume", url, "--to", fake_engine.url, "--config", str(config), "--jsonl", "-")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["id"] for r in lines] == ["chat", "text", "done", "junk"]
+    assert lines[0]["ok"] and lines[0]["text"].startswith("tok0") and not lines[3]["ok"]
+    assert "chat: ok" in err  # the human summary moves to stderr
+
+
+async def test_kv_slots_are_restored_only_against_a_known_matching_model_hash(tmp_path: Path) -> None:
+    store = tmp_path / "snaps" / "i-test" / "evt-1"
+    (store / "kv").mkdir(parents=True)
+    (store / "records").mkdir()
+    lines = (json.dumps(record("r1")) + "\n").encode()
+    (store / "records" / "000000.jsonl").write_bytes(lines)
+    (store / "kv" / "slot-0.bin").write_bytes(b"kv")
+    doc = manifest([entry("records/000000.jsonl", "records", lines),
+                    entry("kv/slot-0.bin", "kv", b"kv", request_ids=["r1"], slot_id=0, tokens=5)])
+    doc["engine"] = {"kind": "llamacpp", "model_sha256": "a" * 64, "n_ctx": 8192, "total_slots": 2}
+    (store / "manifest.json").write_text(json.dumps(doc))
+    async with httpx.AsyncClient() as http:
+        snap = await open_snapshot(f"file://{store}")
+        with anyio.fail_after(10):
+            unknown = await _restore_slots(snap, http, "http://127.0.0.1:9", str(tmp_path / "slots"), "", 5)
+            other = await _restore_slots(snap, http, "http://127.0.0.1:9", str(tmp_path / "slots"), "b" * 64, 5)
+    why = "the target's model sha256 is unknown (pass --model or --model-sha256)"
+    assert unknown == ({}, {"r1": why, "*": why})
+    assert other[0] == {} and other[1]["r1"] == "the target's model differs from the snapshot's"
+    assert not (tmp_path / "slots").exists()
