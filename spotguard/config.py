@@ -179,6 +179,11 @@ class GateConfig:
                                    "[control] socket.")
     stop_timeout: float = _opt(30.0, "On SIGTERM the gate stops accepting, then waits this many seconds for "
                                      "requests in flight before closing them.")
+    peers: tuple[str, ...] = _opt([], "Base URLs of OpenAI-compatible endpoints that take work from this node while "
+                                  "it drains (other nodes' gates or engines, or the internal load balancer): new "
+                                  "requests are handed to them, and requests still running when the snapshot step "
+                                  "cuts them are continued there into the same client answer. Empty = refuse new "
+                                  "work with 503 and end cut answers with a retryable error.")
     allow_paths: tuple[str, ...] = _opt([], "Paths forwarded beyond the inference API (OpenAI chat, completions, "
                                         "embeddings, responses, models; health), as \"/path\", \"/prefix/*\" or "
                                         "\"METHOD /path\". Everything else gets 403: admin endpoints (llama.cpp "

@@ -203,7 +203,8 @@ class GateLink:
         settings = state / "gate.toml"
         # Only what the gate reads (never the whole file: webhook URLs and such are nobody else's).
         own = Config(agent=self.config.agent, control=self.config.control).replace(
-            "gate", **{**_section(self.config, "gate"), "control_socket": self.path})
+            "gate", **{**_section(self.config, "gate"), "control_socket": self.path}).replace(
+            "server", kind=self.config.server.kind)  # the shape of a continuation depends on the engine
         fd = os.open(settings, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(to_toml(own))

@@ -20,6 +20,7 @@ import json
 from typing import Any
 
 from spotguard.gate.journal import InflightRequest
+from spotguard.gate.stitch import AnswerIdentity
 
 MAX_PENDING = 1 << 20
 """Bytes of an unfinished SSE line kept before giving up on parsing this stream (no newline = not SSE)."""
@@ -30,7 +31,8 @@ _DONE = b"[DONE]"
 class OutputParser:
     """Incremental SSE parser that appends output deltas to one journal entry."""
 
-    __slots__ = ("_entry", "_chat", "_tail", "_data", "_broken", "errors")
+    __slots__ = ("_entry", "_chat", "_tail", "_data", "_broken", "errors", "identity", "role_sent",
+                 "content_events", "tool_call_started")
 
     def __init__(self, entry: InflightRequest, *, chat: bool) -> None:
         self._entry = entry
@@ -39,6 +41,13 @@ class OutputParser:
         self._data: list[bytes] = []
         self._broken = False
         self.errors = 0
+        # What a migration needs to join a peer's answer onto this one (see stitch.py):
+        self.identity: AnswerIdentity | None = None
+        """``id``, ``model``, ``created``, ``object`` of the first event the client got."""
+        self.role_sent = False
+        self.content_events = 0
+        """Events that carried text: the tokens delivered, where the engine streams one per event."""
+        self.tool_call_started = False
 
     def feed(self, chunk: bytes) -> None:
         """One chunk of the raw SSE stream, cut anywhere; complete lines are handled now."""
@@ -99,18 +108,24 @@ class OutputParser:
 
     def _take(self, event: Any, *, final: bool) -> None:
         entry = self._entry
+        if self.identity is None and isinstance(event, dict) and "error" not in event:
+            self.identity = AnswerIdentity.of(event)
         choices = event.get("choices")
         if choices:
             choice = choices[0]
             if self._chat:
                 part = choice.get("message" if final else "delta")
                 text = part.get("content") if part else None
+                if part:
+                    self.role_sent = self.role_sent or "role" in part
+                    self.tool_call_started = self.tool_call_started or bool(part.get("tool_calls"))
             else:
                 text = choice.get("text")
             if text:
                 if not isinstance(text, str):
                     raise TypeError("content is not a string")
                 entry.output.append(text)
+                self.content_events += 1
             reason = choice.get("finish_reason")
             if reason:
                 entry.finish_reason = str(reason)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from spotguard.errors import ConfigError
+from spotguard.gate.targets import Target
 
 FORWARDED_HEADER = b"spotguard-forwarded"
 DROPPED_REASON_HEADER = b"spotguard-dropped-reason"
@@ -26,37 +24,18 @@ COOLDOWN = 5.0
 SKIP_STATUSES = frozenset({429, 503})
 
 
-@dataclass(frozen=True)
-class Peer:
-    url: str
-    scheme: str
-    host: str
-    port: int
-    prefix: bytes
-    """The base URL's path (no trailing slash), put in front of the request's path."""
-
-    @classmethod
-    def parse(cls, url: str) -> Peer:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"[gate] peers: expected base URLs like http://10.0.0.7:8080, got {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(url=url.rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port,
-                   prefix=parts.path.rstrip("/").encode())
-
-
 class Peers:
     """The configured peers, a rotating starting point, and who failed recently."""
 
-    def __init__(self, urls: tuple[str, ...] | list[str]) -> None:
-        self.peers = [Peer.parse(url) for url in urls]
+    def __init__(self, urls: tuple[str, ...] | list[str], *, connect_timeout: float = 2.0) -> None:
+        self.peers = [Target(url, connect_timeout=connect_timeout, what="[gate] peers") for url in urls]
         self._start = itertools.count()
         self._failed_at: dict[str, float] = {}
 
     def __bool__(self) -> bool:
         return bool(self.peers)
 
-    def order(self) -> Iterator[Peer]:
+    def order(self) -> Iterator[Target]:
         """Every peer once, starting one further along each call; recently failed ones last."""
         if not self.peers:
             return iter(())
@@ -66,8 +45,12 @@ class Peers:
         fresh = [p for p in turn if now - self._failed_at.get(p.url, -COOLDOWN) >= COOLDOWN]
         return iter(fresh + [p for p in turn if p not in fresh])
 
-    def failed(self, peer: Peer) -> None:
+    def failed(self, peer: Target) -> None:
         self._failed_at[peer.url] = time.monotonic()
 
-    def worked(self, peer: Peer) -> None:
+    def worked(self, peer: Target) -> None:
         self._failed_at.pop(peer.url, None)
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.pool.close()

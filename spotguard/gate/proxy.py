@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import ssl
-from urllib.parse import urlsplit
+import time
+from collections.abc import Iterator
 
 import anyio
 import structlog
@@ -35,11 +35,14 @@ from prometheus_client import Counter
 from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
 from spotguard.errors import ConfigError, GateError
+from spotguard.gate.continuation import NotContinuable, continuation_body
 from spotguard.gate.http1 import HOP_BY_HOP, ClientConnection, Request, UpstreamConnection, status_line
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.gate.output import OutputParser, request_meta
+from spotguard.gate.peers import DROPPED_REASON_HEADER, FORWARDED_HEADER, SKIP_STATUSES, Peers
 from spotguard.gate.routes import Routes
-from spotguard.gate.upstream import UpstreamPool
+from spotguard.gate.stitch import AnswerIdentity, StreamStitch
+from spotguard.gate.targets import Target
 from spotguard.metrics import Metrics
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
@@ -48,6 +51,11 @@ JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 MAX_BODY = 64 << 20
 """Largest journaled request body (long contexts, inline images); bigger ones get 413."""
 
+PEER_CONNECT_TIMEOUT = 2.0
+"""Seconds to connect to a peer before trying the next: a dead peer must not eat the window."""
+RELAY_END_MARGIN = 1.0
+"""Seconds before the VM's deadline at which answers still relayed from peers are ended cleanly."""
+SEAM_SAMPLES = 1000
 TIMEOUT_SWEEP = 1.0
 """Seconds between checks for engine answers that stopped arriving (read timeout)."""
 
@@ -70,18 +78,16 @@ class Gate:
 
     def __init__(self, *, upstream: str, journal: Journal, metrics: Metrics, retry_after: int = 5,
                  read_timeout: float = 600.0, connect_timeout: float = 5.0, max_body: int = MAX_BODY,
-                 log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = ()) -> None:
+                 log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = (),
+                 peers: tuple[str, ...] = (), instance_id: str = "", engine_kind: str = "openai") -> None:
         self._routes = Routes(allow_paths)
-        base = urlsplit(upstream)
-        if base.scheme not in ("http", "https") or not base.hostname:
-            raise ConfigError(
-                f"[gate] upstream: expected a base URL like http://127.0.0.1:8080, got {upstream!r}")
-        tls = base.scheme == "https"
-        port = base.port or (443 if tls else 80)
-        self._host_line = b"host: " + base.netloc.rpartition("@")[2].encode("idna") + b"\r\n"
-        self._prefix = base.path.rstrip("/").encode()
-        self.pool = UpstreamPool(host=base.hostname, port=port, tls=ssl.create_default_context() if tls else None,
-                                 connect_timeout=connect_timeout)
+        self.engine = Target(upstream, connect_timeout=connect_timeout)
+        self.peers = Peers(peers, connect_timeout=min(connect_timeout, PEER_CONNECT_TIMEOUT))
+        self.forwarded_header = (FORWARDED_HEADER, (instance_id or socket.gethostname()).encode("latin-1", "replace"))
+        self.engine_kind = engine_kind
+        self._node_deadline: asyncio.TimerHandle | None = None
+        self.seam_gaps: list[float] = []
+        """Seconds from the local cut to the first byte of the peer's continuation, per migration (recent)."""
         self.journal = journal
         self._metrics = metrics
         self._retry_after = str(retry_after).encode()
@@ -90,6 +96,7 @@ class Gate:
         self._max_body = max_body
         self._log = log if log is not None else structlog.stdlib.get_logger("spotguard.gate")
         self._draining = False
+        self._past_deadline = False
         self._flights: dict[str, Exchange] = {}
         self._counters: dict[tuple[str, str], Counter] = {}
         self._counts: dict[tuple[str, str], int] = {}
@@ -101,11 +108,13 @@ class Gate:
 
     @classmethod
     def from_config(cls, config: GateConfig, *, journal: Journal, metrics: Metrics,
-                    log: structlog.stdlib.BoundLogger | None = None) -> Gate:
+                    log: structlog.stdlib.BoundLogger | None = None, instance_id: str = "",
+                    engine_kind: str = "openai") -> Gate:
         if not config.upstream:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         return cls(upstream=config.upstream, journal=journal, metrics=metrics, retry_after=config.retry_after,
-                   log=log, allow_paths=config.allow_paths)
+                   log=log, allow_paths=config.allow_paths, peers=config.peers, instance_id=instance_id,
+                   engine_kind=engine_kind)
 
     @property
     def draining(self) -> bool:
@@ -140,7 +149,10 @@ class Gate:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self.pool.close()
+        self.engine.pool.close()
+        self.peers.close()
+        if self._node_deadline is not None:
+            self._node_deadline.cancel()
 
     def count(self, endpoint: str, result: str) -> None:
         key = (endpoint, result)
@@ -153,7 +165,10 @@ class Gate:
     def _on_interrupt(self, request: InflightRequest) -> None:
         exchange = self._flights.get(request.id)
         if exchange is not None:
-            exchange.cut("interrupted")
+            if self.peers and not self._past_deadline:
+                exchange.migrate()
+            else:
+                exchange.cut("interrupted")
 
     # -- the one entry point of every request ----------------------------------------------------
 
@@ -171,6 +186,11 @@ class Gate:
             request.path = verdict.path
         kind = JOURNALED.get(request.path) if request.method == b"POST" else None
         if self._draining:
+            forwarded = any(name.lower() == FORWARDED_HEADER for name, _ in request.headers)
+            if self.peers and not forwarded and not self._past_deadline:
+                # Handed to a peer as is: the load balancer has not caught up with the drain yet.
+                Exchange(self, connection, request, kind or "other").hand_off()
+                return
             self.count(kind or "other", "rejected")
             request.sink = _drop
             self.answer(connection, request, 503, "this replica is draining before eviction; retry on another "
@@ -194,21 +214,29 @@ class Gate:
         close = not request.keep_alive or not request.body_done
         connection.write(b"".join((
             status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-            b"retry-after: " + self._retry_after + b"\r\n" if retry_after else b"",
+            b"retry-after: " + self._retry_after + b"\r\n" + DROPPED_REASON_HEADER + b": draining\r\n"
+            if retry_after else b"",
             b"connection: close\r\n" if close else b"", b"\r\n", body)))
         connection.finish(request, close=close)
 
-    def upstream_head(self, request: Request, length: int | None, chunked: bool) -> bytes:
-        parts = [request.method, b" ", self._prefix, request.target, b" HTTP/1.1\r\n", self._host_line]
-        for name, value in request.headers:
-            if name.lower() not in _NOT_FORWARDED:
-                parts += (name, b": ", value, b"\r\n")
-        if length is not None:
-            parts.append(b"content-length: %d\r\n" % length)
-        elif chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+    def set_node_deadline(self, at: float | None) -> None:
+        """Unix time the VM goes away (None: not known). Work relayed from peers ends with a retryable
+        error just before it, never with a torn connection; afterwards new requests are refused."""
+        if self._node_deadline is not None:
+            self._node_deadline.cancel()
+            self._node_deadline = None
+        if at is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, at - time.time() - RELAY_END_MARGIN)
+        self._node_deadline = loop.call_later(delay, self._end_relays)
+
+    def _end_relays(self) -> None:
+        self._node_deadline = None
+        self._past_deadline = True
+        for exchange in list(self.exchanges):
+            if exchange.peer_order is not None:
+                exchange.give_up("this replica is going away before the answer could finish; retry it")
 
     def track(self, exchange: Exchange) -> None:
         self.exchanges.add(exchange)
@@ -236,7 +264,8 @@ class Exchange:
 
     __slots__ = ("gate", "client", "request", "endpoint", "entry", "parser", "upstream", "body", "started",
                  "sse", "encoded", "chunked", "close_after", "collected", "status", "headers", "reason",
-                 "failed", "complete", "retried", "ended", "counted", "loop")
+                 "failed", "complete", "retried", "ended", "counted", "loop", "target", "peer", "peer_order",
+                 "skipping", "migrating", "stitch", "held", "cut_at")
 
     def __init__(self, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> None:
         self.gate = gate
@@ -255,6 +284,16 @@ class Exchange:
         self.reason = ""
         self.failed = self.complete = self.retried = self.ended = self.counted = False
         self.loop = asyncio.get_running_loop()
+        self.target: Target = gate.engine
+        self.peer: Target | None = None
+        self.peer_order: Iterator[Target] | None = None
+        """Set once the request is served by peers (handed off while draining, or migrated)."""
+        self.skipping = self.migrating = False
+        self.stitch: StreamStitch | None = None
+        self.held = b""
+        """The start of an SSE event not sent to the client yet: only whole events go out, so a migration
+        can join the peer's events without a torn one at the seam."""
+        self.cut_at = 0.0
         client.on_lost = self._client_lost
         client.on_pause = self._client_paused
         gate.track(self)
@@ -313,22 +352,26 @@ class Exchange:
         self._send()
 
     def _send(self) -> None:
-        connection = self.gate.pool.take(self.loop.time())
+        connection = self.target.pool.take(self.loop.time())
         if connection is not None:
             self._use(connection)
         else:
             self.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
+        target = self.target
         try:
-            connection = await self.gate.pool.connect()
+            connection = await target.pool.connect()
         except (OSError, TimeoutError) as exc:
-            if not self.ended:
+            if not self.ended and self.peer_order is not None:
+                self.gate.peers.failed(target)
+                self._next_peer()
+            elif not self.ended:
                 self.upstream_failed(type(exc).__name__ if str(exc) == "" else f"{type(exc).__name__}: {exc}",
                                      timeout=isinstance(exc, TimeoutError))
             return
         if self.ended:
-            self.gate.pool.give_back(connection, self.loop.time())
+            target.pool.give_back(connection, self.loop.time())
         else:
             self._use(connection)
 
@@ -338,24 +381,26 @@ class Exchange:
         gate = self.gate
         connection.begin(self, request.method == b"HEAD", self.loop.time())
         connection.on_pause = self.client.pause_reading
+        target = self.target
+        extra = (gate.forwarded_header,) if self.peer_order is not None else ()
         if self.body is not None:
-            connection.write(gate.upstream_head(request, len(self.body), False) + self.body)
+            connection.write(target.head(request, len(self.body), False, extra) + self.body)
             return
         if not request.has_body:
-            connection.write(gate.upstream_head(request, None, False))
+            connection.write(target.head(request, None, False, extra))
             return
         chunked = request.length is None
         pending = b"".join(request.body)
         request.body.clear()
         if chunked:
-            head = gate.upstream_head(request, None, True)
+            head = target.head(request, None, True)
             connection.write(head + (b"%x\r\n%s\r\n" % (len(pending), pending) if pending else b""))
             request.sink = lambda chunk: connection.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             request.on_done = lambda: connection.write(_LAST_CHUNK)
             if request.body_done:
                 connection.write(_LAST_CHUNK)
         else:
-            connection.write(gate.upstream_head(request, request.length, False) + pending)
+            connection.write(target.head(request, request.length, False) + pending)
             request.sink = connection.write
 
     def _client_paused(self, paused: bool) -> None:
@@ -365,6 +410,8 @@ class Exchange:
     # -- the answer (ResponseSink) ----------------------------------------------------------------
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], upstream: UpstreamConnection) -> None:
+        if self.peer_order is not None and self._peer_answered(status):
+            return
         length: bytes | None = None
         kept: list[tuple[bytes, bytes]] = []
         content_type = b""
@@ -413,20 +460,55 @@ class Exchange:
         self.started = True
 
     def on_response_body(self, body: bytes) -> None:
+        if self.skipping:
+            return
+        if self.stitch is not None:
+            self._stitched(self.stitch.feed(body))
+            return
         if self.collected is not None:
             self.collected.append(body)
             return
         if self.sse and not self.encoded and self.parser is not None:
             self.parser.feed(body)
+            body = self._whole_events(body)
+            if not body:
+                return
+        self._write(body)
+
+    def _write(self, body: bytes) -> None:
         if self.chunked:
             self.client.write(b"%x\r\n%s\r\n" % (len(body), body))
         else:
             self.client.write(body)
 
+    def _whole_events(self, body: bytes) -> bytes:
+        """What of ``body`` ends a whole SSE event (the rest waits in ``held``)."""
+        data = self.held + body if self.held else body
+        end = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4)
+        if end < 2:
+            self.held = data
+            return b""
+        self.held = data[end:]
+        return data[:end]
+
     def on_response_done(self) -> None:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
-            self.gate.pool.give_back(upstream, self.loop.time())
+            self.target.pool.give_back(upstream, self.loop.time())
+        if self.skipping:  # a peer that refused (503, 429): the next one
+            self.skipping = False
+            self._next_peer()
+            return
+        if self.stitch is not None:
+            self._stitched(self.stitch.finish())
+            if self.chunked:
+                self.client.write(_LAST_CHUNK)
+            self.complete = True
+            self._end()
+            return
+        if self.held:
+            self._write(self.held)
+            self.held = b""
         if self.collected is not None:
             answer = b"".join(self.collected)
             if self.status == 200 and not self.encoded and self.parser is not None:
@@ -442,6 +524,16 @@ class Exchange:
         self._end()
 
     def on_upstream_lost(self, error: str) -> None:
+        if self.peer_order is not None and not self.ended:
+            upstream, self.upstream = self.upstream, None
+            if self.stitch is not None or (self.started and not self.migrating):
+                self.give_up(f"the replica continuing this answer failed ({error}); retry it")
+            else:  # nothing of this peer's answer reached the client: the next peer
+                if self.peer is not None:
+                    self.gate.peers.failed(self.peer)
+                self.skipping = False
+                self._next_peer()
+            return
         upstream, self.upstream = self.upstream, None
         if (upstream is not None and upstream.reused and not upstream.received and not self.retried
                 and (self.body is not None or not self.request.has_body)):
@@ -483,19 +575,138 @@ class Exchange:
             self.upstream.abort()
             self.upstream = None
         self._end()
-        if reason != "interrupted":
-            return
+        if reason == "interrupted":
+            self._tell_interrupted("request interrupted for migration: this replica is being evicted; retry on "
+                                   "another replica")
+
+    def _tell_interrupted(self, message: str, event: bytes = _INTERRUPTED_EVENT) -> None:
         client = self.client
         if not self.started:
-            self.gate.answer(client, self.request, 503, "request interrupted for migration: this replica is being "
-                             "evicted; retry on another replica", "interrupted_for_migration", retry_after=True)
+            self.gate.answer(client, self.request, 503, message, "interrupted_for_migration", retry_after=True)
         elif self.chunked:
             # Headers are out: an SSE client gets a last event saying why, then a clean end of body.
-            event = _INTERRUPTED_EVENT if self.sse else b""
+            event = event if self.sse else b""
             client.write((b"%x\r\n%s\r\n" % (len(event), event) if event else b"") + _LAST_CHUNK)
             client.finish(self.request)
         else:
             client.close()
+
+    # -- peers: hand-off while draining, migration of what is in flight ------------------------------
+
+    def hand_off(self) -> None:
+        """A new request while draining: read it whole (a refusing peer means sending it again), then send it
+        to the peers in turn, unchanged but for the loop-guard header."""
+        self.peer_order = self.gate.peers.order()
+        request = self.request
+        if not request.has_body or request.body_done:
+            self._take_body_then_peer()
+        else:
+            request.sink = self._more_body
+            request.on_done = self._take_body_then_peer
+
+    def _take_body_then_peer(self) -> None:
+        request = self.request
+        if request.has_body:
+            self.body = b"".join(request.body)
+            request.body.clear()
+        self._next_peer()
+
+    def migrate(self) -> None:
+        """Cut the local exchange and continue it on a peer, into the same client answer."""
+        entry, parser = self.entry, self.parser
+        if self.ended or self.migrating or entry is None or parser is None:
+            return
+        try:
+            original = json.loads(entry.body)
+            if not isinstance(original, dict):
+                raise NotContinuable("the request body is not a JSON object")
+            body = continuation_body(original, chat=self.endpoint == "chat", output=entry.output_text,
+                                     delivered=parser.content_events, engine=self.gate.engine_kind,
+                                     tool_call_started=parser.tool_call_started)
+        except (NotContinuable, ValueError) as exc:
+            self.gate.count(self.endpoint, "not_continuable")
+            self.gate._log.info("gate_not_continuable", endpoint=self.endpoint, why=str(exc))
+            self.cut("interrupted")
+            return
+        if self.upstream is not None:
+            self.upstream.abort()  # the engine stops and frees the slot
+            self.upstream = None
+        # The local part is final: the snapshot step reads the entry (and releases it); the exchange goes on.
+        self.gate._flights.pop(entry.id, None)
+        entry.settled.set()
+        self.entry = None
+        self.parser = None
+        self.migrating = True
+        self.cut_at = self.loop.time()
+        self.held = b""  # an event the client never got: the peer's continuation covers it
+        if self.started and self.sse:
+            self.stitch = StreamStitch(parser.identity or AnswerIdentity(), chat=self.endpoint == "chat",
+                                       role_sent=parser.role_sent, delivered=parser.content_events)
+        elif self.started:  # a non-SSE answer already begun cannot be joined
+            self.give_up("the answer cannot be continued elsewhere; retry it")
+            return
+        self.collected = None
+        self.status = 0
+        self.body = json.dumps(body, ensure_ascii=False).encode()
+        self.peer_order = self.gate.peers.order()
+        self._next_peer()
+
+    def _next_peer(self) -> None:
+        if self.ended:
+            return
+        assert self.peer_order is not None
+        peer = next(self.peer_order, None)
+        if peer is None:
+            if self.migrating and self.started:
+                self.give_up("no other replica could take this answer over; retry it")
+            else:
+                self.gate.count(self.endpoint, "no_peer")
+                self.counted = True
+                self._end()
+                self.gate.answer(self.client, self.request, 503, "this replica is draining before eviction and no "
+                                 "other replica took the request; retry it", "unavailable", retry_after=True)
+            return
+        self.target = self.peer = peer
+        self._send()
+
+    def _peer_answered(self, status: int) -> bool:
+        """A peer's answer began: True when it is handled here (refused: next peer; or joined by the stitch)."""
+        assert self.peer is not None
+        if status in SKIP_STATUSES:
+            self.gate.peers.failed(self.peer)
+            self.skipping = True
+            return True
+        self.gate.peers.worked(self.peer)
+        if self.stitch is None:
+            return False  # relayed as is: the client has seen nothing of this request yet
+        if status != 200:
+            self.give_up(f"the replica continuing this answer refused it ({status}); retry it")
+        return True
+
+    def _stitched(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.cut_at:
+            gaps = self.gate.seam_gaps
+            gaps.append(self.loop.time() - self.cut_at)
+            del gaps[:-SEAM_SAMPLES]
+            self.cut_at = 0.0
+        self._write(data)
+
+    def give_up(self, message: str) -> None:
+        """End a peer-served answer cleanly: a retryable error event (or 503), never a torn connection."""
+        if self.ended:
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self.gate.count(self.endpoint, "migration_failed" if self.migrating else "forward_failed")
+        self.counted = True
+        self.reason = "gave_up"
+        self._end()
+        event = (b'data: {"error":{"message":' + json.dumps(message).encode()
+                 + b',"type":"interrupted_for_migration","code":503}}\n\n')
+        self._tell_interrupted(message, event)
 
     def _end(self) -> None:
         """Settle the journal entry, count the result, and let the client connection move on."""
@@ -520,6 +731,10 @@ class Exchange:
             result = self.reason
         elif self.counted:
             result = ""  # counted where it happened
+        elif self.migrating:
+            result = "migrated" if self.complete else "migration_failed"
+        elif self.peer_order is not None:
+            result = "forwarded" if self.complete else "forward_failed"
         elif parser is not None and parser.errors:
             result = "malformed"
         elif self.complete:

@@ -31,7 +31,8 @@ async def run_gate_process(config: Config) -> int:
     """Serve until a signal or ``stop``; returns the exit code."""
     log = logs.get("gate")
     journal = Journal()
-    gate = Gate.from_config(config.gate, journal=journal, metrics=Metrics(), log=log)
+    gate = Gate.from_config(config.gate, journal=journal, metrics=Metrics(), log=log,
+                            instance_id=config.agent.instance_id, engine_kind=config.server.kind)
     path = control_path(config)
     # Both sockets before anything runs: a gate already running (or the port taken) is a plain error.
     control_sock = listen_unix(path)

@@ -249,7 +249,7 @@ async def test_unreachable_engine_gives_502(start_gate: StartGate) -> None:
 
 
 async def test_chunked_upload_and_head_pass_through(fake_engine: FakeEngine, start_gate: StartGate) -> None:
-    gw = await start_gate(fake_engine.url)
+    gw = await start_gate(fake_engine.url, allow_paths=("PUT /upload",))  # not an inference path: opened here
 
     async def parts() -> AsyncIterator[bytes]:
         for i in range(3):
@@ -267,7 +267,7 @@ async def test_chunked_upload_and_head_pass_through(fake_engine: FakeEngine, sta
 
 
 async def test_pipelined_requests_are_answered_in_order(fake_engine: FakeEngine, start_gate: StartGate) -> None:
-    gw = await start_gate(fake_engine.url)
+    gw = await start_gate(fake_engine.url, allow_paths=("GET /first", "GET /second"))
     host, port = gw.url.removeprefix("http://").split(":")
     with anyio.fail_after(10):
         async with await anyio.connect_tcp(host, int(port)) as sock:

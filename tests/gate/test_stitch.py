@@ -98,15 +98,14 @@ def test_continuation_bodies() -> None:
 
 def test_peers_rotate_and_a_failed_one_goes_last() -> None:
     from spotguard.errors import ConfigError
-    from spotguard.gate.peers import Peer, Peers
+    from spotguard.gate.peers import Peers
 
-    peers = Peers(["http://a:1", "http://b:2/v", "https://c"])
-    assert [p.host for p in peers.order()] == ["a", "b", "c"]
-    assert [p.host for p in peers.order()] == ["b", "c", "a"]
-    peers.failed(Peer.parse("http://c:443"))  # not the same URL: no effect
-    peers.failed(next(p for p in peers.peers if p.host == "c"))
-    assert [p.host for p in peers.order()] == ["a", "b", "c"]
-    assert Peer.parse("https://c").port == 443 and Peer.parse("http://b:2/v/").prefix == b"/v"
+    peers = Peers(["http://a:1", "http://b:2/v/", "https://c"])
+    assert [p.url for p in peers.order()] == ["http://a:1", "http://b:2/v", "https://c"]
+    assert [p.url for p in peers.order()] == ["http://b:2/v", "https://c", "http://a:1"]
+    peers.failed(peers.peers[2])
+    assert [p.url for p in peers.order()] == ["http://a:1", "http://b:2/v", "https://c"]  # c goes last
+    assert peers.peers[1].prefix == b"/v" and peers.peers[2].host_line == b"host: c\r\n"
     with pytest.raises(ConfigError, match="peers"):
-        Peer.parse("ftp://x")
+        Peers(["ftp://x"])
     assert not Peers([])
