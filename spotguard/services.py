@@ -32,7 +32,8 @@ class Services:
     balancers: tuple[LoadBalancer, ...] = ()
     journal: JournalAccess | None = None
     """The gate's journal (in the gate process, reached through ``gate.link``); None when no gate is set."""
-    set_ready: Callable[[bool], None] = field(default=lambda ready: None)
+    set_ready: Callable[[bool, float | None], None] = field(default=lambda ready, deadline: None)
+    """Readiness of the gate for new work, and the Unix time the VM goes away (None: serving again)."""
     acknowledge: Callable[[str], Awaitable[str]] | None = None
     """Approves the cloud event with this id (Azure StartRequests); None where the cloud has no such call."""
     snapshot: Callable[[DrainContext], Awaitable[str]] | None = None

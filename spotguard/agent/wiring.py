@@ -203,9 +203,9 @@ class Wiring:
         if self.snapshotter is not None:
             tg.start_soon(self.snapshotter.stamp_model, logs.get("snapshot"), name="model-hash")
 
-    def set_ready(self, ready: bool) -> None:
+    def set_ready(self, ready: bool, deadline: float | None = None) -> None:
         if self.gate is not None:
-            self.gate.set_draining(not ready)
+            self.gate.set_draining(not ready, deadline)
 
     def gate_draining(self) -> bool:
         return bool(self.gate is not None and self.gate.draining)

@@ -20,7 +20,7 @@ HEARTBEAT_INTERVAL = 10.0
 HEARTBEAT_TIMEOUT = 5.0
 DEREGISTER_FLOOR = 3.0
 """Seconds deregister always gets, even on a late notice: one API call per load balancer fits."""
-CORE_STEPS = ("readiness", "stop_accepting", "deregister", "wait_inflight", "snapshot")
+CORE_STEPS = ("readiness", "stop_accepting", "deregister", "wait_inflight", "migrate", "snapshot")
 """What must be over before the platform is told it may go on."""
 LIFECYCLE_NOTICES = frozenset({("aws", "asg-terminated")})
 """(source, kind) of the notices that mean an ASG lifecycle action is waiting on this instance."""

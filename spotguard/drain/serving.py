@@ -30,7 +30,8 @@ class Readiness:
     async def run(self, ctx: DrainContext) -> str | StepResult:
         if ctx.dry_run:
             return StepResult("dry_run", "would mark this node not ready (/readyz 503)")
-        ctx.services.set_ready(False)
+        # The gate also learns when the VM goes away: answers it relays from peers end cleanly before then.
+        ctx.services.set_ready(False, ctx.notice.deadline.timestamp())
         return "marked not ready (/readyz answers 503)"
 
 

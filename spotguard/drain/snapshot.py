@@ -8,7 +8,7 @@ from spotguard.drain.step import DrainContext, StepResult, tail_reserve
 
 class Snapshot:
     name = "snapshot"
-    after: tuple[str, ...] = ("wait_inflight",)
+    after: tuple[str, ...] = ("migrate",)
     floor = 0.0
 
     def budget(self, ctx: DrainContext) -> float:

@@ -73,7 +73,7 @@ class ReopenGate:
         return REOPEN_BUDGET
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
-        ctx.services.set_ready(True)
+        ctx.services.set_ready(True, None)
         if ctx.services.journal is None:
             return StepResult("skipped", "no gate configured")
         return "the gate accepts new requests"

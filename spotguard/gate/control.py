@@ -6,7 +6,7 @@ connection. Every answer has ``"ok"``; a refused request has ``"error"`` instead
 
     {"op": "hello"}                   -> pid, version, listen, upstream, started_at, draining, inflight
     {"op": "stats"}                   -> draining, inflight, requests [[endpoint, result, count], ...]
-    {"op": "draining", "on": bool}    -> draining
+    {"op": "draining", "on": bool, "deadline": t|null} -> draining  (t: Unix time the VM goes away)
     {"op": "journal"}                 -> requests [entry, ...]   (in flight, output so far)
     {"op": "interrupt", "seconds": s} -> requests [entry, ...]   (cut, settled within timeout)
     {"op": "release", "ids": [...]}   -> released
@@ -55,7 +55,8 @@ def entry_to_wire(entry: InflightRequest) -> dict[str, Any]:
             "body": base64.b64encode(entry.body).decode(), "stream": entry.stream,
             "started_at": rfc3339(entry.started_at), "output": entry.output,
             "finish_reason": entry.finish_reason, "slot_id": entry.slot_id,
-            "interrupted": entry.interrupted.is_set(), "settled": entry.settled.is_set()}
+            "interrupted": entry.interrupted.is_set(), "settled": entry.settled.is_set(),
+            "migrated_to": entry.migrated_to}
 
 
 def entry_from_wire(doc: dict[str, Any]) -> InflightRequest:
@@ -66,7 +67,8 @@ def entry_from_wire(doc: dict[str, Any]) -> InflightRequest:
             body=base64.b64decode(doc["body"]), stream=bool(doc["stream"]),
             started_at=datetime.fromisoformat(str(doc["started_at"]).replace("Z", "+00:00")),
             output=[str(part) for part in doc["output"]], finish_reason=doc.get("finish_reason"),
-            slot_id=doc["slot_id"] if isinstance(doc.get("slot_id"), int) else None)
+            slot_id=doc["slot_id"] if isinstance(doc.get("slot_id"), int) else None,
+            migrated_to=str(doc.get("migrated_to") or ""))
     except (KeyError, TypeError, ValueError) as exc:
         raise GateError(f"the gate sent a journal entry that cannot be read: {type(exc).__name__}: {exc}") from None
     if doc.get("interrupted"):
@@ -85,6 +87,8 @@ class ControlledGate(Protocol):
     def draining(self) -> bool: ...
 
     def set_draining(self, draining: bool) -> None: ...
+
+    def set_node_deadline(self, at: float | None) -> None: ...
 
     def request_counts(self) -> list[tuple[str, str, int]]: ...
 
@@ -115,7 +119,11 @@ class GateControl:
                 raise GateError("draining: 'on' must be true or false")
             if on != gate.draining:
                 self._log.info("gate_draining" if on else "gate_accepting", inflight=len(journal))
+            deadline = request.get("deadline")
+            if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
+                raise GateError("draining: 'deadline' must be a Unix time or null")
             gate.set_draining(on)
+            gate.set_node_deadline(float(deadline) if deadline is not None and on else None)
             return {"draining": gate.draining}
         if op == "journal":
             return {"requests": [entry_to_wire(e) for e in journal.active()]}

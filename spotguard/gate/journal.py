@@ -43,6 +43,8 @@ class InflightRequest:
     finish_reason: str | None = None
     slot_id: int | None = None
     """llama.cpp slot serving it, where the engine reports one."""
+    migrated_to: str = ""
+    """The peer that took the request over (its base URL) once it answered; "" = not migrated."""
     interrupted: anyio.Event = field(default_factory=anyio.Event)
     """Set to make the gate close the upstream connection (frees the engine's slot)."""
     settled: anyio.Event = field(default_factory=anyio.Event)

@@ -81,6 +81,8 @@ class GateLink:
         self._metrics = metrics
         self._log = log
         self._draining = False
+        self._deadline: float | None = None
+        """Unix time the VM goes away, pushed with the draining flag (the gate ends relayed answers before it)."""
         self._dirty = False
         """set_draining was called since the last push (pushed even when unchanged: idempotent, and the
         gate's own flag may differ, e.g. after `spotguard gate` was restarted by hand)."""
@@ -92,9 +94,13 @@ class GateLink:
     def draining(self) -> bool:
         return self._draining
 
-    def set_draining(self, draining: bool) -> None:
+    def set_draining(self, draining: bool, deadline: float | None = None) -> None:
         """Refuse (True) or accept (False) new requests at the gate; pushed by ``run`` at once."""
         self._draining = draining
+        if not draining:
+            self._deadline = None
+        elif deadline is not None:  # a later set_draining(True) (the llama.cpp adapter's) keeps it
+            self._deadline = deadline
         self._dirty = True
         self._changed.set()
 
@@ -158,7 +164,8 @@ class GateLink:
         try:
             hello = await connection.request("hello", timeout=CALL_TIMEOUT)
             self._dirty = False
-            await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining)
+            await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining,
+                                         deadline=self._deadline)
         except GateError:
             await connection.aclose()
             raise
@@ -180,7 +187,8 @@ class GateLink:
             self._changed = anyio.Event()
             if self._dirty:
                 self._dirty = False
-                await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining)
+                await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining,
+                                         deadline=self._deadline)
             self._mirror(await connection.request("stats", timeout=CALL_TIMEOUT))
 
     def _mirror(self, stats: dict[str, Any]) -> None:

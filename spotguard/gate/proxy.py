@@ -265,7 +265,7 @@ class Exchange:
     __slots__ = ("gate", "client", "request", "endpoint", "entry", "parser", "upstream", "body", "started",
                  "sse", "encoded", "chunked", "close_after", "collected", "status", "headers", "reason",
                  "failed", "complete", "retried", "ended", "counted", "loop", "target", "peer", "peer_order",
-                 "skipping", "migrating", "stitch", "held", "cut_at")
+                 "skipping", "migrating", "stitch", "held", "cut_at", "migrated")
 
     def __init__(self, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> None:
         self.gate = gate
@@ -294,6 +294,8 @@ class Exchange:
         """The start of an SSE event not sent to the client yet: only whole events go out, so a migration
         can join the peer's events without a torn one at the seam."""
         self.cut_at = 0.0
+        self.migrated: InflightRequest | None = None
+        """The journal entry of a migrated request (kept for the snapshot step)."""
         client.on_lost = self._client_lost
         client.on_pause = self._client_paused
         gate.track(self)
@@ -635,6 +637,7 @@ class Exchange:
         self.gate._flights.pop(entry.id, None)
         entry.settled.set()
         self.entry = None
+        self.migrated = entry
         self.parser = None
         self.migrating = True
         self.cut_at = self.loop.time()
@@ -657,6 +660,8 @@ class Exchange:
         assert self.peer_order is not None
         peer = next(self.peer_order, None)
         if peer is None:
+            if self.migrated is not None:
+                self.migrated.migrated_to = ""  # no peer took it: resume it from the snapshot
             if self.migrating and self.started:
                 self.give_up("no other replica could take this answer over; retry it")
             else:
@@ -667,6 +672,8 @@ class Exchange:
                                  "other replica took the request; retry it", "unavailable", retry_after=True)
             return
         self.target = self.peer = peer
+        if self.migrated is not None:
+            self.migrated.migrated_to = peer.url  # the snapshot's record says where it went
         self._send()
 
     def _peer_answered(self, status: int) -> bool:

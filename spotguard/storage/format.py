@@ -104,6 +104,8 @@ class ContinuationRecord:
     captured_at: str
     finish_reason: str | None = None
     slot_id: int | None = None
+    migrated_to: str = ""
+    """The peer the gate continued it on (the client got its answer from there); "" = not migrated, resume it."""
 
     @staticmethod
     def encode_body(raw: bytes) -> tuple[str, str]:
@@ -145,7 +147,8 @@ class ContinuationRecord:
                        body_encoding=encoding, output=_str(data, "output", limit=1 << 30),
                        started_at=_str(data, "started_at", limit=64), captured_at=_str(data, "captured_at", limit=64),
                        finish_reason=None if finish is None else _str(data, "finish_reason", limit=64),
-                       slot_id=_opt_int(data, "slot_id"))
+                       slot_id=_opt_int(data, "slot_id"),
+                       migrated_to=_str(data, "migrated_to", "", limit=2048))
         except (KeyError, TypeError, ValueError) as exc:
             where = f"record {label}" if label else "continuation record"
             raise StoreError(f"{where}: {exc}") from None

@@ -246,6 +246,9 @@ async def resume(snapshot_url: str, to_url: str, *, engine: Engine = "openai", s
             if record.finish_reason is not None:
                 results.append(ResumeResult(record.id, True))  # it had already finished
                 continue
+            if record.migrated_to:  # the gate continued it on a peer: the client had its answer from there
+                results.append(ResumeResult(record.id, True, kv_note=f"migrated to {record.migrated_to}"))
+                continue
             slot = placed.get(record.id)
             try:
                 with anyio.fail_after(timeout):

@@ -282,6 +282,7 @@ def _records(requests: list[InflightRequest]) -> list[tuple[list[str], bytes]]:
             id=request.id, endpoint=request.endpoint, model=request.model, stream=request.stream, body=body,
             body_encoding=encoding, output=request.output_text, started_at=rfc3339(request.started_at),
             captured_at=now, finish_reason=request.finish_reason, slot_id=request.slot_id,
+            migrated_to=request.migrated_to,
         ).to_json().encode() + b"\n"
         if lines and size + len(line) > RECORD_BATCH_BYTES:
             batches.append((ids, b"".join(lines)))

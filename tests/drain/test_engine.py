@@ -52,7 +52,7 @@ async def test_full_drain_reaches_every_target() -> None:
     async with receivers(Receiver()) as (hook,):
         cfg = config(urls=[hook.url])
         the_notice = notice(seconds=20, source="azure", kind="Preempt", event_id="C7061BAC")
-        svc = services(engine, lb, set_ready=ready.append, acknowledge=acknowledge, snapshot=snapshot)
+        svc = services(engine, lb, set_ready=lambda flag, _deadline=None: ready.append(flag), acknowledge=acknowledge, snapshot=snapshot)
         metrics = Metrics()
         async with httpx.AsyncClient() as http:
             ctx = context(cfg, the_notice, svc, http, metrics=metrics)
@@ -232,7 +232,7 @@ async def test_resume_never_repeats_finished_steps() -> None:
     resumed = Timeline.from_json(json.loads(json.dumps(persisted)))
     ready: list[bool] = []
     async with httpx.AsyncClient() as http:
-        ctx = context(cfg, the_notice, services(engine, lb, set_ready=ready.append), http)
+        ctx = context(cfg, the_notice, services(engine, lb, set_ready=lambda flag, _deadline=None: ready.append(flag)), http)
         with anyio.fail_after(10):
             timeline = await DrainEngine(plan(cfg), ctx, timeline=resumed).run()
     assert engine.stop_calls == [] and lb.deregistered == [] and ready == []
@@ -259,7 +259,7 @@ async def test_dry_run_does_nothing_and_says_what_it_would_do() -> None:
 
     async with receivers(Receiver()) as (hook,):
         cfg = config(urls=[hook.url])
-        svc = services(engine, lb, set_ready=ready.append, acknowledge=acknowledge, snapshot=snapshot)
+        svc = services(engine, lb, set_ready=lambda flag, _deadline=None: ready.append(flag), acknowledge=acknowledge, snapshot=snapshot)
         async with httpx.AsyncClient() as http:
             ctx = context(cfg, notice(seconds=20, source="azure", kind="Preempt"), svc, http, dry_run=True)
             with anyio.fail_after(10):

@@ -43,7 +43,7 @@ async def test_a_notice_already_past_its_deadline_still_takes_the_node_out() -> 
     engine, lb = FakeEngine(inflight=3, finish_every=0), FakeBalancer()
     set_ready: list[bool] = []
     cfg = config(margin=5.0)
-    svc = services(engine, lb, set_ready=set_ready.append)
+    svc = services(engine, lb, set_ready=lambda flag, _deadline=None: set_ready.append(flag))
     async with httpx.AsyncClient() as http:
         with anyio.fail_after(15):
             timeline = await DrainEngine(plan(cfg), context(cfg, notice(seconds=2), svc, http),
@@ -81,7 +81,7 @@ def _drained(**outcomes: str) -> list[dict[str, object]]:
 async def test_the_undo_plan_puts_back_only_what_the_drain_did() -> None:
     engine, lb = RestartableEngine(), FakeBalancer()
     reopened: list[bool] = []
-    svc = services(engine, lb, set_ready=reopened.append, journal=Journal())
+    svc = services(engine, lb, set_ready=lambda flag, _deadline=None: reopened.append(flag), journal=Journal())
     async with httpx.AsyncClient() as http:
         ctx = context(config(), notice(seconds=30), svc, http)
         with anyio.fail_after(10):

@@ -99,7 +99,7 @@ async def test_kill_9_mid_drain_then_resume(tmp_path: Path) -> None:
     cfg = config()
     notice = saved.notice
     async with httpx.AsyncClient() as http:
-        ctx = context(cfg, notice, services(engine, set_ready=ready.append), http)
+        ctx = context(cfg, notice, services(engine, set_ready=lambda flag, _deadline=None: ready.append(flag)), http)
         with anyio.fail_after(10):
             timeline = await DrainEngine(plan(cfg), ctx, timeline=persisted).run()
     assert ready == []  # readiness was done before the kill: not repeated
