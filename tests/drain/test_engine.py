@@ -62,7 +62,8 @@ async def test_full_drain_reaches_every_target() -> None:
 
     assert [r.name for r in timeline.steps] == list(STEP_NAMES)
     outcomes = {r.name: r.outcome for r in timeline.steps}
-    assert outcomes == dict.fromkeys(STEP_NAMES, "ok"), timeline.to_json()
+    # No [gate] peers: nothing to migrate to, and the snapshot ends what is still running.
+    assert outcomes == {**dict.fromkeys(STEP_NAMES, "ok"), "migrate": "skipped"}, timeline.to_json()
     assert ready == [False]
     assert acked == ["C7061BAC"]
     assert lb.completed == [] and lb.heartbeats == 0  # an Azure event holds no ASG lifecycle action
@@ -265,7 +266,8 @@ async def test_dry_run_does_nothing_and_says_what_it_would_do() -> None:
             with anyio.fail_after(10):
                 timeline = await DrainEngine(plan(cfg), ctx).run()
         assert hook.requests == 0
-    assert {r.outcome for r in timeline.steps} == {"dry_run"}, timeline.to_json()
+    assert {r.outcome for r in timeline.steps if r.name != "migrate"} == {"dry_run"}, timeline.to_json()
+    assert timeline.step("migrate").outcome == "skipped"  # no [gate] peers
     assert ready == [] and acked == [] and engine.stopped_at is None
     assert [dry for _, dry in engine.stop_calls] == [True]
     assert [dry for _, _, dry in lb.deregistered] == [True]
