@@ -122,9 +122,33 @@ def system_state_env(tmp: Path, answer: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
 
 
+STARTED_CONFIGS: list[Path] = []
+"""Configs of daemons started by the running test: their gate processes outlive them (by design) and are
+stopped by the ``stop_gates`` fixture once the test ends."""
+
+
+async def stop_gates() -> None:
+    """SIGKILL every gate process that answers on the control socket of a daemon this test started."""
+    from spotguard.config import load
+    from spotguard.errors import GateError
+    from spotguard.gate.control import call, control_path
+
+    while STARTED_CONFIGS:
+        config = STARTED_CONFIGS.pop()
+        try:
+            pid = int((await call(control_path(load(config, environ={})), "hello", timeout=2))["pid"])
+        except (GateError, OSError, ValueError, KeyError):
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @contextmanager
 def daemon(config: Path, log: Path, url: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
-    """Start ``spotguard run``; SIGKILL it at the end if it is still running."""
+    """Start ``spotguard run``; SIGKILL it at the end if it is still running (its gate: see ``stop_gates``)."""
+    STARTED_CONFIGS.append(config)
     with open(log, "ab") as out:
         proc = subprocess.Popen([SPOTGUARD, "run", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
                                 env=env)
