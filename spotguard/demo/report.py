@@ -41,6 +41,10 @@ def report(run: Run, say: Callable[[str], None]) -> str:
     for answer in run.answers:
         kind = "streaming" if answer.ask.stream else "non-streaming"
         say(f"  {answer.ask.name:<12} {kind:<14} {answer.outcome()}")
+    if any("interrupted_for_migration" in a.error for a in run.answers):
+        peers = "" if run.node is None or run.node.peers_supported else " With [gate] peers set, the gate moves it there itself."
+        say("  (cut for migration when the wait ran out: its output so far is in the snapshot, and `spotguard resume` "
+            f"continues it on another replica.{peers})")
     if run.after_notice:
         say(f"  (a request sent after the notice got {run.after_notice}; not counted: it was never in flight)")
     say(f"\nwebhooks:  {len(run.webhooks)} received by the local receiver")

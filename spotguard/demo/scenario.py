@@ -6,6 +6,7 @@ daemon (``spotguard run``), moto's ELBv2, a file:// store, a webhook receiver, a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -70,6 +71,7 @@ class Run:
     registered_after: list[str] | None = None
     webhooks: list[str] = field(default_factory=list)
     after_notice: str = ""
+    resumed: str = ""
     notice_at: float = 0.0
     """time.monotonic() when the notice was raised."""
 
@@ -142,7 +144,9 @@ async def story(procs: Processes, run: Run, plan: Plan, say: Callable[[str], Non
         say(f"4. spotguard run (pid {daemon.pid}) ready in {time.monotonic() - began:.1f}s: /readyz 200 on "
             f"{node.url}; its gate (pid {gate_pid}) on {node.gate} in front of replica 1")
         per_token = await _calibrate(http, node.gate, engine)
-        answers = [Answer(Ask(name, stream, tokens_for(plan.long if size == "long" else plan.short, per_token)))
+        together = len(plan.asks)  # one engine thread shares its time between the requests running together
+        answers = [Answer(Ask(name, stream, tokens_for(plan.long if size == "long" else plan.short / together,
+                                                       per_token)))
                    for name, stream, size in plan.asks]
         run.answers = answers
         async with anyio.create_task_group() as clients:
@@ -165,6 +169,9 @@ async def story(procs: Processes, run: Run, plan: Plan, say: Callable[[str], Non
             else:
                 say(f"9. every client has its answer {time.monotonic() - run.notice_at:.1f}s after the notice")
         run.webhooks = receiver.texts()
+        if any(not a.completed for a in answers):
+            run.resumed = await anyio.to_thread.run_sync(_resume, node, peer, workdir)
+            say(f"10. the snapshot resumed on replica 2 with `spotguard resume`: {run.resumed}")
         run.svg = workdir / "timeline.svg"
         run.status_text = await anyio.to_thread.run_sync(_status, node.config, run.svg)
         await anyio.to_thread.run_sync(procs.stop, "daemon")
@@ -179,6 +186,26 @@ async def _adopt_gate(procs: Processes, node: Node) -> None:
         return
     if pid not in [p for _, p in procs.foreign]:
         procs.adopt("gate", pid)
+
+
+def _resume(node: Node, peer: engines.Engine, workdir: Path) -> str:
+    """Continue what the snapshot saved on the second replica (its KV slot too, with llama-server)."""
+    found = sorted(node.store.rglob("manifest.json"))
+    if not found:
+        return "no snapshot to resume"
+    out = workdir / "resumed.jsonl"
+    args = [sys.executable, "-m", "spotguard", "resume", "file://" + str(found[0].parent), "--config", str(node.config),
+            "--to", peer.url, "--max-tokens", "32", "--jsonl", str(out)]
+    if peer.kind == "llama-server":
+        args += ["--engine", "llamacpp", "--slot-dir", str(peer.slots)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+    if done.returncode != 0 or not out.is_file():
+        return f"failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-200:]}"
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    ok = [r for r in records if r.get("ok")]
+    kv = sum(bool(r.get("kv_restored")) for r in ok)
+    return (f"{len(ok)} of {len(records)} saved request(s) continued" + (f", {kv} from its KV slot" if kv else "")
+            + f" ({out})")
 
 
 def _status(config: Path, svg: Path) -> str:
