@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,14 +77,31 @@ async def _build(logs: Path, say: Callable[[str], None]) -> Path | None:
             if proc.returncode is None:
                 say(f"  ... still building llama-server ({(time.monotonic() - began) / 60:.1f} min so far)")
     finally:
-        if proc.returncode is None:
-            proc.kill()
+        if proc.returncode is None:  # interrupted: the whole build goes (bash, cmake, the compilers)
             with anyio.CancelScope(shield=True):
+                await _stop_build(proc.pid)
                 await proc.wait()
     if proc.returncode != 0:
         return None
     say(f"  built in {(time.monotonic() - began) / 60:.1f} min")
     return cached_binary()
+
+
+async def _stop_build(pgid: int) -> None:
+    """SIGTERM the build's process group first: ninja then stops the compilers it runs in process groups of
+    their own (a SIGKILL would leave them running); SIGKILL whatever is left after a few seconds."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        with anyio.move_on_after(wait):
+            while True:
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    return
+                await anyio.sleep(0.1)
 
 
 async def choose(workdir: Path, logs: Path, say: Callable[[str], None], *, build: bool = True,

@@ -170,10 +170,10 @@ async def story(procs: Processes, run: Run, plan: Plan, say: Callable[[str], Non
                 say(f"9. every client has its answer {time.monotonic() - run.notice_at:.1f}s after the notice")
         run.webhooks = receiver.texts()
         if any(not a.completed for a in answers):
-            run.resumed = await anyio.to_thread.run_sync(_resume, node, peer, workdir)
+            run.resumed = await _resume(node, peer, workdir)
             say(f"10. the snapshot resumed on replica 2 with `spotguard resume`: {run.resumed}")
         run.svg = workdir / "timeline.svg"
-        run.status_text = await anyio.to_thread.run_sync(_status, node.config, run.svg)
+        run.status_text = await _status(node.config, run.svg)
         await anyio.to_thread.run_sync(procs.stop, "daemon")
         await _adopt_gate(procs, node)  # the one answering now, should the daemon have restarted it
         tg.cancel_scope.cancel()
@@ -188,19 +188,25 @@ async def _adopt_gate(procs: Processes, node: Node) -> None:
         procs.adopt("gate", pid)
 
 
-def _resume(node: Node, peer: engines.Engine, workdir: Path) -> str:
+async def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """``spotguard ARGS`` as an operator runs it; cancellable (the process is killed then)."""
+    with anyio.fail_after(timeout):
+        return await anyio.run_process([sys.executable, "-m", "spotguard", *args], check=False)
+
+
+async def _resume(node: Node, peer: engines.Engine, workdir: Path) -> str:
     """Continue what the snapshot saved on the second replica (its KV slot too, with llama-server)."""
     found = sorted(node.store.rglob("manifest.json"))
     if not found:
         return "no snapshot to resume"
     out = workdir / "resumed.jsonl"
-    args = [sys.executable, "-m", "spotguard", "resume", "file://" + str(found[0].parent), "--config", str(node.config),
-            "--to", peer.url, "--max-tokens", "32", "--jsonl", str(out)]
+    args = ["resume", "file://" + str(found[0].parent), "--config", str(node.config), "--to", peer.url,
+            "--max-tokens", "32", "--jsonl", str(out)]
     if peer.kind == "llama-server":
         args += ["--engine", "llamacpp", "--slot-dir", str(peer.slots)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+    done = await _cli(*args)
     if done.returncode != 0 or not out.is_file():
-        return f"failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-200:]}"
+        return f"failed ({done.returncode}): {(done.stderr or done.stdout).decode(errors='replace').strip()[-200:]}"
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     ok = [r for r in records if r.get("ok")]
     kv = sum(bool(r.get("kv_restored")) for r in ok)
@@ -208,13 +214,12 @@ def _resume(node: Node, peer: engines.Engine, workdir: Path) -> str:
             + f" ({out})")
 
 
-def _status(config: Path, svg: Path) -> str:
-    """``spotguard status --svg``, as an operator runs it."""
-    done = subprocess.run([sys.executable, "-m", "spotguard", "status", "--config", str(config), "--svg", str(svg)],  # noqa: S603
-                          capture_output=True, text=True, timeout=30, check=False)
+async def _status(config: Path, svg: Path) -> str:
+    """``spotguard status --svg``: the timeline as an operator sees it."""
+    done = await _cli("status", "--config", str(config), "--svg", str(svg), timeout=30)
     if done.returncode != 0:
-        raise RuntimeError(f"spotguard status failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
+        raise RuntimeError(f"spotguard status failed ({done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout.decode()
 
 
 def _clean_env() -> dict[str, str]:
