@@ -285,16 +285,22 @@ def emulate(config: ConfigOpt = None,
 
 
 @app.command()
-def demo(config: ConfigOpt = None,
-         cloud: Annotated[str, typer.Option(metavar="CLOUD", help="Which cloud's notice to simulate: aws, gcp or azure.")] = "aws") -> None:
-    """Run a full simulated eviction on this machine and show what spotguard saw and did."""
-    import anyio
+def demo(short: Annotated[bool, typer.Option("--short", help="Fewer, shorter requests and a 30 s notice.")] = False,
+         stand_in: Annotated[bool, typer.Option("--stand-in", help="Run the stand-in engine, not llama-server.")] = False,
+         no_build: Annotated[bool, typer.Option("--no-build", help="Do not build llama-server when it is not "
+                                                "cached (the stand-in runs instead).")] = False,
+         workdir: Annotated[Path | None, typer.Option(  # noqa: UP007
+             "--workdir", metavar="DIR", help="Where the config, logs, snapshots and picture go "
+                                              "(default: a new directory under /tmp).")] = None) -> None:
+    """Run a spot eviction on this machine with real parts and no cloud, and show what spotguard did."""
+    from spotguard.demo import Options, run_demo
 
-    from spotguard.demo import run_demo
-
-    if cloud not in ("aws", "gcp", "azure"):
-        _fail("--cloud must be aws, gcp or azure")
-    raise typer.Exit(anyio.run(run_demo, cloud, backend="asyncio"))
+    try:
+        run_demo(Options(short=short, llama=not stand_in, build=not no_build, workdir=workdir))
+    except KeyboardInterrupt:
+        _fail("demo interrupted; every process it started was stopped", 130)
+    except Exception as exc:  # noqa: BLE001 - the demo's processes are stopped; say what failed, in one line
+        _fail(f"demo failed: {exc}", 1)
 
 
 @app.command()
