@@ -486,8 +486,9 @@ class Exchange:
     def _whole_events(self, body: bytes) -> bytes:
         """What of ``body`` ends a whole SSE event (the rest waits in ``held``)."""
         data = self.held + body if self.held else body
-        end = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4)
-        if end < 2:
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if not end:
             self.held = data
             return b""
         self.held = data[end:]

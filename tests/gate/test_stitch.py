@@ -109,3 +109,18 @@ def test_peers_rotate_and_a_failed_one_goes_last() -> None:
     with pytest.raises(ConfigError, match="peers"):
         Peers(["ftp://x"])
     assert not Peers([])
+
+
+def test_only_whole_events_reach_the_client_before_a_seam() -> None:
+    # A migration drops what is held back: so nothing of an unfinished event may have been sent before it.
+    from spotguard.gate.proxy import Exchange
+
+    class Held:
+        held = b""
+        _whole_events = Exchange._whole_events
+
+    held = Held()
+    assert held._whole_events(b"data: {\"a\"") == b""  # type: ignore[arg-type]
+    assert held._whole_events(b": 1}\n\ndata: {\"b\"") == b"data: {\"a\": 1}\n\n"  # type: ignore[arg-type]
+    assert held.held == b"data: {\"b\""
+    assert held._whole_events(b": 2}\r\n\r\n") == b"data: {\"b\": 2}\r\n\r\n"  # type: ignore[arg-type]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
+import anyio
 import pytest
 
-from tests.support._daemon import stop_gates
+from tests.support._daemon import STARTED_CONFIGS, stop_gates
 
 
 @pytest.fixture(autouse=True)
-async def _stop_daemon_gates() -> AsyncIterator[None]:
+def _stop_daemon_gates() -> Iterator[None]:
     yield
-    await stop_gates()
+    if STARTED_CONFIGS:  # sync on purpose: autouse for every test, async or not
+        anyio.run(stop_gates)
