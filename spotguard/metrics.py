@@ -63,6 +63,12 @@ class Metrics:
                                      "Times the daemon lost its gate process (died or stopped answering)", registry=r)
         self.gate_starts = Counter("spotguard_gate_starts_total", "Gate processes started by the daemon",
                                    registry=r)
+        self.gate_seam_gap = Histogram("spotguard_gate_seam_gap_seconds",
+                                       "Migrated answers: from the local cut to the first byte of the peer's "
+                                       "continuation at the client", buckets=_FAST, registry=r)
+        self.gate_reprefilled_tokens = Counter("spotguard_gate_reprefilled_tokens_total",
+                                               "Output tokens peers prefilled again to continue migrated answers",
+                                               registry=r)
         self.snapshot_bytes = Counter("spotguard_snapshot_bytes_total", "Bytes written to snapshots", ["kind"],
                                       registry=r)
         self.snapshot_objects = Counter("spotguard_snapshot_objects_total", "Snapshot objects by kind and result",

@@ -90,6 +90,8 @@ class ControlledGate(Protocol):
 
     def set_node_deadline(self, at: float | None) -> None: ...
 
+    def migration_stats(self) -> dict[str, Any]: ...
+
     def request_counts(self) -> list[tuple[str, str, int]]: ...
 
 
@@ -112,7 +114,7 @@ class GateControl:
             return {**self._hello, "draining": gate.draining, "inflight": len(journal)}
         if op == "stats":
             return {"draining": gate.draining, "inflight": len(journal),
-                    "requests": [list(row) for row in gate.request_counts()]}
+                    "requests": [list(row) for row in gate.request_counts()], **gate.migration_stats()}
         if op == "draining":
             on = request.get("on")
             if not isinstance(on, bool):

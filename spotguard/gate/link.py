@@ -82,6 +82,8 @@ class GateLink:
         self._log = log
         self._draining = False
         self._deadline: float | None = None
+        self._seen_seams = 0
+        self._seen_tokens = 0
         """Unix time the VM goes away, pushed with the draining flag (the gate ends relayed answers before it)."""
         self._dirty = False
         """set_draining was called since the last push (pushed even when unchanged: idempotent, and the
@@ -171,6 +173,7 @@ class GateLink:
             raise
         self.pid = int(hello.get("pid", 0)) or None
         self._seen = {}
+        self._seen_seams = self._seen_tokens = 0  # a gate (re)attached counts from its own start
         mine = (self.config.gate.listen, self.config.gate.upstream)
         if (hello.get("listen"), hello.get("upstream")) != mine:
             # Not ours to restart with requests in flight: say so; `spotguard gate --stop` then restart.
@@ -193,6 +196,7 @@ class GateLink:
 
     def _mirror(self, stats: dict[str, Any]) -> None:
         self._metrics.gate_inflight.set(float(stats.get("inflight", 0)))
+        self._mirror_migrations(stats)
         for row in stats.get("requests", ()):
             try:
                 endpoint, result, count = str(row[0]), str(row[1]), int(row[2])
@@ -202,6 +206,19 @@ class GateLink:
             if delta > 0:
                 self._metrics.gate_requests.labels(endpoint=endpoint, result=result).inc(delta)
             self._seen[(endpoint, result)] = count
+
+    def _mirror_migrations(self, stats: dict[str, Any]) -> None:
+        seams, gaps, tokens = stats.get("seams"), stats.get("seam_gaps"), stats.get("reprefilled_tokens")
+        if not isinstance(seams, int) or not isinstance(gaps, list) or not isinstance(tokens, int):
+            return
+        new = seams - self._seen_seams
+        if new > 0:  # the newest gaps are last; a gate restarted since counts from 0 again (new <= 0)
+            for gap in gaps[-new:]:
+                if isinstance(gap, (int, float)):
+                    self._metrics.gate_seam_gap.observe(float(gap))
+        if tokens > self._seen_tokens:
+            self._metrics.gate_reprefilled_tokens.inc(tokens - self._seen_tokens)
+        self._seen_seams, self._seen_tokens = seams, tokens
 
     async def _start(self) -> None:
         """Start ``spotguard gate`` in a session of its own and wait until its control socket answers."""

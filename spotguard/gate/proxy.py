@@ -26,6 +26,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import structlog
@@ -56,6 +57,8 @@ PEER_CONNECT_TIMEOUT = 2.0
 RELAY_END_MARGIN = 1.0
 """Seconds before the VM's deadline at which answers still relayed from peers are ended cleanly."""
 SEAM_SAMPLES = 1000
+STATS_GAPS = 100
+"""Recent seam gaps sent with each stats answer (the daemon polls every second)."""
 TIMEOUT_SWEEP = 1.0
 """Seconds between checks for engine answers that stopped arriving (read timeout)."""
 
@@ -88,6 +91,10 @@ class Gate:
         self._node_deadline: asyncio.TimerHandle | None = None
         self.seam_gaps: list[float] = []
         """Seconds from the local cut to the first byte of the peer's continuation, per migration (recent)."""
+        self.seams = 0
+        """Migrations whose continuation reached the client (``seam_gaps`` holds the last of them)."""
+        self.reprefilled_tokens = 0
+        """Output tokens a peer had to prefill again (what the client had before the seam)."""
         self.journal = journal
         self._metrics = metrics
         self._retry_after = str(retry_after).encode()
@@ -218,6 +225,11 @@ class Gate:
             if retry_after else b"",
             b"connection: close\r\n" if close else b"", b"\r\n", body)))
         connection.finish(request, close=close)
+
+    def migration_stats(self) -> dict[str, Any]:
+        """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled."""
+        return {"seams": self.seams, "seam_gaps": self.seam_gaps[-STATS_GAPS:],
+                "reprefilled_tokens": self.reprefilled_tokens}
 
     def set_node_deadline(self, at: float | None) -> None:
         """Unix time the VM goes away (None: not known). Work relayed from peers ends with a retryable
@@ -642,6 +654,7 @@ class Exchange:
         self.parser = None
         self.migrating = True
         self.cut_at = self.loop.time()
+        self.gate.reprefilled_tokens += parser.content_events
         self.held = b""  # an event the client never got: the peer's continuation covers it
         if self.started and self.sse:
             self.stitch = StreamStitch(parser.identity or AnswerIdentity(), chat=self.endpoint == "chat",
@@ -698,6 +711,7 @@ class Exchange:
             gaps = self.gate.seam_gaps
             gaps.append(self.loop.time() - self.cut_at)
             del gaps[:-SEAM_SAMPLES]
+            self.gate.seams += 1
             self.cut_at = 0.0
         self._write(data)
 

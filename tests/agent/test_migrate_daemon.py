@@ -69,6 +69,10 @@ url = "file://{store}"
             with anyio.fail_after(60):
                 while not events or events[-1] != "[DONE]":
                     await anyio.sleep(0.05)
+                metrics = ""
+                while "spotguard_gate_seam_gap_seconds_count 1.0" not in metrics:  # mirrored once a second
+                    metrics = (await http.get(node.url + "/metrics")).text
+                    await anyio.sleep(0.1)
     assert fresh.status_code == 200, fresh.text
     chunks = [e for e in events if isinstance(e, dict)]
     assert not any("error" in e for e in chunks), chunks[-2:]
@@ -80,3 +84,5 @@ url = "file://{store}"
     [manifest] = [json.loads(p.read_text()) for p in store.rglob("manifest.json")]
     records = [json.loads(line) for p in store.rglob("records/*.jsonl") for line in p.read_text().splitlines()]
     assert manifest["requests"] == 1 and records[0]["migrated_to"] == peer.url
+    assert 'spotguard_gate_requests_total{endpoint="chat",result="forwarded"} 1.0' in metrics
+    assert "spotguard_gate_reprefilled_tokens_total" in metrics
