@@ -541,10 +541,10 @@ class Exchange:
     def on_upstream_lost(self, error: str) -> None:
         if self.peer_order is not None and not self.ended:
             upstream, self.upstream = self.upstream, None
-            if self.stitch is not None or (self.started and not self.migrating):
+            if upstream is not None and upstream.received and not self.skipping:
                 self.give_up(f"the replica continuing this answer failed ({error}); retry it")
-            else:  # nothing of this peer's answer reached the client: the next peer
-                if self.peer is not None:
+            else:  # nothing of this peer's answer came: the next peer (a stale kept-alive one is not its fault)
+                if self.peer is not None and not (upstream is not None and upstream.reused):
                     self.gate.peers.failed(self.peer)
                 self.skipping = False
                 self._next_peer()
