@@ -95,12 +95,13 @@ async def _stream(http: httpx.AsyncClient, url: str, tokens: int, out: Stream, s
 
 
 async def _calibrate(http: httpx.AsyncClient, url: str, streams: int) -> float:
-    """Tokens per second of one stream while ``streams`` run at once on replica A (the engine, directly)."""
+    """Tokens per second of one stream while ``streams`` run at once on replica A (the engine, directly), over
+    answers long enough that the slowdown of a growing context shows."""
     counts = [Stream() for _ in range(streams)]
     begin = time.monotonic()
     async with anyio.create_task_group() as tg:
         for out in counts:
-            tg.start_soon(_stream, http, url, 400, out, anyio.Event())
+            tg.start_soon(_stream, http, url, 2000, out, anyio.Event())
     return min(c.tokens for c in counts) / (time.monotonic() - begin)
 
 
@@ -152,10 +153,13 @@ async def variant(name: str, replica_a: str, peer: str | None, streams: int, tok
                     await control.drain(d.socket, reason=f"bench {name}", deadline_seconds=window)
                     stop = anyio.Event()
                     tg.start_soon(_new_requests, http, gate_url, failed, sent, stop)
-                    with anyio.move_on_after(window + 10):
+                    # New requests until just before the VM would go away; streams until they end or it does.
+                    with anyio.move_on_after(window - 1.5):
+                        await stop.wait()
+                    stop.set()
+                    with anyio.move_on_after(3):
                         while any(not (r.done or r.error) for r in results):
                             await anyio.sleep(0.1)
-                    stop.set()
                     tg.cancel_scope.cancel()
                 status = (await http.get(d.url + "/status")).json()
         finally:
@@ -198,8 +202,8 @@ async def main() -> None:
             await wait_http(peer_url + "/health", peer, "the peer gate", work / "logs" / "peer-gate.log")
             async with httpx.AsyncClient(timeout=60) as http:
                 rate = await _calibrate(http, replica_a.url, args.streams)
-            # Longer than the local wait (about 40 % of the window), short enough to end within it.
-            tokens = max(200, int(rate * args.window * 0.55))
+            # Longer than the local wait (about a third of the window with peers), short enough to end within it.
+            tokens = max(200, int(rate * args.window * 0.5))
             print(f"calibrated: {rate:.0f} tokens/s per stream with {args.streams} at once -> {tokens} tokens each")
             rows = []
             for name, peer_of in (("baseline", None), ("peers", peer_url)):

@@ -100,6 +100,10 @@ class WaitInflight:
         if ctx.services.snapshot is not None:
             # The snapshot saves whatever is still running: never let waiting eat all of its time.
             reserve += min(ctx.config.drain.snapshot_budget, 0.5 * (left - reserve))
+        if ctx.config.gate.peers and ctx.services.journal is not None:
+            # What is still running then is continued on a peer and relayed until the deadline: leave it half
+            # of what is left, so a request that would not finish here in time can finish there.
+            reserve += 0.5 * (left - reserve)
         return max(0.0, min(ctx.config.drain.wait_inflight_budget, left - reserve))
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
