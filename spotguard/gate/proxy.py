@@ -13,8 +13,8 @@ had started yet.
 
 Speed matters (the gate sits on every token). The data path is plain asyncio protocols over httptools
 (``http1.py``), run on uvloop by ``spotguard gate``: no task and no ASGI message per request or chunk,
-only callbacks. Per chunk the gate frames and writes the bytes it got; a journaled stream also feeds
-the incremental SSE parser (``output.py``: line ends, one ``json.loads`` per event). Every request
+only callbacks. Per chunk the gate frames and writes the bytes it got; a journaled stream also hands
+them to the SSE parser (``output.py``), which parses in batches and whenever the journal is read. Every request
 enters through one method, ``Gate.handle``, where a check (routes, peers) can hook in.
 """
 
@@ -497,6 +497,8 @@ class Exchange:
         request.on_done = None
         entry, parser = self.entry, self.parser
         result = ""
+        if parser is not None:
+            parser.flush()  # the output is final now: whatever was relayed is in the entry
         if entry is not None:
             del gate._flights[entry.id]
             entry.settled.set()
