@@ -107,7 +107,33 @@ def daemon(sections: dict[str, dict[str, Any]]) -> Iterator[DaemonProcess]:
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            # A gate the daemon started outlives it (by design): stop it once the daemon, which would
+            # start it again, is gone.
+            stop_gate(f"{tmp}/gate.sock")
             log.close()
+
+
+def stop_gate(path: str) -> None:
+    """Ask the gate answering on ``path`` (if any) to stop, and wait until it has gone."""
+    import json
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            sock.sendall(b'{"op": "hello"}\n')
+            pid = int(json.loads(sock.makefile("rb").readline())["pid"])
+            sock.sendall(b'{"op": "stop"}\n')
+    except (OSError, ValueError, KeyError):
+        return
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)  # bounded by the deadline: the gate finishes what is in flight
+    os.kill(pid, 9)
 
 
 async def wait_status(client: httpx.AsyncClient, url: str, status: int, timeout: float = 10.0,

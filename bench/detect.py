@@ -139,17 +139,17 @@ async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams
                 for block in range(max(3, trials // BLOCK)):
                     mode = modes[block % 3]
                     load = None
-                    if mode != "idle":
-                        port = gate_port if mode == "loaded" else engine_port
-                        load = subprocess.Popen([sys.executable, str(here), "--load", f"http://127.0.0.1:{port}",
-                                                 "--streams", str(streams)])
-                        await anyio.sleep(2.0)  # the streams ramp up
-                        if mode == "loaded":
-                            with anyio.fail_after(30):  # until they flow through the gate
-                                while int((await call(gate_socket, "stats", timeout=2))["inflight"]) < streams * 0.9:
-                                    await anyio.sleep(0.1)
                     cpu0 = proc_cpu_seconds(gate_pid)
                     try:
+                        if mode != "idle":
+                            port = gate_port if mode == "loaded" else engine_port
+                            load = subprocess.Popen([sys.executable, str(here), "--load",
+                                                     f"http://127.0.0.1:{port}", "--streams", str(streams)])
+                            await anyio.sleep(2.0)  # the streams ramp up
+                            if mode == "loaded":
+                                with anyio.fail_after(30):  # until they flow through the gate
+                                    while int((await call(gate_socket, "stats", timeout=2))["inflight"]) < streams * 0.9:
+                                        await anyio.sleep(0.1)
                         for _ in range(BLOCK):
                             await anyio.sleep(random.uniform(0.05, 0.3))  # random phase against the poll cadence
                             raised, raised_wall = time.perf_counter(), time.time()
@@ -169,7 +169,7 @@ async def gate_load_run(emu: EmulatorControl, emu_url: str, trials: int, streams
                         if load is not None:
                             load.kill()
                             load.wait(timeout=10)
-            await call(gate_socket, "stop", timeout=5)
+        # (the harness stops the gate once the daemon, which would start it again, has gone)
     finally:
         engine.terminate()
         engine.wait(timeout=10)

@@ -382,9 +382,15 @@ def main() -> None:
                                                          False), env)
             if args.baseline:
                 tree = baseline_tree(tmp, args.baseline)
-                commands[f"gate@{args.baseline}"] = (
-                    [sys.executable, str(tree / "bench" / "gate.py"), "--serve", "gate", "--port", str(ports["baseline"]),
-                     "--upstream", engine_url], {**os.environ, "PYTHONPATH": str(tree)})
+                if (tree / "spotguard" / "__main__.py").exists():  # that revision's own `spotguard gate`
+                    command = gate_command(tmp, "baseline", engine_url, ports["baseline"], True)
+                    # ahead of the working directory and of this checkout's editable install
+                    command[1:3] = ["-c", f"import sys; sys.path.insert(0, {str(tree)!r}); sys.argv[0] = 'spotguard'; "
+                                          "from spotguard.cli import main; main()"]
+                else:  # before the gate was a process: its Gate served in-process, as that bench did
+                    command = [sys.executable, str(tree / "bench" / "gate.py"), "--serve", "gate", "--port",
+                               str(ports["baseline"]), "--upstream", engine_url]
+                commands[f"gate@{args.baseline}"] = (command, {**os.environ, "PYTHONPATH": str(tree)})
                 ports[f"gate@{args.baseline}"] = ports["baseline"]
             if not args.no_nginx:
                 commands["nginx"] = (nginx_command(tmp, engine_port, ports["nginx"]), env)

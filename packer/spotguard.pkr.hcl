@@ -29,7 +29,10 @@ locals {
   timestamp  = regex_replace(timestamp(), "[- TZ:]", "")
   image_name = "${var.image_name}-${local.timestamp}"
   staging    = "/tmp/spotguard"
-  # Uploaded next to the install script; optional files drop out when their variable is empty.
+  # Uploaded next to the install script; optional files drop out when their variable is empty. The
+  # systemd directory carries both units, spotguard.service and spotguard-gate.service (the gate is its
+  # own unit so that restarting spotguard never cuts a request in flight), with their drop-ins; the
+  # install script installs and enables the pair, ordered after var.inference_unit.
   uploads = compact([
     "${path.root}/scripts/install-spotguard.sh",
     "${path.root}/../systemd",

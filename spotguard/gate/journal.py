@@ -49,6 +49,8 @@ class InflightRequest:
     """Set to make the gate close the upstream connection (frees the engine's slot)."""
     settled: anyio.Event = field(default_factory=anyio.Event)
     """Set by the gate once it no longer touches this entry: upstream closed, ``output`` final."""
+    sync: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    """Brings ``output`` up to date with what the gate has relayed (its parser works in batches)."""
 
     @property
     def output_text(self) -> str:
@@ -101,7 +103,12 @@ class Journal:
         return self._requests.get(request_id)
 
     def active(self) -> list[InflightRequest]:
-        return list(self._requests.values())
+        """The requests in flight, their ``output`` up to date."""
+        requests = list(self._requests.values())
+        for request in requests:
+            if request.sync is not None:
+                request.sync()
+        return requests
 
     def __len__(self) -> int:
         return len(self._requests)

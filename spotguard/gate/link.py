@@ -25,7 +25,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from spotguard.config import Config, to_toml
+from spotguard.config import Config, to_dict, to_toml
 from spotguard.errors import GateError
 from spotguard.gate.control import GateConnection, call, control_path, entry_from_wire
 from spotguard.gate.journal import InflightRequest
@@ -228,7 +228,7 @@ class GateLink:
         settings = state / "gate.toml"
         # Only what the gate reads (never the whole file: webhook URLs and such are nobody else's).
         own = Config(agent=self.config.agent, control=self.config.control).replace(
-            "gate", **{**_section(self.config, "gate"), "control_socket": self.path}).replace(
+            "gate", **{**to_dict(self.config)["gate"], "control_socket": self.path}).replace(
             "server", kind=self.config.server.kind)  # the shape of a continuation depends on the engine
         fd = os.open(settings, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -265,8 +265,3 @@ class GateLink:
             self._child = None
         return code
 
-
-def _section(config: Config, name: str) -> dict[str, Any]:
-    from spotguard.config import to_dict
-
-    return dict(to_dict(config)[name])

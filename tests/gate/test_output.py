@@ -43,6 +43,7 @@ async def test_completions_stream_and_final_bodies() -> None:
     request = entry()
     parser = OutputParser(request, chat=False)
     parser.feed(completion_chunk("a") + completion_chunk("b", "length") + b"data: [DONE]\n\n")
+    parser.flush()
     assert (request.output_text, request.finish_reason) == ("ab", "length")
     for chat in (True, False):
         final = entry()
@@ -68,7 +69,40 @@ async def test_garbage_is_counted_not_raised(garbage: bytes) -> None:
     request = entry()
     parser = OutputParser(request, chat=True)
     parser.feed(chat_chunk(0, "ok") + garbage + chat_chunk(1, "!"))
+    assert request.output == []  # parsed in batches: nothing until flushed
+    parser.flush()
     assert request.output_text == "ok!" and parser.errors == 1
+
+
+async def test_output_is_up_to_date_whenever_the_journal_is_read() -> None:
+    from spotguard.gate.journal import Journal
+
+    journal = Journal()
+    request = entry()
+    journal.add(request)
+    parser = OutputParser(request, chat=True)
+    for i in range(3):
+        parser.feed(chat_chunk(i, token(i)))
+        [seen] = journal.active()
+        assert seen.output_text == "".join(token(j) for j in range(i + 1))
+    parser.feed(b"data: 1, 2\n\n" + chat_chunk(3, "x"))  # a payload that is a comma list does not shift the rest
+    journal.active()
+    assert request.output_text.endswith("x") and parser.errors == 1
+
+
+async def test_a_long_stream_is_parsed_as_it_goes() -> None:
+    from spotguard.gate.output import BATCH_BYTES
+
+    request = entry()
+    parser = OutputParser(request, chat=True)
+    fed: list[int] = []
+    while request.output == []:
+        chunk = chat_chunk(len(fed), token(len(fed)))
+        parser.feed(chunk)
+        fed.append(len(chunk))
+    # parsed exactly when a batch's worth had piled up, every event of it
+    assert sum(fed) >= BATCH_BYTES > sum(fed[:-1])
+    assert request.output_text == "".join(token(i) for i in range(len(fed)))
 
 
 async def test_a_stream_without_newlines_stops_being_parsed() -> None:
