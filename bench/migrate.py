@@ -8,7 +8,8 @@ starts a fresh daemon for A, puts N long greedy streams in flight through A's ga
 `--window` second deadline (a manual drain, as a 30 s GCP window would), while a client keeps sending new
 short requests to A's gate (a load balancer that has not caught up). Variants, in the same run:
 
-- ``baseline``: no peers - today's behaviour: what outlasts the wait is cut, new requests get 503;
+- ``baseline``: no peers - the behaviour before peers: what outlasts the wait is cut by the snapshot step
+  (a file:// store in both variants), new requests get 503;
 - ``peers``: ``[gate] peers`` = the peer gate: new requests are handed over, streams still running after
   the wait are continued there.
 
@@ -127,7 +128,8 @@ async def _stop_gate(config: Path) -> None:
 
 
 async def variant(name: str, replica_a: str, peer: str | None, streams: int, tokens: int,
-                  window: float) -> dict[str, Any]:
+                  window: float, store: Path) -> dict[str, Any]:
+    store.mkdir(parents=True, exist_ok=True)
     gate_port = free_port()
     gate_url = f"http://127.0.0.1:{gate_port}"
     sections: dict[str, dict[str, Any]] = {
@@ -135,6 +137,8 @@ async def variant(name: str, replica_a: str, peer: str | None, streams: int, tok
         "shutdown": {"trigger": "system-shutdown"},
         "server": {"kind": "llamacpp", "url": replica_a},
         "gate": {"listen": f"127.0.0.1:{gate_port}", "upstream": replica_a, "peers": [peer] if peer else []},
+        # A node with snapshots, as in production: the snapshot step ends what is still running after the wait.
+        "snapshot": {"url": f"file://{store}"},
     }
     results = [Stream() for _ in range(streams)]
     failed: list[str] = []
@@ -207,7 +211,8 @@ async def main() -> None:
             print(f"calibrated: {rate:.0f} tokens/s per stream with {args.streams} at once -> {tokens} tokens each")
             rows = []
             for name, peer_of in (("baseline", None), ("peers", peer_url)):
-                row = await variant(name, replica_a.url, peer_of, args.streams, tokens, args.window)
+                row = await variant(name, replica_a.url, peer_of, args.streams, tokens, args.window,
+                                    work / f"snapshots-{name}")
                 print(json.dumps(row))
                 rows.append(row)
         finally:
