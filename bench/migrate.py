@@ -41,6 +41,7 @@ from spotguard.config import Config, load  # noqa: E402
 from spotguard.control import client as control  # noqa: E402
 from spotguard.demo import engines  # noqa: E402
 from spotguard.demo.processes import Processes, wait_http  # noqa: E402
+from spotguard.demo.traffic import sse_lines
 from spotguard.errors import GateError  # noqa: E402
 from spotguard.gate.control import call, control_path  # noqa: E402
 
@@ -72,7 +73,7 @@ async def _stream(http: httpx.AsyncClient, url: str, tokens: int, out: Stream, s
             if response.status_code != 200:
                 out.error = f"HTTP {response.status_code}"
                 return
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data: "):
                     continue
                 if line == "data: [DONE]":

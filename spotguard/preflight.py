@@ -165,16 +165,10 @@ def gate_port_check(config: Config) -> Check | None:
 
 
 def peers_check(config: Config) -> Check | None:
-    """With the gate on, a peer to move unfinished requests to. None when the gate is off.
-
-    ``[gate] peers`` is read with getattr: a build whose gate cannot migrate has no such key, and then
-    there is nothing to check.
-    """
+    """With the gate on, a peer to move unfinished requests to. None when the gate is off."""
     if not config.gate.listen:
         return None
-    peers = getattr(config.gate, "peers", None)
-    if peers is None:
-        return None
+    peers = config.gate.peers
     if not peers:
         return Check("gate peers", "warning", "[gate] peers is empty: requests still running when the window "
                      "closes can only be snapshotted, not moved to another replica; list the other replicas' gates")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -81,13 +82,29 @@ async def send(http: httpx.AsyncClient, gate: str, answer: Answer) -> None:
         answer.first_token.set()
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an SSE stream, split only where SSE splits them (CR, LF, CRLF).
+
+    Not ``aiter_lines``: it also splits on U+0085, U+2028 and other characters ``str.splitlines`` knows,
+    which a model may put, unescaped, inside an event's JSON (the tiny test model does).
+    """
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *lines, pending = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if pending:
+        yield pending.decode("utf-8", "replace")
+
+
 async def _stream(http: httpx.AsyncClient, url: str, answer: Answer) -> None:
     async with http.stream("POST", url, json=body(answer.ask)) as response:
         answer.status = response.status_code
         if response.status_code != 200:
             await response.aread()
             return
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response):
             if not line.startswith("data: "):
                 continue
             data = line[6:].strip()

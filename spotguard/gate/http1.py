@@ -28,6 +28,12 @@ HOP_BY_HOP = frozenset({
     b"transfer-encoding", b"upgrade",
 })
 MAX_PIPELINED = 16
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 256 << 20
+"""How long, and how much, a closing connection still reads and drops (see ``ClientConnection.close``)."""
+MAX_HEAD = 64 << 10
+"""Bytes a request line and headers may take (nginx allows 4 x 8 KiB): a bigger head gets 431 and the
+connection closes, once one more read (at most 256 KiB) is past it (a 4 MiB header was buffered whole)."""
 """Requests queued on one client connection (pipelining) before it is closed."""
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -94,6 +100,10 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._queue: deque[Request] = deque()
+        self._in_head = True
+        self._head_bytes = 0
+        self._lingering = False
+        self._lingered = 0
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.on_lost: Callable[[], None] | None = None
@@ -108,12 +118,26 @@ class ClientConnection(asyncio.Protocol):
         self._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._lingering:  # the answer is out: what the client still sends is read and dropped, bounded
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES and self.transport is not None:
+                self.transport.close()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(403, "upgrades (websockets) are not proxied by the gate")
+            return
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self._in_head:  # the whole chunk went into a head that is still not over
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(431, f"request head larger than {MAX_HEAD} bytes")
+                self.closed = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -135,6 +159,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._in_head = True
+        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -143,6 +169,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         parser = self._parser
         request = Request(parser.get_method(), self._url, self._headers, parser.should_keep_alive(),
                           parser.get_http_version() == "1.0")
@@ -198,8 +225,17 @@ class ClientConnection(asyncio.Protocol):
             self._start(queue[0])
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.close()
+        """Close after what was written, lingering like nginx: a client still sending a body it will never
+        have read (a 413) would otherwise get a reset that can wipe the answer before it reads it."""
+        transport = self.transport
+        if transport is None or self.closed or self._lingering:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
 
     def abort(self) -> None:
         """Close at once, dropping unsent data: the client sees its answer cut short."""

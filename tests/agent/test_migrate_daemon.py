@@ -12,6 +12,7 @@ import anyio
 import httpx
 import pytest
 
+from spotguard.demo.traffic import sse_lines
 from tests.support._daemon import daemon, system_state_env, write_config
 from tests.support.gate import StartGate
 from tests.support.moto import free_port
@@ -53,7 +54,7 @@ url = "file://{store}"
 
             async def stream() -> None:
                 async with http.stream("POST", gate + CHAT, json=body) as response:
-                    async for line in response.aiter_lines():
+                    async for line in sse_lines(response):
                         if line.startswith("data: "):
                             events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
                             first.set()

@@ -7,8 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import boto3
@@ -91,18 +90,12 @@ def test_the_load_balancer_must_target_the_gate_not_the_engine() -> None:
     assert no_upstream is not None and no_upstream.level == "error"
 
 
-def test_peers_are_checked_only_where_the_gate_has_the_key() -> None:
-    assert peers_check(config(**GATED)) is None  # this build's [gate] has no peers key: nothing to say
-    real = config(**GATED)
-
-    def with_peers(peers: tuple[str, ...]) -> Config:
-        gate = SimpleNamespace(**{**vars(real.gate), "peers": peers})
-        return cast(Config, SimpleNamespace(**{**vars(real), "gate": gate}))
-
-    lonely = peers_check(with_peers(()))
-    assert lonely is not None and lonely.level == "warning"
-    paired = peers_check(with_peers(("http://10.0.0.2:8080",)))
+def test_peers_are_checked_where_the_gate_is_on() -> None:
+    lonely = peers_check(config(**GATED))
+    assert lonely is not None and lonely.level == "warning" and "peers is empty" in lonely.detail
+    paired = peers_check(config(gate={**GATED["gate"], "peers": ["http://10.0.0.2:8080"]}))
     assert paired is not None and paired.level == "ok"
+    assert peers_check(config()) is None  # no gate: nothing to move requests with
 
 
 @pytest.mark.anyio
@@ -139,4 +132,4 @@ def test_doctor_reports_the_new_checks(tmp_path: Path) -> None:
     checks = {c["name"]: c for c in json.loads(done.stdout)}
     assert {"drain budget", "unit ordering", "stop timeout", "gate in front"} <= set(checks), done.stdout
     assert checks["drain budget"]["level"] == "ok" and checks["gate in front"]["level"] == "ok"
-    assert "gate peers" not in checks  # no [gate] peers key in this build
+    assert checks["gate peers"]["level"] == "warning"  # the bare VM has no other replica to hand work to

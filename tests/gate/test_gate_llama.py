@@ -9,6 +9,7 @@ import anyio
 import httpx
 import pytest
 
+from spotguard.demo.traffic import sse_lines
 from tests.support.gate import StartGate
 from tests.support.llama import LlamaServer
 
@@ -24,7 +25,7 @@ async def busy_slots(client: httpx.AsyncClient, server: LlamaServer) -> list[int
 
 
 async def data_events(response: httpx.Response) -> AsyncIterator[str]:
-    async for line in response.aiter_lines():
+    async for line in sse_lines(response):
         if line.startswith("data: "):
             yield line[6:]
 

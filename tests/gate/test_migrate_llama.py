@@ -12,6 +12,7 @@ import httpx
 import pytest
 import structlog.testing
 
+from spotguard.demo.traffic import sse_lines
 from tests.support.gate import RunningGate, StartGate
 
 pytestmark = [pytest.mark.anyio, pytest.mark.llama]
@@ -36,7 +37,7 @@ def chat_body(max_tokens: int, *, stream: bool, usage: bool = False) -> dict[str
 
 
 async def events(response: httpx.Response) -> AsyncIterator[Any]:
-    async for line in response.aiter_lines():
+    async for line in sse_lines(response):
         if line.startswith("data: "):
             yield "[DONE]" if line == "data: [DONE]" else json.loads(line[6:])
 
