@@ -16,10 +16,11 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from anyio.abc import TaskGroup
 
 from spotguard.notice import rfc3339, utcnow
 from tests.support.llama import LlamaServer
-from tests.support.node import NodeConfig, running_node
+from tests.support.node import Node, NodeConfig, running_node
 
 pytestmark = [pytest.mark.anyio, pytest.mark.llama]
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8}
@@ -131,17 +132,32 @@ def _manifests(store: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(store.rglob("manifest.json"))]
 
 
+async def _drain_with_a_stream(node: Node, http: httpx.AsyncClient, tg: TaskGroup, deadline: str) -> None:
+    """A long stream in flight through the gate, then `spotguard drain --deadline DEADLINE`."""
+    await node.daemon.readyz(http, 200)
+    started = anyio.Event()
+    tg.start_soon(_long_stream, http, node.gate, started)
+    with anyio.fail_after(10):
+        await started.wait()
+    result = await anyio.to_thread.run_sync(lambda: node.daemon.control("drain", "--deadline", deadline))
+    assert result.returncode == 0, result.stderr
+
+
+def _persisted_step(tmp_path: Path, name: str) -> str:
+    """The state of drain step ``name`` as the state file on disk has it ("" before it is there)."""
+    try:
+        doc = json.loads((tmp_path / "state" / "state.json").read_text())
+        steps = doc["timeline"][0]["steps"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return ""
+    return next((str(s.get("state")) for s in steps if s.get("name") == name), "")
+
+
 async def test_sigterm_mid_drain_is_bounded_by_the_shutdown_budget(
         tmp_path: Path, node_config: NodeConfig) -> None:
     with running_node(tmp_path, node_config) as node:
         async with client() as http, anyio.create_task_group() as tg:
-            await node.daemon.readyz(http, 200)
-            started = anyio.Event()
-            tg.start_soon(_long_stream, http, node.gate, started)
-            with anyio.fail_after(10):
-                await started.wait()
-            result = await anyio.to_thread.run_sync(lambda: node.daemon.control("drain", "--deadline", "600"))
-            assert result.returncode == 0, result.stderr
+            await _drain_with_a_stream(node, http, tg, "600")
             await node.daemon.until_status(http, lambda d: any(
                 s["name"] == "wait_inflight" and s["state"] == "running" for s in d["steps"]))
             begin = anyio.current_time()
@@ -161,16 +177,11 @@ async def test_kill_9_mid_drain_then_restart_resumes_without_repeating_steps(
     async with client() as http:
         with running_node(tmp_path, node_config) as node:
             async with anyio.create_task_group() as tg:
-                await node.daemon.readyz(http, 200)
-                started = anyio.Event()
-                tg.start_soon(_long_stream, http, node.gate, started)
-                with anyio.fail_after(10):
-                    await started.wait()
-                result = await anyio.to_thread.run_sync(lambda: node.daemon.control("drain", "--deadline", "40"))
-                assert result.returncode == 0, result.stderr
-                await node.daemon.until_status(http, lambda d: any(
-                    s["name"] == "wait_inflight" and s["state"] == "running" for s in d["steps"]))
-                await anyio.sleep(0.3)  # let the coalesced state write land: a crash loses at most that
+                await _drain_with_a_stream(node, http, tg, "40")
+                # The kill lands once the state file (written off the event loop) has the step running.
+                with anyio.fail_after(15):
+                    while _persisted_step(tmp_path, "wait_inflight") != "running":
+                        await anyio.sleep(0.02)
                 node.daemon.signal(signal.SIGKILL)
                 await node.daemon.wait_exit(10)
                 tg.cancel_scope.cancel()
@@ -189,13 +200,7 @@ async def test_a_rerun_snapshot_never_replaces_a_manifest_with_an_emptier_one(
     async with client() as http:
         with running_node(tmp_path, node_config) as node:
             async with anyio.create_task_group() as tg:
-                await node.daemon.readyz(http, 200)
-                started = anyio.Event()
-                tg.start_soon(_long_stream, http, node.gate, started)
-                with anyio.fail_after(10):
-                    await started.wait()
-                result = await anyio.to_thread.run_sync(lambda: node.daemon.control("drain", "--deadline", "6"))
-                assert result.returncode == 0, result.stderr
+                await _drain_with_a_stream(node, http, tg, "6")
                 await node.daemon.until_status(http, lambda d: d["state"] == "drained", timeout=30)
                 tg.cancel_scope.cancel()
             node.daemon.signal(signal.SIGKILL)
