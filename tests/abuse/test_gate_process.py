@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support._daemon import STARTED_CONFIGS
 from tests.support._processes import stop
 from tests.support.moto import free_port
 from tests.support.openai_upstream import FakeEngine
@@ -82,6 +83,7 @@ upstream = "{fake_engine.url}"
         yield GateProcess(url, port, proc, log)
     finally:
         stop(proc)
+        STARTED_CONFIGS.append(config)  # its gate outlives it by design: the autouse fixture stops it
 
 
 def socket_to(port: int) -> socket.socket:
