@@ -22,27 +22,9 @@ if [ -z "$missing" ]; then
     exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup-test-tools: apt-get not found; install$missing by hand (related tests will skip)" >&2
-    exit 0
-fi
-
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        sudo="sudo -n"
-    else
-        echo "setup-test-tools: not root and no passwordless sudo; install$missing by hand (related tests will skip)" >&2
-        exit 0
-    fi
-fi
-
-echo "setup-test-tools: installing$missing"
 # Installing the systemd package inside a container does not start or replace any running init; it
 # only provides the binaries (systemd-analyze) and the stock unit files verify resolves against.
+# shellcheck source=tools/apt-install.sh
+. "$(dirname "$0")/apt-install.sh"
 # shellcheck disable=SC2086 # $missing is a list of package names, split on purpose
-if ! { $sudo apt-get update -q >/dev/null &&
-       DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing; }; then
-    echo "setup-test-tools: apt-get failed; install$missing by hand (related tests will skip)" >&2
-fi
-exit 0
+apt_install setup-test-tools "related tests will skip" $missing
