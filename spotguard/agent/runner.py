@@ -351,10 +351,6 @@ class Agent:
         self.metrics.config_errors.labels(component="state", reason="write_failed").inc()
         self.log.error("state_write_failed", path=str(self.store.path), error=str(exc))
 
-    async def flush(self) -> None:
-        """Wait until the newest state is on disk."""
-        await self._writer.flush()
-
     def _on_timeline(self, timeline: Timeline) -> None:
         self._set(self._persisted.with_(timeline=list(timeline)))
 

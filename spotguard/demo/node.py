@@ -3,12 +3,10 @@ gate's peer, ELBv2 on moto, a file:// snapshot store, a webhook receiver. All on
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from spotguard.config import GateConfig
 from spotguard.demo.balancer import TargetGroup
 from spotguard.demo.engines import Engine
 
@@ -21,12 +19,6 @@ class Node:
     gate: str
     gate_socket: Path
     store: Path
-    peers_supported: bool
-
-
-def gate_has_peers() -> bool:
-    """Does this build's gate move unfinished requests to ``[gate] peers``?"""
-    return "peers" in {f.name for f in dataclasses.fields(GateConfig)}
 
 
 def _q(value: object) -> str:
@@ -45,8 +37,6 @@ def write_node(workdir: Path, *, emulator: str, http_port: int, gate_port: int, 
                   f'stop_command = ["kill", "-TERM", "{engine.proc.pid}"]')
         snapshot_extra = ""
     peers = f"peers = [{_q(peer.url)}]"
-    if not gate_has_peers():
-        peers = f"# {peers}   (this build's gate has no [gate] peers yet: unfinished requests stay here)"
     aws = ""
     if group is not None:
         aws = (f"endpoint_url = {_q(group.moto_url)}\nregion = \"us-east-1\"\ntarget_group_arns = [{_q(group.arn)}]\n"
@@ -94,4 +84,4 @@ urls = [{_q(webhook)}]
     config = workdir / "spotguard.toml"
     config.write_text(text)
     return Node(config, f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{gate_port}", workdir / "gate.sock",
-                store, gate_has_peers())
+                store)

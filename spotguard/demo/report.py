@@ -42,9 +42,8 @@ def report(run: Run, say: Callable[[str], None]) -> str:
         kind = "streaming" if answer.ask.stream else "non-streaming"
         say(f"  {answer.ask.name:<12} {kind:<14} {answer.outcome()}")
     if any("interrupted_for_migration" in a.error for a in run.answers):
-        peers = "" if run.node is None or run.node.peers_supported else " With [gate] peers set, the gate moves it there itself."
-        say("  (cut for migration when the wait ran out: its output so far is in the snapshot, and `spotguard resume` "
-            f"continues it on another replica.{peers})")
+        say("  (cut when no peer could take it over: its output so far is in the snapshot, and `spotguard resume` "
+            "continues it on another replica)")
     if run.after_notice:
         say(f"  (a request sent after the notice got {run.after_notice}; not counted: it was never in flight)")
     say(f"\nwebhooks:  {len(run.webhooks)} received by the local receiver")
@@ -63,8 +62,7 @@ def report(run: Run, say: Callable[[str], None]) -> str:
     if run.svg is not None:
         say(f"picture:   {run.svg}")
     if run.node is not None:
-        say(f"config:    {run.node.config}" + ("" if run.node.peers_supported else
-                                                "  ([gate] peers is commented out: this build's gate has none yet)"))
+        say(f"config:    {run.node.config}")
     line = summary_line(run.answers, run.engine_note)
     say(line)
     return line
