@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spotguard import asgi  # noqa: E402
 from spotguard.config import Config  # noqa: E402
 from spotguard.drain.step import DrainContext  # noqa: E402
-from spotguard.gate.journal import InflightRequest, Journal  # noqa: E402
+from spotguard.gate.journal import EntryJournal  # noqa: E402
+from spotguard.gate.protocol import JournalEntry  # noqa: E402
 from spotguard.metrics import Metrics  # noqa: E402
 from spotguard.notice import Notice, utcnow  # noqa: E402
 from spotguard.servers.none import NoEngine  # noqa: E402
@@ -70,8 +71,8 @@ async def main(store_url: str, endpoint: str, key_file: str, master: Path, slot_
                   .replace("server", kind="llamacpp", url=bound.url)
                   .replace("drain", snapshot_budget=600.0))
         snapshotter = await prepare(config)
-        journal = Journal()
-        journal.add(InflightRequest(id="req-1", endpoint="/v1/chat/completions", model="m", stream=True,
+        journal = EntryJournal()
+        journal.add(JournalEntry(id="req-1", endpoint="/v1/chat/completions", model="m", stream=True,
                                     body=b'{"messages":[{"role":"user","content":"hi"}]}', slot_id=0))
         now = utcnow()
         notice = Notice(source="manual", kind="bench", event_id=f"kv-{int(time.time())}",

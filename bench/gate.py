@@ -100,12 +100,11 @@ def serve_role(role: str, port: int, upstream: str) -> None:
     if role == "engine":
         anyio.run(serve, engine_app(), nodelay_socket("127.0.0.1", port))  # type: ignore[arg-type]
         return
-    from spotguard.gate.journal import Journal
     from spotguard.gate.proxy import Gate, run_gate
     from spotguard.metrics import Metrics
 
     async def gate() -> None:
-        await run_gate(Gate(upstream=upstream, journal=Journal(), metrics=Metrics()), f"127.0.0.1:{port}")
+        await run_gate(Gate(upstream=upstream, metrics=Metrics()), f"127.0.0.1:{port}")
 
     anyio.run(gate)
 

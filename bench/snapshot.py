@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._harness import start_moto  # noqa: E402
 from spotguard.config import Config
 from spotguard.drain.step import DrainContext
-from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.journal import EntryJournal
+from spotguard.gate.protocol import JournalEntry
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow
 from spotguard.servers.none import NoEngine
@@ -76,13 +77,13 @@ async def throughput(store: Store, data: bytes, reps: int) -> dict[str, float]:
             "ratio": round(statistics.median(raw) / statistics.median(ours), 3)}
 
 
-def journal_of(count: int) -> Journal:
-    journal = Journal()
+def journal_of(count: int) -> EntryJournal:
+    journal = EntryJournal()
     for n in range(count):
         body = json.dumps({"model": "m", "stream": True, "max_tokens": 512,
                            "messages": [{"role": "user", "content": f"question {n} " + "lorem ipsum " * 60}]})
-        journal.add(InflightRequest(id=journal.new_id(), endpoint="/v1/chat/completions", model="m",
-                                    body=body.encode(), stream=True, output=["partial answer " * 20]))
+        journal.add(JournalEntry(id=f"req-{len(journal) + 1:08d}", endpoint="/v1/chat/completions", model="m",
+                                 body=body.encode(), stream=True, output="partial answer " * 20))
     return journal
 
 

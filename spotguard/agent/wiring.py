@@ -11,7 +11,7 @@ import dataclasses
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,7 +205,8 @@ class Wiring:
 
     def set_ready(self, ready: bool, deadline: float | None = None) -> None:
         if self.gate is not None:
-            self.gate.set_draining(not ready, deadline)
+            vm = datetime.fromtimestamp(deadline, UTC) if deadline is not None else self.gate.wanted.vm_deadline
+            self.gate.declare(draining=not ready, vm_deadline=vm)
 
     def gate_draining(self) -> bool:
         return bool(self.gate is not None and self.gate.draining)
@@ -219,7 +220,7 @@ class Wiring:
         from spotguard.gpu import GpuMonitor
 
         if self.gate is not None and agent.state != "serving":
-            self.gate.set_draining(True)  # a node restarted mid-drain refuses new work from the first request
+            self.gate.declare(draining=True)  # a node restarted mid-drain refuses new work from the first request
         await tg.start(lambda task_status: serve_control(self.config.control, agent, log=logs.get("control"),
                                                          metrics=self.metrics, task_status=task_status),
                        name="control")
@@ -291,7 +292,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
         wiring.gate = GateLink(config, metrics, log=logs.get("gate"))
     gate = wiring.gate
     engine = build_engine(config, http, journal=gate.journal if gate is not None else None,
-                          set_gate_draining=(lambda: gate.set_draining(True)) if gate is not None else None)
+                          set_gate_draining=(lambda: wiring.set_ready(False)) if gate is not None else None)
     snapshot = None
     if config.snapshot.url:
         from spotguard.storage.snapshot import prepare

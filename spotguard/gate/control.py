@@ -2,15 +2,16 @@
 
 Newline-delimited JSON over a Unix socket (``[gate] control_socket``, mode 0600: only the gate's own
 user, which is the daemon's): one request object per line, one answer per line, any number of them per
-connection. Every answer has ``"ok"``; a refused request has ``"error"`` instead of its fields.
+connection. Every answer has ``"ok"``; a refused request has ``"error"`` instead of its fields. The
+values on the wire are ``gate/protocol.py``'s, shared by both sides.
 
-    {"op": "hello"}                   -> pid, version, listen, upstream, started_at, draining, inflight
-    {"op": "stats"}                   -> draining, inflight, requests [[endpoint, result, count], ...]
-    {"op": "draining", "on": bool, "deadline": t|null} -> draining  (t: Unix time the VM goes away)
-    {"op": "journal"}                 -> requests [entry, ...]   (in flight, output so far)
-    {"op": "interrupt", "seconds": s} -> requests [entry, ...]   (cut, settled within timeout)
-    {"op": "release", "ids": [...]}   -> released
-    {"op": "stop"}                    -> stopping                (as on SIGTERM)
+    {"op": "hello"}                       -> pid, version, listen, upstream, started_at, holding
+    {"op": "stats"}                       -> holding, inflight, requests [[endpoint, result, count], ...], seams
+    {"op": "declare", "state": {...}}     -> holding   (DesiredState in, HeldState out: what the gate now holds)
+    {"op": "journal"}                     -> requests [entry, ...]   (JournalEntry: output so far)
+    {"op": "interrupt", "seconds": s}     -> requests [entry, ...]   (continued on peers or cut; final)
+    {"op": "release", "ids": [...]}       -> released
+    {"op": "stop"}                        -> stopping                (as on SIGTERM)
 
 Entries carry the request body (base64) and the output so far: user data, sent only to the daemon over
 this socket and never logged here.
@@ -18,11 +19,10 @@ this socket and never logged here.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +35,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from spotguard import __version__
 from spotguard.config import Config
 from spotguard.errors import GateError
-from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry
 from spotguard.notice import rfc3339
 
 MAX_LINE = 1 << 30
@@ -48,36 +48,6 @@ def control_path(config: Config) -> str:
     return config.gate.control_socket or str(Path(config.control.socket).with_name("gate.sock"))
 
 
-# -- entries on the wire ---------------------------------------------------------------------------
-
-def entry_to_wire(entry: InflightRequest) -> dict[str, Any]:
-    return {"id": entry.id, "endpoint": entry.endpoint, "model": entry.model,
-            "body": base64.b64encode(entry.body).decode(), "stream": entry.stream,
-            "started_at": rfc3339(entry.started_at), "output": entry.output,
-            "finish_reason": entry.finish_reason, "slot_id": entry.slot_id,
-            "interrupted": entry.interrupted.is_set(), "settled": entry.settled.is_set(),
-            "migrated_to": entry.migrated_to}
-
-
-def entry_from_wire(doc: dict[str, Any]) -> InflightRequest:
-    """An entry as the daemon sees it: a copy, whose events say what the gate had done at that moment."""
-    try:
-        entry = InflightRequest(
-            id=str(doc["id"]), endpoint=str(doc["endpoint"]), model=str(doc["model"]),
-            body=base64.b64decode(doc["body"]), stream=bool(doc["stream"]),
-            started_at=datetime.fromisoformat(str(doc["started_at"]).replace("Z", "+00:00")),
-            output=[str(part) for part in doc["output"]], finish_reason=doc.get("finish_reason"),
-            slot_id=doc["slot_id"] if isinstance(doc.get("slot_id"), int) else None,
-            migrated_to=str(doc.get("migrated_to") or ""))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise GateError(f"the gate sent a journal entry that cannot be read: {type(exc).__name__}: {exc}") from None
-    if doc.get("interrupted"):
-        entry.interrupted.set()
-    if doc.get("settled"):
-        entry.settled.set()
-    return entry
-
-
 # -- the gate's side -------------------------------------------------------------------------------
 
 class ControlledGate(Protocol):
@@ -86,9 +56,21 @@ class ControlledGate(Protocol):
     @property
     def draining(self) -> bool: ...
 
-    def set_draining(self, draining: bool) -> None: ...
+    @property
+    def state(self) -> DesiredState: ...
 
-    def set_node_deadline(self, at: float | None) -> None: ...
+    @property
+    def inflight(self) -> int: ...
+
+    def apply(self, state: DesiredState) -> HeldState: ...
+
+    def held(self) -> HeldState: ...
+
+    def journal_entries(self) -> list[JournalEntry]: ...
+
+    def interrupt_all(self) -> list[JournalEntry]: ...
+
+    def release(self, request_ids: Sequence[str]) -> int: ...
 
     def migration_stats(self) -> dict[str, Any]: ...
 
@@ -98,50 +80,55 @@ class ControlledGate(Protocol):
 class GateControl:
     """Answers the daemon's requests for one gate process."""
 
-    def __init__(self, gate: ControlledGate, journal: Journal, *, listen: str, upstream: str,
-                 stop: Callable[[], None], log: structlog.stdlib.BoundLogger) -> None:
+    def __init__(self, gate: ControlledGate, *, listen: str, upstream: str, stop: Callable[[], None],
+                 log: structlog.stdlib.BoundLogger) -> None:
         self._gate = gate
-        self._journal = journal
         self._hello = {"pid": os.getpid(), "version": __version__, "listen": listen, "upstream": upstream,
                        "started_at": rfc3339(datetime.now().astimezone())}
         self._stop = stop
         self._log = log
 
+    def _declare(self, state: DesiredState) -> dict[str, Any]:
+        gate = self._gate
+        before = gate.state
+        held = gate.apply(state)
+        if (before.draining, before.vm_deadline) != (state.draining, state.vm_deadline):
+            self._log.info("gate_draining" if state.draining else "gate_accepting", inflight=gate.inflight,
+                           generation=state.generation,
+                           vm_deadline=rfc3339(state.vm_deadline) if state.vm_deadline else None)
+        return {"holding": held.to_wire()}
+
     async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
-        gate, journal = self._gate, self._journal
+        gate = self._gate
         if op == "hello":
-            return {**self._hello, "draining": gate.draining, "inflight": len(journal)}
+            return {**self._hello, "holding": gate.held().to_wire(), "inflight": gate.inflight}
         if op == "stats":
-            return {"draining": gate.draining, "inflight": len(journal),
+            return {"holding": gate.held().to_wire(), "inflight": gate.inflight,
                     "requests": [list(row) for row in gate.request_counts()], **gate.migration_stats()}
-        if op == "draining":
+        if op == "declare":
+            return self._declare(DesiredState.from_wire(request.get("state")))
+        if op == "draining":  # from a daemon older than the declared state (an upgrade restarts the daemon first)
             on = request.get("on")
             if not isinstance(on, bool):
                 raise GateError("draining: 'on' must be true or false")
-            if on != gate.draining:
-                self._log.info("gate_draining" if on else "gate_accepting", inflight=len(journal))
             deadline = request.get("deadline")
-            if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
-                raise GateError("draining: 'deadline' must be a Unix time or null")
-            gate.set_draining(on)
-            gate.set_node_deadline(float(deadline) if deadline is not None and on else None)
-            return {"draining": gate.draining}
+            vm = DesiredState.from_wire({"generation": 0, "draining": on, "vm_deadline": deadline}).vm_deadline
+            return self._declare(DesiredState(generation=0, draining=on, vm_deadline=vm if on else None))
         if op == "journal":
-            return {"requests": [entry_to_wire(e) for e in journal.active()]}
+            return {"requests": [e.to_wire() for e in gate.journal_entries()]}
         if op == "interrupt":
             timeout = request.get("seconds")
             if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= 600:
                 raise GateError("interrupt: 'seconds' must be a number between 0 and 600")
-            cut = await journal.interrupt_and_wait(float(timeout))
+            cut = gate.interrupt_all()  # each request is final when this returns: no waiting needed
             self._log.info("gate_interrupted", requests=len(cut))
-            return {"requests": [entry_to_wire(e) for e in cut]}
+            return {"requests": [e.to_wire() for e in cut]}
         if op == "release":
             ids = request.get("ids")
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise GateError("release: 'ids' must be a list of request ids")
-            await journal.release(ids)
-            return {"released": len(ids)}
+            return {"released": gate.release(ids)}
         if op == "stop":
             self._log.info("gate_stop_requested")
             return {"stopping": True}  # handle() stops the gate once this answer is sent

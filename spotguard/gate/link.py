@@ -1,12 +1,15 @@
-"""The daemon's side of the gate: finds (or starts) the gate process and keeps track of it.
+"""The daemon's side of the gate: finds (or starts) the gate process and keeps it on the declared state.
 
 ``GateLink.run`` attaches to the gate answering on ``[gate] control_socket``: one that is already
-running for this configuration (a restarted daemon takes over its journal and its requests in flight),
-or, with ``[gate] start = auto``, one it starts itself (``python -m spotguard gate``, in a session of
-its own so it outlives the daemon). It then keeps ``alive`` current (a stats call every second), pushes
-the draining flag, and mirrors the gate's counts into the daemon's metrics. When the gate dies the
-daemon logs ``gate_down``, counts it, reports ``alive = False`` (readiness fails) and, with ``start =
-auto``, starts it again; with ``external`` it waits for the service manager to.
+running for this configuration (a restarted daemon takes over its requests in flight), or, with
+``[gate] start = auto``, one it starts itself (``python -m spotguard gate``, in a session of its own so it
+outlives the daemon). The daemon never commands the gate step by step: it ``declare``\\ s the state it
+wants (draining, the VM's and the drain's deadlines, the peers) whenever that changes, the link pushes
+it at once and on every (re)attach, and checks every second that the gate still holds it (a gate
+restarted by hand is put back on it). It also keeps ``alive`` current and mirrors the gate's counts into
+the daemon's metrics. When the gate dies the daemon logs ``gate_down``, counts it, reports ``alive =
+False`` (readiness fails) and, with ``start = auto``, starts it again; with ``external`` it waits for the
+service manager to.
 
 ``RemoteJournal`` is the gate's journal as the drain steps see it (``JournalAccess``), one control
 call per use.
@@ -18,6 +21,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +31,8 @@ from anyio.abc import TaskStatus
 
 from spotguard.config import Config, to_dict, to_toml
 from spotguard.errors import GateError
-from spotguard.gate.control import GateConnection, call, control_path, entry_from_wire
-from spotguard.gate.journal import InflightRequest
+from spotguard.gate.control import GateConnection, call, control_path
+from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry, entries_from_wire
 from spotguard.metrics import Metrics
 
 WATCH_INTERVAL = 1.0
@@ -50,26 +54,19 @@ class RemoteJournal:
     async def count(self) -> int:
         return int((await call(self.path, "stats", timeout=CALL_TIMEOUT))["inflight"])
 
-    async def entries(self) -> list[InflightRequest]:
-        return _entries(await call(self.path, "journal", timeout=CALL_TIMEOUT))
+    async def entries(self) -> list[JournalEntry]:
+        return entries_from_wire(await call(self.path, "journal", timeout=CALL_TIMEOUT))
 
-    async def interrupt_and_wait(self, timeout: float) -> list[InflightRequest]:
-        return _entries(await call(self.path, "interrupt", timeout=timeout + CALL_TIMEOUT, seconds=timeout))
+    async def interrupt_and_wait(self, timeout: float) -> list[JournalEntry]:
+        return entries_from_wire(await call(self.path, "interrupt", timeout=timeout + CALL_TIMEOUT, seconds=timeout))
 
     async def release(self, request_ids: Sequence[str]) -> None:
         if request_ids:
             await call(self.path, "release", timeout=CALL_TIMEOUT, ids=list(request_ids))
 
 
-def _entries(answer: dict[str, Any]) -> list[InflightRequest]:
-    requests = answer.get("requests")
-    if not isinstance(requests, list):
-        raise GateError("the gate's journal answer has no request list")
-    return [entry_from_wire(doc) for doc in requests]
-
-
 class GateLink:
-    """The daemon's handle on the gate process: ``alive``, ``set_draining``, ``journal``."""
+    """The daemon's handle on the gate process: ``alive``, ``declare``, ``journal``."""
 
     def __init__(self, config: Config, metrics: Metrics, *, log: structlog.stdlib.BoundLogger) -> None:
         self.config = config
@@ -78,33 +75,69 @@ class GateLink:
         self.alive = False
         """True while the gate answers its control socket (kept current by ``run``)."""
         self.pid: int | None = None
+        self.holding: HeldState | None = None
+        """What the gate said it holds, at the last declaration or stats call."""
         self._metrics = metrics
         self._log = log
-        self._draining = False
-        self._deadline: float | None = None
+        self._wanted = DesiredState(generation=0, draining=False, peers=config.gate.peers)
+        self._legacy = False
+        """The gate running predates the declared state (it answers only the old ``draining`` op)."""
         self._seen_seams = 0
         self._seen_tokens = 0
-        """Unix time the VM goes away, pushed with the draining flag (the gate ends relayed answers before it)."""
         self._dirty = False
-        """set_draining was called since the last push (pushed even when unchanged: idempotent, and the
-        gate's own flag may differ, e.g. after `spotguard gate` was restarted by hand)."""
+        """A declaration not pushed yet."""
         self._changed = anyio.Event()
         self._child: subprocess.Popen[bytes] | None = None
         self._seen: dict[tuple[str, str], int] = {}
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._wanted.draining
 
-    def set_draining(self, draining: bool, deadline: float | None = None) -> None:
-        """Refuse (True) or accept (False) new requests at the gate; pushed by ``run`` at once."""
-        self._draining = draining
-        if not draining:
-            self._deadline = None
-        elif deadline is not None:  # a later set_draining(True) (the llama.cpp adapter's) keeps it
-            self._deadline = deadline
+    @property
+    def wanted(self) -> DesiredState:
+        return self._wanted
+
+    def declare(self, *, draining: bool, vm_deadline: datetime | None = None,
+                drain_deadline: datetime | None = None) -> None:
+        """The state the gate must hold from now on: pushed at once, and again on every (re)attach."""
+        self._wanted = DesiredState(generation=self._wanted.generation + 1, draining=draining,
+                                    vm_deadline=vm_deadline if draining else None,
+                                    drain_deadline=drain_deadline if draining else None, peers=self.config.gate.peers)
         self._dirty = True
         self._changed.set()
+
+    async def _push(self, connection: GateConnection) -> None:
+        """Declare the wanted state and check that the gate holds it."""
+        wanted = self._wanted
+        self._dirty = False
+        if self._legacy:
+            vm = wanted.vm_deadline.timestamp() if wanted.vm_deadline else None
+            await connection.request("draining", timeout=CALL_TIMEOUT, on=wanted.draining, deadline=vm)
+            return
+        try:
+            answer = await connection.request("declare", timeout=CALL_TIMEOUT, state=wanted.to_wire())
+        except GateError as exc:
+            if "unknown op" not in str(exc):
+                raise
+            self._legacy = True
+            self._log.warning("gate_outdated", why="the running gate does not know declared states; restart it "
+                              "(spotguard gate --stop) to get every deadline change")
+            await self._push(connection)
+            return
+        self._check(answer.get("holding"), wanted)
+
+    def _check(self, holding: Any, wanted: DesiredState) -> None:
+        try:
+            held = HeldState.from_wire(holding)
+        except GateError as exc:
+            self._log.error("gate_state_unreadable", error=str(exc))
+            return
+        self.holding = held
+        if not held.holds(wanted):
+            # A gate restarted by hand, or one that refused part of it: declare again at the next check.
+            self._dirty = True
+            self._log.warning("gate_state_differs", wanted=wanted.to_wire(), holding=held.to_wire())
 
     def describe(self) -> dict[str, Any]:
         return {"alive": self.alive, "pid": self.pid, "control_socket": self.path, "start": self.config.gate.start}
@@ -165,9 +198,8 @@ class GateLink:
             connection = await GateConnection.open(self.path)
         try:
             hello = await connection.request("hello", timeout=CALL_TIMEOUT)
-            self._dirty = False
-            await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining,
-                                         deadline=self._deadline)
+            self._legacy = "holding" not in hello
+            await self._push(connection)
         except GateError:
             await connection.aclose()
             raise
@@ -189,10 +221,11 @@ class GateLink:
                 await self._changed.wait()
             self._changed = anyio.Event()
             if self._dirty:
-                self._dirty = False
-                await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining,
-                                         deadline=self._deadline)
-            self._mirror(await connection.request("stats", timeout=CALL_TIMEOUT))
+                await self._push(connection)
+            stats = await connection.request("stats", timeout=CALL_TIMEOUT)
+            if not self._legacy:
+                self._check(stats.get("holding"), self._wanted)
+            self._mirror(stats)
 
     def _mirror(self, stats: dict[str, Any]) -> None:
         self._metrics.gate_inflight.set(float(stats.get("inflight", 0)))

@@ -1,4 +1,4 @@
-"""Reading the engine's answer into a journal entry: SSE deltas as they stream, or the final JSON body.
+"""Reading the engine's answer as it goes: SSE deltas as they stream, or the final JSON body.
 
 OpenAI-compatible shapes only, first choice only (``n > 1`` keeps choice 0):
 
@@ -19,33 +19,31 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from spotguard.gate.journal import InflightRequest
 from spotguard.gate.stitch import AnswerIdentity
 
 MAX_PENDING = 1 << 20
 """Bytes of an unfinished SSE line kept before giving up on parsing this stream (no newline = not SSE)."""
 
 BATCH_BYTES = 32 << 10
-"""Stream bytes held before they are parsed (see ``OutputParser``): the most a stream's journal entry
-lags behind, in bytes, until someone reads it."""
+"""Stream bytes held before they are parsed (see ``OutputParser``): the most the parsed output lags
+behind, in bytes, until someone reads it (``flush``)."""
 
 _DONE = b"[DONE]"
 
 
 class OutputParser:
-    """SSE parser that appends output deltas to one journal entry, in batches.
+    """SSE parser that collects one answer's output deltas, in batches.
 
     ``feed`` only keeps the bytes (the gate calls it for every chunk it relays); they are parsed once
-    ``BATCH_BYTES`` have piled up, or when the output is about to be read (``flush``: the journal calls
-    it through ``InflightRequest.sync``), or at the end (``finish``). Parsing a batch costs one
-    ``json.loads`` for all its events instead of one per event.
+    ``BATCH_BYTES`` have piled up, or when the output is about to be read (``flush``: the gate calls it
+    before it reports a request), or at the end (``finish``). Parsing a batch costs one ``json.loads``
+    for all its events instead of one per event.
     """
 
-    __slots__ = ("_entry", "_chat", "_tail", "_data", "_broken", "_pending", "_size", "errors",
-                 "identity", "role_sent", "content_events", "tool_call_started")
+    __slots__ = ("_chat", "_tail", "_data", "_broken", "_pending", "_size", "errors", "output",
+                 "finish_reason", "slot_id", "identity", "role_sent", "content_events", "tool_call_started")
 
-    def __init__(self, entry: InflightRequest, *, chat: bool) -> None:
-        self._entry = entry
+    def __init__(self, *, chat: bool, slot_id: int | None = None) -> None:
         self._chat = chat
         self._tail = b""
         self._data: list[bytes] = []
@@ -53,6 +51,11 @@ class OutputParser:
         self._pending: list[bytes] = []
         self._size = 0
         self.errors = 0
+        self.output: list[str] = []
+        """The text so far, in the pieces the engine sent."""
+        self.finish_reason: str | None = None
+        self.slot_id = slot_id
+        """The llama.cpp slot serving the request: pinned by the request, or reported in ``__verbose``."""
         # What a migration needs to join a peer's answer onto this one (see stitch.py):
         self.identity: AnswerIdentity | None = None
         """``id``, ``model``, ``created``, ``object`` of the first event the client got."""
@@ -60,7 +63,6 @@ class OutputParser:
         self.content_events = 0
         """Events that carried text: the tokens delivered, where the engine streams one per event."""
         self.tool_call_started = False
-        entry.sync = self.flush
 
     def feed(self, chunk: bytes) -> None:
         """One chunk of the raw SSE stream, cut anywhere."""
@@ -150,8 +152,12 @@ class OutputParser:
         except (ValueError, TypeError, AttributeError, IndexError, KeyError):
             self.errors += 1
 
+    @property
+    def text(self) -> str:
+        """The output parsed so far (call ``flush`` first for everything fed)."""
+        return "".join(self.output)
+
     def _take(self, event: Any, *, final: bool) -> None:
-        entry = self._entry
         if self.identity is None and isinstance(event, dict) and "error" not in event:
             self.identity = AnswerIdentity.of(event)
         choices = event.get("choices")
@@ -168,18 +174,18 @@ class OutputParser:
             if text:
                 if not isinstance(text, str):
                     raise TypeError("content is not a string")
-                entry.output.append(text)
+                self.output.append(text)
                 self.content_events += 1
             reason = choice.get("finish_reason")
             if reason:
-                entry.finish_reason = str(reason)
+                self.finish_reason = str(reason)
         elif "error" not in event and "choices" not in event:
             raise KeyError("no choices")
         verbose = event.get("__verbose")
         if verbose:
             slot = verbose.get("id_slot")
             if isinstance(slot, int) and slot >= 0:  # llama.cpp sends -1 in chunks before the last
-                entry.slot_id = slot
+                self.slot_id = slot
 
 
 def request_meta(body: bytes) -> tuple[str, bool, int | None] | None:

@@ -1,16 +1,18 @@
 """The gate: a reverse proxy in front of the engine that journals chat/completions requests.
 
-``POST /v1/chat/completions`` and ``POST /v1/completions`` are journaled (see ``journal.py`` for the
-life of an entry); every other request the path policy allows (``routes.py``: the inference API,
+``POST /v1/chat/completions`` and ``POST /v1/completions`` are journaled (see ``registry.py`` for the
+life of a journaled request); every other request the path policy allows (``routes.py``: the inference API,
 health and ``[gate] allow_paths``; anything else is 403) is passed through untouched: method, path,
 query, headers (hop-by-hop ones aside), body and status, streamed both ways. Authorization headers
 are forwarded and never stored or logged; bodies and outputs are user data and never logged.
 
-Once ``set_draining(True)``, every NEW request gets 503 with ``Retry-After`` and a JSON error, while
-requests already in flight carry on. An interrupted request (``Journal.interrupt_all``) has its
-upstream connection closed, so the engine frees the slot, and its client gets a clean end: a final
-SSE ``data: {"error": ...}`` event saying it was interrupted for migration, or a 503 when no answer
-had started yet.
+The daemon declares the state it wants (``apply``: ``protocol.DesiredState``). Once draining, every NEW
+request goes to a peer (``relay.py``) or gets 503 with ``Retry-After`` and a JSON error, while requests
+already in flight carry on. An interrupted request (``interrupt_all``) has its upstream connection
+closed, so the engine frees the slot, and is continued on a peer or, without peers, its client gets a
+clean end: a final SSE ``data: {"error": ...}`` event saying it was interrupted for migration, or a 503
+when no answer had started yet. Answers still relayed from peers end the same way just before the VM's
+deadline.
 
 Speed matters (the gate sits on every token). The data path is plain asyncio protocols over httptools
 (``http1.py``), run on uvloop by ``spotguard gate``: no task and no ASGI message per request or chunk,
@@ -22,9 +24,10 @@ enters through one method, ``Gate.handle``, where a check (routes, peers) can ho
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import socket
 import time
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -35,10 +38,15 @@ from prometheus_client import Counter
 from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
 from spotguard.errors import ConfigError, GateError
-from spotguard.gate.exchange import Exchange, drop
+from spotguard.gate.answer import error_body, json_error
+from spotguard.gate.exchange import LocalExchange
 from spotguard.gate.http1 import ClientConnection, Request, status_line
-from spotguard.gate.journal import InflightRequest, Journal
-from spotguard.gate.peers import DROPPED_REASON_HEADER, FORWARDED_HEADER, Peers
+from spotguard.gate.journal import LocalJournal
+from spotguard.gate.leg import Leg, drop
+from spotguard.gate.peers import FORWARDED_HEADER, Peers
+from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry
+from spotguard.gate.registry import Registry
+from spotguard.gate.relay import PeerRelay
 from spotguard.gate.routes import Routes
 from spotguard.gate.targets import Target
 from spotguard.metrics import Metrics
@@ -59,110 +67,160 @@ TIMEOUT_SWEEP = 1.0
 """Seconds between checks for engine answers that stopped arriving (read timeout)."""
 
 
-def _error_body(message: str, kind: str, code: int) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
-
-
 class Gate:
     """The data plane: serve it with ``run_gate``; ``aclose()`` it when done."""
 
-    def __init__(self, *, upstream: str, journal: Journal, metrics: Metrics, retry_after: int = 5,
-                 read_timeout: float = 600.0, connect_timeout: float = 5.0, max_body: int = MAX_BODY,
+    def __init__(self, *, upstream: str, metrics: Metrics, retry_after: int = 5, read_timeout: float = 600.0,
+                 connect_timeout: float = 5.0, max_body: int = MAX_BODY,
                  log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = (),
                  peers: tuple[str, ...] = (), instance_id: str = "", engine_kind: str = "openai") -> None:
         self._routes = Routes(allow_paths)
         self.engine = Target(upstream, connect_timeout=connect_timeout)
-        self.peers = Peers(peers, connect_timeout=min(connect_timeout, PEER_CONNECT_TIMEOUT))
+        self._connect_timeout = connect_timeout
+        self.peers = self._peers(peers)
         self.forwarded_header = (FORWARDED_HEADER, (instance_id or socket.gethostname()).encode("latin-1", "replace"))
         self.engine_kind = engine_kind
-        self._node_deadline: asyncio.TimerHandle | None = None
+        self.registry = Registry()
+        """The journaled requests: the gate owns them; the daemon reads copies (``journal_entries``)."""
+        self.journal = LocalJournal(self)
+        """``JournalAccess`` on this gate, for a drain in the same process (tests, benches)."""
         self.seam_gaps: list[float] = []
         """Seconds from the local cut to the first byte of the peer's continuation, per migration (recent)."""
         self.seams = 0
         """Migrations whose continuation reached the client (``seam_gaps`` holds the last of them)."""
         self.reprefilled_tokens = 0
         """Output tokens a peer had to prefill again (what the client had before the seam)."""
-        self.journal = journal
-        self._metrics = metrics
-        self._retry_after = str(retry_after).encode()
+        self.metrics = metrics
+        self.log = log if log is not None else structlog.stdlib.get_logger("spotguard.gate")
+        self.retry_after = str(retry_after).encode()
+        self.max_body = max_body
         self._read_timeout = read_timeout
-        self._connect_timeout = connect_timeout
-        self._max_body = max_body
-        self._log = log if log is not None else structlog.stdlib.get_logger("spotguard.gate")
-        self._draining = False
+        self._state = DesiredState(generation=0, draining=False, peers=tuple(peers))
+        self._vm_timer: asyncio.TimerHandle | None = None
         self._past_deadline = False
-        self._flights: dict[str, Exchange] = {}
+        """The VM is about to go: relayed answers were ended, and nothing new is handed to peers."""
         self._counters: dict[tuple[str, str], Counter] = {}
         self._counts: dict[tuple[str, str], int] = {}
-        self.exchanges: set[Exchange] = set()
+        self.legs: set[Leg] = set()
+        """Every request being answered (by the engine or through peers)."""
         self.connections: set[ClientConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._unsubscribe = journal.subscribe(self._on_interrupt)
 
     @classmethod
-    def from_config(cls, config: GateConfig, *, journal: Journal, metrics: Metrics,
-                    log: structlog.stdlib.BoundLogger | None = None, instance_id: str = "",
-                    engine_kind: str = "openai") -> Gate:
+    def from_config(cls, config: GateConfig, *, metrics: Metrics, log: structlog.stdlib.BoundLogger | None = None,
+                    instance_id: str = "", engine_kind: str = "openai") -> Gate:
         if not config.upstream:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
-        return cls(upstream=config.upstream, journal=journal, metrics=metrics, retry_after=config.retry_after,
-                   log=log, allow_paths=config.allow_paths, peers=config.peers, instance_id=instance_id,
+        return cls(upstream=config.upstream, metrics=metrics, retry_after=config.retry_after, log=log,
+                   allow_paths=config.allow_paths, peers=config.peers, instance_id=instance_id,
                    engine_kind=engine_kind)
+
+    def _peers(self, urls: tuple[str, ...]) -> Peers:
+        return Peers(urls, connect_timeout=min(self._connect_timeout, PEER_CONNECT_TIMEOUT))
+
+    # -- the declared state (from the daemon) ------------------------------------------------------
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._state.draining
+
+    @property
+    def state(self) -> DesiredState:
+        return self._state
+
+    def apply(self, state: DesiredState) -> HeldState:
+        """Converge on what the daemon declares; returns what the gate now holds.
+
+        Idempotent: the same declaration twice changes nothing, and a declaration after a daemon restart
+        (the deadline rebuilt from its persisted notice) re-arms the VM deadline exactly as before.
+        """
+        if state.peers is not None and state.peers != self._state.peers:
+            old, self.peers = self.peers, self._peers(state.peers)
+            old.close()
+        elif state.peers is None:
+            state = dataclasses.replace(state, peers=self._state.peers)
+        self._state = state
+        if self._vm_timer is not None:
+            self._vm_timer.cancel()
+            self._vm_timer = None
+        self._past_deadline = False
+        if state.draining and state.vm_deadline is not None:
+            delay = state.vm_deadline.timestamp() - time.time() - RELAY_END_MARGIN
+            if delay <= 0:
+                self._end_relays()
+            else:
+                self._vm_timer = asyncio.get_running_loop().call_later(delay, self._end_relays)
+        return self.held()
+
+    def held(self) -> HeldState:
+        return HeldState(state=self._state, inflight=self.inflight, relayed=len(self.relays()))
+
+    def set_draining(self, draining: bool) -> None:
+        """Refuse (True) or accept again (False) new requests, keeping the rest of the declared state."""
+        self.apply(dataclasses.replace(self._state, draining=draining))
+
+    def _end_relays(self) -> None:
+        """Just before the VM goes: answers relayed from peers end with a retryable error, not a torn connection."""
+        self._vm_timer = None
+        self._past_deadline = True
+        for relay in self.relays():
+            relay.give_up("this replica is going away before the answer could finish; retry it")
+
+    def relays(self) -> list[PeerRelay]:
+        return [leg for leg in self.legs if isinstance(leg, PeerRelay)]
+
+    # -- the journal (what the daemon reads and asks for) -------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        """Requests the engine is answering (journaled ones), as the drain counts them."""
+        return len(self.registry.running())
 
     @property
     def active(self) -> int:
-        """Requests being answered right now (journaled or not)."""
-        return len(self.exchanges)
+        """Requests being answered right now (journaled or not, by the engine or through peers)."""
+        return len(self.legs)
 
-    def set_draining(self, draining: bool) -> None:
-        """Refuse (True) or accept again (False) new requests; requests in flight are not touched."""
-        self._draining = draining
+    def journal_entries(self) -> list[JournalEntry]:
+        return self.registry.entries()
+
+    def interrupt_all(self) -> list[JournalEntry]:
+        """Free the engine of every journaled request still running: continued on a peer when peers are set
+        and the VM is not about to go, else cut. Each is final when this returns."""
+        migrate = bool(self.peers) and not self._past_deadline
+        running = self.registry.running()
+        for flight in running:
+            flight.owner.interrupt(migrate=migrate)
+        return [flight.entry() for flight in running]
+
+    def release(self, request_ids: Sequence[str]) -> int:
+        released = self.registry.release(request_ids)
+        self.inflight_changed()
+        return released
+
+    def inflight_changed(self) -> None:
+        self.metrics.gate_inflight.set(self.inflight)
+
+    # -- counts --------------------------------------------------------------------------------------
 
     def request_counts(self) -> list[tuple[str, str, int]]:
         """Requests answered since start, by (endpoint, result): what the daemon mirrors in its metrics."""
         return [(endpoint, result, n) for (endpoint, result), n in self._counts.items()]
 
-    def stop_listening(self) -> None:
-        for server in self._servers:
-            server.close()
-
-    async def aclose(self) -> None:
-        """Stop listening, cut what is still running and close the connections to the engine."""
-        self._unsubscribe()
-        self.stop_listening()
-        for exchange in list(self.exchanges):
-            exchange.client.abort()
-            exchange.cut("shutdown")
-        for connection in list(self.connections):
-            connection.abort()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        self.engine.pool.close()
-        self.peers.close()
-        if self._node_deadline is not None:
-            self._node_deadline.cancel()
-
     def count(self, endpoint: str, result: str) -> None:
         key = (endpoint, result)
         child = self._counters.get(key)
         if child is None:
-            child = self._counters[key] = self._metrics.gate_requests.labels(endpoint=endpoint, result=result)
+            child = self._counters[key] = self.metrics.gate_requests.labels(endpoint=endpoint, result=result)
         child.inc()
         self._counts[key] = self._counts.get(key, 0) + 1
 
-    def _on_interrupt(self, request: InflightRequest) -> None:
-        exchange = self._flights.get(request.id)
-        if exchange is not None:
-            if self.peers and not self._past_deadline:
-                exchange.migrate()
-            else:
-                exchange.cut("interrupted")
+    def migration_stats(self) -> dict[str, Any]:
+        """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled."""
+        return {"seams": self.seams, "seam_gaps": self.seam_gaps[-STATS_GAPS:],
+                "reprefilled_tokens": self.reprefilled_tokens}
 
     # -- the one entry point of every request ----------------------------------------------------
 
@@ -173,85 +231,84 @@ class Gate:
         if not verdict.allowed:  # admin endpoints and anything else outside the inference API: see routes.py
             self.count("other", "forbidden")
             request.sink = drop
-            self.answer(connection, request, 403, verdict.reason, "forbidden")
+            json_error(connection, request, 403, verdict.reason, "forbidden")
             return
         if verdict.raw_path != raw_path:  # what the engine would have decoded it to, and nothing else
             request.target = verdict.raw_path + (b"?" + query if query else b"")
             request.path = verdict.path
         kind = JOURNALED.get(request.path) if request.method == b"POST" else None
-        if self._draining:
+        if self._state.draining:
             forwarded = any(name.lower() == FORWARDED_HEADER for name, _ in request.headers)
             if self.peers and not forwarded and not self._past_deadline:
                 # Handed to a peer as is: the load balancer has not caught up with the drain yet.
-                Exchange(self, connection, request, kind or "other").hand_off()
+                PeerRelay.hand_off(self, connection, request, kind or "other")
                 return
             self.count(kind or "other", "rejected")
             request.sink = drop
-            self.answer(connection, request, 503, "this replica is draining before eviction; retry on another "
-                        "replica", "unavailable", retry_after=True)
+            json_error(connection, request, 503, "this replica is draining before eviction; retry on another "
+                       "replica", "unavailable", retry_after=self.retry_after)
             return
-        exchange = Exchange(self, connection, request, kind or "other")
+        exchange = LocalExchange(self, connection, request, kind or "other")
         if kind is None:
             exchange.forward()
         else:
             exchange.read_body()
 
     def bad_request(self, connection: ClientConnection, status: int, message: str) -> None:
-        body = _error_body(message, "invalid_request", status)
+        body = error_body(message, "invalid_request", status)
         connection.write(status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
                          b"connection: close\r\n\r\n%s" % (len(body), body))
 
-    def answer(self, connection: ClientConnection, request: Request, status: int, message: str, kind: str, *,
-               retry_after: bool = False) -> None:
-        """A whole JSON error answer from the gate itself."""
-        body = _error_body(message, kind, status)
-        close = not request.keep_alive or not request.body_done
-        connection.write(b"".join((
-            status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-            b"retry-after: " + self._retry_after + b"\r\n" + DROPPED_REASON_HEADER + b": draining\r\n"
-            if retry_after else b"",
-            b"connection: close\r\n" if close else b"", b"\r\n", body)))
-        connection.finish(request, close=close)
+    # -- bookkeeping -------------------------------------------------------------------------------
 
-    def migration_stats(self) -> dict[str, Any]:
-        """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled."""
-        return {"seams": self.seams, "seam_gaps": self.seam_gaps[-STATS_GAPS:],
-                "reprefilled_tokens": self.reprefilled_tokens}
-
-    def set_node_deadline(self, at: float | None) -> None:
-        """Unix time the VM goes away (None: not known). Work relayed from peers ends with a retryable
-        error just before it, never with a torn connection; afterwards new requests are refused."""
-        if self._node_deadline is not None:
-            self._node_deadline.cancel()
-            self._node_deadline = None
-        if at is None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, at - time.time() - RELAY_END_MARGIN)
-        self._node_deadline = loop.call_later(delay, self._end_relays)
-
-    def _end_relays(self) -> None:
-        self._node_deadline = None
-        self._past_deadline = True
-        for exchange in list(self.exchanges):
-            if exchange.peer_order is not None:
-                exchange.give_up("this replica is going away before the answer could finish; retry it")
-
-    def track(self, exchange: Exchange) -> None:
-        self.exchanges.add(exchange)
+    def track(self, leg: Leg) -> None:
+        self.legs.add(leg)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._sweep)
 
+    def untrack(self, leg: Leg) -> None:
+        self.legs.discard(leg)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task the gate keeps, and cancels when it closes."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _sweep(self) -> None:
-        """Fail exchanges whose engine has sent nothing for ``read_timeout`` s (one timer, not one per read)."""
+        """Fail requests whose target has sent nothing for ``read_timeout`` s (one timer, not one per read)."""
         self._sweeper = None
         now = asyncio.get_running_loop().time()
-        for exchange in list(self.exchanges):
-            upstream = exchange.upstream
+        for leg in list(self.legs):
+            upstream = leg.upstream
             if upstream is not None and now - upstream.last_read > self._read_timeout:
-                exchange.upstream_failed("ReadTimeout", timeout=True)
-        if self.exchanges:
+                leg.read_timed_out()
+        if self.legs:
             self._sweeper = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._sweep)
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def aclose(self) -> None:
+        """Stop listening, cut what is still running and close the connections to the engine."""
+        self.stop_listening()
+        for leg in list(self.legs):
+            leg.answer.abort()
+            leg.close_upstream()
+            self.legs.discard(leg)
+        for connection in list(self.connections):
+            connection.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._vm_timer is not None:
+            self._vm_timer.cancel()
+            self._vm_timer = None
+        self.engine.pool.close()
+        self.peers.close()
 
 
 def nodelay_socket(host: str, port: int) -> socket.socket:

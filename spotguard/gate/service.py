@@ -19,7 +19,6 @@ from spotguard import __version__, logs, sdnotify
 from spotguard.config import Config
 from spotguard.errors import GateError
 from spotguard.gate.control import GateControl, control_path, listen_unix, serve_control
-from spotguard.gate.journal import Journal
 from spotguard.gate.proxy import Gate, listen_socket, run_gate
 from spotguard.metrics import Metrics
 
@@ -30,8 +29,7 @@ STOP_POLL = 0.05
 async def run_gate_process(config: Config) -> int:
     """Serve until a signal or ``stop``; returns the exit code."""
     log = logs.get("gate")
-    journal = Journal()
-    gate = Gate.from_config(config.gate, journal=journal, metrics=Metrics(), log=log,
+    gate = Gate.from_config(config.gate, metrics=Metrics(), log=log,
                             instance_id=config.agent.instance_id, engine_kind=config.server.kind)
     path = control_path(config)
     # Both sockets before anything runs: a gate already running (or the port taken) is a plain error.
@@ -45,7 +43,7 @@ async def run_gate_process(config: Config) -> int:
     exit_code = 0
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
-            control = GateControl(gate, journal, listen=config.gate.listen, upstream=config.gate.upstream,
+            control = GateControl(gate, listen=config.gate.listen, upstream=config.gate.upstream,
                                   stop=stop.set, log=log)
             await tg.start(serve_control, control, path, control_sock, name="gate-control")
             bound = await tg.start(run_gate, gate, config.gate.listen, data_sock, name="gate-listener")

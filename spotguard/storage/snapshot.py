@@ -51,7 +51,7 @@ from spotguard.storage.store import PART_SIZE, MissingObject, Store, StoreOption
 if TYPE_CHECKING:
     from spotguard.config import Config
     from spotguard.drain.step import DrainContext
-    from spotguard.gate.journal import InflightRequest
+    from spotguard.gate.protocol import JournalEntry
 
 RECORD_BATCH_BYTES = 4 * 1024 * 1024
 UPLOAD_CONCURRENCY = 8
@@ -269,7 +269,7 @@ async def put_file(store: Store, key: crypto.Key | None, path: str, bound_to: by
     return reader.size, reader.digest.hexdigest()
 
 
-def _records(requests: list[InflightRequest]) -> list[tuple[list[str], bytes]]:
+def _records(requests: list[JournalEntry]) -> list[tuple[list[str], bytes]]:
     """Records as JSON Lines batches of at most RECORD_BATCH_BYTES (one record may exceed it alone)."""
     now = rfc3339(utcnow())
     batches: list[tuple[list[str], bytes]] = []
@@ -280,7 +280,7 @@ def _records(requests: list[InflightRequest]) -> list[tuple[list[str], bytes]]:
         body, encoding = ContinuationRecord.encode_body(request.body)
         line = ContinuationRecord(
             id=request.id, endpoint=request.endpoint, model=request.model, stream=request.stream, body=body,
-            body_encoding=encoding, output=request.output_text, started_at=rfc3339(request.started_at),
+            body_encoding=encoding, output=request.output, started_at=rfc3339(request.started_at),
             captured_at=now, finish_reason=request.finish_reason, slot_id=request.slot_id,
             migrated_to=request.migrated_to,
         ).to_json().encode() + b"\n"
@@ -408,7 +408,7 @@ async def _work(job: _Job, work_budget: float) -> None:
             job.problem("engine", f"engine slots: {exc}")
     # llama.cpp: cut the streams first and let the gate settle them (output final, slot free, ~50 ms),
     # so the records and the saved KV hold the same tokens.
-    requests: list[InflightRequest] = []
+    requests: list[JournalEntry] = []
     if journal is not None:
         try:
             requests = (await journal.interrupt_and_wait(min(1.0, work_budget * 0.1)) if kv

@@ -17,7 +17,7 @@ from spotguard.asgi import Receive, Scope, Send, read_body, respond, serve_tcp
 from spotguard.config import Config
 from spotguard.drain.step import DrainContext, drain_deadline
 from spotguard.errors import EngineError, LoadBalancerError
-from spotguard.gate.journal import Journal
+from spotguard.gate.journal import JournalAccess
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow, window
 from spotguard.services import Identity, Services
@@ -165,7 +165,7 @@ def context(cfg: Config, the_notice: Notice, services: Services, http: httpx.Asy
                         services=services)
 
 
-def services(engine: FakeEngine, *balancers: FakeBalancer, journal: Journal | None = None,
+def services(engine: FakeEngine, *balancers: FakeBalancer, journal: JournalAccess | None = None,
              **extra: Any) -> Services:
     return Services(identity=Identity(cloud="aws", instance_id="i-0abc"), engine=engine,
                     balancers=tuple(balancers), journal=journal, **extra)

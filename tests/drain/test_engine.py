@@ -10,7 +10,8 @@ import pytest
 
 from spotguard.drain import STEP_NAMES, DrainEngine, Timeline, plan
 from spotguard.drain.step import DrainContext, StepResult
-from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.journal import EntryJournal
+from spotguard.gate.protocol import JournalEntry
 from spotguard.metrics import Metrics
 from spotguard.notice import utcnow, window
 from tests.drain.support import (
@@ -132,7 +133,7 @@ async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadli
 
 async def test_failed_step_never_stops_the_ones_after_it() -> None:
     engine = FakeEngine(fail_stop=True, knows_inflight=False)
-    journal = Journal()
+    journal = EntryJournal()
     cfg = config()
     async with httpx.AsyncClient() as http:
         ctx = context(cfg, notice(seconds=10), services(engine, journal=journal), http)
@@ -149,8 +150,8 @@ async def test_failed_step_never_stops_the_ones_after_it() -> None:
 
 
 async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_snapshot() -> None:
-    journal = Journal()
-    request = InflightRequest(id=journal.new_id(), endpoint="/v1/completions", model="m", body=b"{}", stream=True)
+    journal = EntryJournal()
+    request = JournalEntry(id="req-00000001", endpoint="/v1/completions", model="m", body=b"{}", stream=True)
     journal.add(request)
     engine = FakeEngine(inflight=0)
     snap_left: list[float] = []
@@ -172,7 +173,7 @@ async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_sna
     assert snap_left and snap_left[0] > 2.5
     assert timeline.step("snapshot").outcome == "ok"
 
-    journal.remove(request.id)
+    journal.discard(request.id)
 
 
 async def test_tighten_moves_running_scopes_to_the_earlier_deadline() -> None:

@@ -12,7 +12,7 @@ from spotguard.drain.plan import plan
 from spotguard.drain.serving import WaitInflight
 from spotguard.drain.undo import undo_plan
 from spotguard.errors import EngineError, ManualActionRequired
-from spotguard.gate.journal import Journal
+from spotguard.gate.journal import EntryJournal
 from tests.drain.support import FakeBalancer, FakeEngine, config, context, notice, services
 from tests.drain.test_steps import Alone
 
@@ -68,7 +68,7 @@ async def test_an_unreadable_count_is_waited_on_within_the_budget() -> None:
 
 async def test_the_gate_journal_counts_when_the_engine_cannot() -> None:
     async with httpx.AsyncClient() as http:
-        ctx = context(config(), notice(seconds=30), services(UnreadableEngine(), journal=Journal()), http)
+        ctx = context(config(), notice(seconds=30), services(UnreadableEngine(), journal=EntryJournal()), http)
         with anyio.fail_after(10):
             timeline = await DrainEngine([Alone(WaitInflight())], ctx, background=()).run()
     assert timeline.step("wait_inflight").outcome == "ok"
@@ -81,7 +81,7 @@ def _drained(**outcomes: str) -> list[dict[str, object]]:
 async def test_the_undo_plan_puts_back_only_what_the_drain_did() -> None:
     engine, lb = RestartableEngine(), FakeBalancer()
     reopened: list[bool] = []
-    svc = services(engine, lb, set_ready=lambda flag, _deadline=None: reopened.append(flag), journal=Journal())
+    svc = services(engine, lb, set_ready=lambda flag, _deadline=None: reopened.append(flag), journal=EntryJournal())
     async with httpx.AsyncClient() as http:
         ctx = context(config(), notice(seconds=30), svc, http)
         with anyio.fail_after(10):

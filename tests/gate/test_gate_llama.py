@@ -44,20 +44,21 @@ async def test_stream_journal_and_interrupt_free_the_slot(llama_server: LlamaSer
                     received += json.loads(event)["choices"][0]["text"]
                     if len(received) > 20:
                         break
-                [entry] = gw.journal.active()
-                assert entry.output_text.startswith(received) and entry.body == body
+                [entry] = gw.entries()
+                assert entry.output.startswith(received) and entry.body == body
                 assert entry.slot_id == 1  # pinned by the request
                 assert await busy_slots(client, llama_server) == [1]
 
-                cut = await gw.journal.interrupt_and_wait(timeout=5)
+                cut = await gw.gate.journal.interrupt_and_wait(timeout=5)
                 tail = [event async for event in events]
-            assert cut == [entry] and entry.settled.is_set()
+            assert [c.id for c in cut] == [entry.id] and cut[0].final
             assert json.loads(tail[-1])["error"]["type"] == "interrupted_for_migration"
             # Closing the upstream connection made llama-server stop generating and free the slot.
             while await busy_slots(client, llama_server):
                 await anyio.sleep(0.02)
     # The output so far stays in the journal for the snapshot step.
-    assert gw.journal.active() == [entry] and len(entry.output_text) > 20 and entry.finish_reason is None
+    [entry] = gw.entries()
+    assert entry == cut[0] and len(entry.output) > 20 and entry.finish_reason is None
     assert gw.count("completions", "interrupted") == 1
 
 
@@ -80,7 +81,7 @@ async def test_chat_through_the_gate_matches_direct(llama_server: LlamaServer, s
                     else:
                         texts.append(answer.json()["choices"][0]["message"]["content"])
         assert texts[0] == texts[1] and texts[0]
-    assert gw.count("chat", "ok") == 2 and len(gw.journal) == 0
+    assert gw.count("chat", "ok") == 2 and len(gw.entries()) == 0
 
 
 async def test_draining_with_a_real_engine(llama_server: LlamaServer, start_gate: StartGate) -> None:
@@ -101,7 +102,7 @@ async def test_draining_with_a_real_engine(llama_server: LlamaServer, start_gate
             assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
             # the engine itself is fine: only the gate refuses
             assert (await client.get(llama_server.url + "/health")).status_code == 200
-    assert len(gw.journal) == 0
+    assert len(gw.entries()) == 0
 
 
 async def test_slot_actions_pass_through_when_allowed(llama_server: LlamaServer, start_gate: StartGate) -> None:

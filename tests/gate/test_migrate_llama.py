@@ -54,7 +54,7 @@ async def stream_all(client: httpx.AsyncClient, url: str, body: dict[str, Any],
             content = [e for e in got if isinstance(e, dict) and e.get("choices")
                        and e["choices"][0].get("delta", {}).get("content")]
             if cut_after is not None and gate is not None and len(content) == cut_after:
-                gate.journal.interrupt_all()
+                gate.interrupt_all()
     return got
 
 
@@ -104,9 +104,9 @@ async def test_a_non_streaming_request_cut_before_its_answer_is_answered_by_the_
 
         with anyio.fail_after(60):
             tg.start_soon(ask)
-            while not a.journal.active():
+            while not a.entries():
                 await anyio.sleep(0.01)
-            a.journal.interrupt_all()
+            a.interrupt_all()
     [response] = answer
     assert response.status_code == 200
     message = response.json()["choices"][0]["message"]["content"]
@@ -163,7 +163,7 @@ async def test_a_peer_that_dies_mid_continuation_ends_the_answer_with_a_retryabl
                 async for event in events(response):
                     got.append(event)
                     if len(got) == 10:
-                        a.journal.interrupt_all()
+                        a.interrupt_all()
                     if len(got) == 40:
                         replica_b.proc.kill()  # the replica continuing the answer dies
     last = [e for e in got if e != "[DONE]"][-1]

@@ -9,15 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spotguard.gate.journal import InflightRequest
 from spotguard.gate.output import MAX_PENDING, OutputParser, request_meta
 from tests.support.openai_upstream import chat_chunk, completion_chunk, final_body, token
 
-pytestmark = pytest.mark.anyio  # anyio.Event in InflightRequest wants a running loop
-
-
-def entry() -> InflightRequest:
-    return InflightRequest(id="req-1", endpoint="/v1/chat/completions", model="m", body=b"{}", stream=True)
+pytestmark = pytest.mark.anyio
 
 
 def chat_stream(n: int) -> bytes:
@@ -29,89 +24,87 @@ async def test_any_chunking_gives_the_same_output(cuts: list[int], crlf: bool) -
     stream = chat_stream(12)
     if crlf:
         stream = stream.replace(b"\n", b"\r\n")
-    request = entry()
-    parser = OutputParser(request, chat=True)
+    parser = OutputParser(chat=True)
     bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
     for start, end in itertools.pairwise(bounds):
         parser.feed(stream[start:end])
     parser.finish()
-    assert request.output_text == "".join(token(i) for i in range(12))
-    assert request.finish_reason == "stop" and parser.errors == 0
+    assert parser.text == "".join(token(i) for i in range(12))
+    assert parser.finish_reason == "stop" and parser.errors == 0
 
 
 async def test_completions_stream_and_final_bodies() -> None:
-    request = entry()
-    parser = OutputParser(request, chat=False)
+    parser = OutputParser(chat=False)
     parser.feed(completion_chunk("a") + completion_chunk("b", "length") + b"data: [DONE]\n\n")
     parser.flush()
-    assert (request.output_text, request.finish_reason) == ("ab", "length")
+    assert (parser.text, parser.finish_reason) == ("ab", "length")
     for chat in (True, False):
-        final = entry()
-        OutputParser(final, chat=chat).parse_body(final_body(chat, "whole answer"))
+        final = OutputParser(chat=chat)
+        final.parse_body(final_body(chat, "whole answer"))
         assert final.output == ["whole answer"] and final.finish_reason == "length"
 
 
 async def test_llama_cpp_extras_are_understood() -> None:
-    request = entry()
-    parser = OutputParser(request, chat=False)
+    parser = OutputParser(chat=False)
     verbose = {"choices": [{"text": "x", "index": 0, "finish_reason": None}], "__verbose": {"id_slot": 3}}
     parser.feed(b": ping\n\nevent: message\ndata: " + json.dumps(verbose).encode() + b"\n\n")
     usage_only = {"choices": [], "usage": {"completion_tokens": 1}}
     parser.feed(b"data: " + json.dumps(usage_only).encode() + b"\n\n")
     parser.feed(b'data: {"error": {"message": "context full"}}\n\n')
     parser.finish()
-    assert (request.output, request.slot_id, parser.errors) == (["x"], 3, 0)
+    assert (parser.output, parser.slot_id, parser.errors) == (["x"], 3, 0)
 
 
 @pytest.mark.parametrize("garbage", [b"data: {nope\n\n", b"data: [1,2]\n\n", b"data: {}\n\n",
                                      b'data: {"choices": [{"delta": {"content": 5}}]}\n\n', b"data: null\n\n"])
 async def test_garbage_is_counted_not_raised(garbage: bytes) -> None:
-    request = entry()
-    parser = OutputParser(request, chat=True)
+    parser = OutputParser(chat=True)
     parser.feed(chat_chunk(0, "ok") + garbage + chat_chunk(1, "!"))
-    assert request.output == []  # parsed in batches: nothing until flushed
+    assert parser.output == []  # parsed in batches: nothing until flushed
     parser.flush()
-    assert request.output_text == "ok!" and parser.errors == 1
+    assert parser.text == "ok!" and parser.errors == 1
 
 
 async def test_output_is_up_to_date_whenever_the_journal_is_read() -> None:
-    from spotguard.gate.journal import Journal
+    from spotguard.gate.registry import Flight, Registry
 
-    journal = Journal()
-    request = entry()
-    journal.add(request)
-    parser = OutputParser(request, chat=True)
+    class Owner:
+        def interrupt(self, *, migrate: bool) -> None: ...
+
+    registry = Registry()
+    parser = OutputParser(chat=True)
+    registry.add(Flight(id="req-1", endpoint="/v1/chat/completions", model="m", body=b"{}", stream=True,
+                        parser=parser, owner=Owner()))
     for i in range(3):
         parser.feed(chat_chunk(i, token(i)))
-        [seen] = journal.active()
-        assert seen.output_text == "".join(token(j) for j in range(i + 1))
+        [seen] = registry.entries()
+        assert seen.output == "".join(token(j) for j in range(i + 1))
+        assert seen.tokens == i + 1
     parser.feed(b"data: 1, 2\n\n" + chat_chunk(3, "x"))  # a payload that is a comma list does not shift the rest
-    journal.active()
-    assert request.output_text.endswith("x") and parser.errors == 1
+    [seen] = registry.entries()
+    assert seen.output.endswith("x") and parser.errors == 1
 
 
 async def test_a_long_stream_is_parsed_as_it_goes() -> None:
     from spotguard.gate.output import BATCH_BYTES
 
-    request = entry()
-    parser = OutputParser(request, chat=True)
+    parser = OutputParser(chat=True)
     fed: list[int] = []
-    while request.output == []:
+    while parser.output == []:
         chunk = chat_chunk(len(fed), token(len(fed)))
         parser.feed(chunk)
         fed.append(len(chunk))
     # parsed exactly when a batch's worth had piled up, every event of it
     assert sum(fed) >= BATCH_BYTES > sum(fed[:-1])
-    assert request.output_text == "".join(token(i) for i in range(len(fed)))
+    assert parser.text == "".join(token(i) for i in range(len(fed)))
 
 
 async def test_a_stream_without_newlines_stops_being_parsed() -> None:
-    request = entry()
-    parser = OutputParser(request, chat=True)
+    parser = OutputParser(chat=True)
     parser.feed(b"x" * (MAX_PENDING + 1))
     parser.feed(chat_chunk(0, "late"))
     parser.finish()
-    assert request.output == [] and parser.errors == 1
+    assert parser.output == [] and parser.errors == 1
 
 
 def test_request_meta() -> None:

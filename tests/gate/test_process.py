@@ -136,7 +136,7 @@ async def test_daemon_killed_mid_stream_then_restarted_reattaches(tmp_path: Path
             await until(lambda: _metric_is(http, daemon_url, "spotguard_gate_inflight_requests", 1.0))
             assert int((await call(gate_socket, "hello", timeout=2))["pid"]) == gate_pid  # attached, not a new one
             [entry] = await RemoteJournal(gate_socket).entries()
-            assert entry.started_at < before_restart and entry.output_text == "tok0 "
+            assert entry.started_at < before_restart and entry.output == "tok0 "
             await control.drain(str(tmp_path / "control.sock"), reason="test", deadline_seconds=60)
             await until(lambda: _refused(http, gate_url))
             fake_engine.release.set()

@@ -52,16 +52,16 @@ async def test_stream_is_journaled_with_output_so_far(fake_engine: FakeEngine, s
                 assert resp.headers["content-type"] == "text/event-stream"
                 lines = resp.aiter_lines()
                 assert len(await read_events(lines, 3)) == 3
-                [entry] = gw.journal.active()
+                [entry] = gw.entries()
                 assert entry.endpoint == CHAT and entry.model == "fake-model" and entry.stream
                 assert entry.body == body  # unchanged, byte for byte
-                assert entry.output_text == token(0) + token(1) + token(2)
+                assert entry.output == token(0) + token(1) + token(2)
                 assert gw.metrics.registry.get_sample_value("spotguard_gate_inflight_requests") == 1
                 fake_engine.release.set()
                 rest = [event async for event in _data(lines)]
     assert rest[-1] == "[DONE]"
     assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
-    assert len(gw.journal) == 0
+    assert len(gw.entries()) == 0
     assert gw.count("chat", "ok") == 1
 
 
@@ -84,7 +84,7 @@ async def test_answers_are_passed_through_byte_for_byte(fake_engine: FakeEngine,
     assert gated.status_code == direct.status_code == 200
     assert gated.content == direct.content
     assert gated.headers["content-type"] == direct.headers["content-type"]
-    assert len(gw.journal) == 0
+    assert len(gw.entries()) == 0
     assert gw.count("chat" if path == CHAT else "completions", "ok") == 1
 
 
@@ -100,12 +100,12 @@ async def test_non_streaming_request_is_journaled_while_the_engine_works(fake_en
 
         tg.start_soon(call)
         await wait_for(lambda: fake_engine.holding == 1)
-        [entry] = gw.journal.active()
-        assert (entry.endpoint, entry.model, entry.stream, entry.output) == (COMPLETIONS, "m", False, [])
+        [entry] = gw.entries()
+        assert (entry.endpoint, entry.model, entry.stream, entry.output) == (COMPLETIONS, "m", False, "")
         fake_engine.release.set()
         await wait_for(lambda: bool(answers))
     assert answers[0].json()["choices"][0]["text"] == "tok0 tok1 tok2 "
-    assert len(gw.journal) == 0
+    assert gw.entries() == []
 
 
 async def test_draining_refuses_new_requests_while_in_flight_streams_continue(fake_engine: FakeEngine,
@@ -138,17 +138,17 @@ async def test_interrupt_closes_upstream_and_ends_the_stream_cleanly(fake_engine
             async with client.stream("POST", CHAT, content=chat_body(stream=True, max_tokens=9, x_hold_after=2)) as resp:
                 lines = resp.aiter_lines()
                 await read_events(lines, 2)
-                cut = await gw.journal.interrupt_and_wait(timeout=5)
+                cut = await gw.gate.journal.interrupt_and_wait(timeout=5)
                 rest = [event async for event in _data(lines)]  # ends: the gate closed the body
-    assert len(cut) == 1 and cut[0].settled.is_set()
+    assert len(cut) == 1 and cut[0].final
     assert rest == [rest[-1]] and json.loads(rest[-1])["error"]["type"] == "interrupted_for_migration"
     # the engine saw its connection close, and stopped generating
     await wait_for(lambda: fake_engine.disconnects == 1 and fake_engine.streams_open == 0)
     # The entry stays, with its output, until the snapshot step releases it.
-    [entry] = gw.journal.active()
-    assert entry is cut[0] and entry.output_text == token(0) + token(1) and entry.finish_reason is None
-    gw.journal.remove(entry.id)
-    assert len(gw.journal) == 0
+    [entry] = gw.entries()
+    assert entry == cut[0] and entry.output == token(0) + token(1) and entry.finish_reason is None
+    await gw.gate.journal.release([entry.id])
+    assert gw.entries() == []
     assert gw.count("chat", "interrupted") == 1
 
 
@@ -164,12 +164,12 @@ async def test_interrupt_before_a_non_streaming_answer_gives_503(fake_engine: Fa
         tg.start_soon(call)
         await wait_for(lambda: fake_engine.holding == 1)
         with anyio.fail_after(5):
-            await gw.journal.interrupt_and_wait(timeout=5)
+            await gw.gate.journal.interrupt_and_wait(timeout=5)
         await wait_for(lambda: bool(answers))
         await wait_for(lambda: fake_engine.holding == 0)  # the engine's request was cancelled
     assert answers[0].status_code == 503 and answers[0].headers["retry-after"] == "3"
     assert answers[0].json()["error"]["type"] == "interrupted_for_migration"
-    assert len(gw.journal) == 1
+    assert len(gw.entries()) == 1
 
 
 async def test_client_disconnect_cancels_upstream_and_drops_the_entry(fake_engine: FakeEngine,
@@ -179,9 +179,9 @@ async def test_client_disconnect_cancels_upstream_and_drops_the_entry(fake_engin
         with anyio.fail_after(10):
             async with client.stream("POST", CHAT, content=chat_body(stream=True, max_tokens=9, x_hold_after=2)) as resp:
                 await read_events(resp.aiter_lines(), 2)
-                assert len(gw.journal) == 1
+                assert len(gw.entries()) == 1
             # leaving the block closes the client's connection mid-stream
-    await wait_for(lambda: fake_engine.disconnects == 1 and len(gw.journal) == 0)
+    await wait_for(lambda: fake_engine.disconnects == 1 and len(gw.entries()) == 0)
     await wait_for(lambda: gw.count("chat", "client_disconnect") == 1)
 
 
@@ -204,7 +204,7 @@ async def test_other_requests_pass_through_untouched(fake_engine: FakeEngine, st
     assert {k: seen[k] for k in headers} == headers  # authorization forwarded as is
     assert seen["host"] == fake_engine.url.removeprefix("http://")
     assert teapot.status_code == 418
-    assert get_chat.json()["method"] == "GET" and len(gw.journal) == 0
+    assert get_chat.json()["method"] == "GET" and len(gw.entries()) == 0
     assert streamed.text == "".join(f"part{i}\n" for i in range(5))
     assert gw.count("other", "ok") == 4
 
@@ -222,7 +222,7 @@ async def test_malformed_upstream_is_passed_through_and_counted(fake_engine: Fak
             again = await client.post(gw.url + CHAT, content=chat_body(max_tokens=2))
     assert again.status_code == 200
     assert gw.count("chat", "malformed") == 2 and gw.count("chat", "ok") == 1
-    assert len(gw.journal) == 0
+    assert len(gw.entries()) == 0
 
 
 async def test_request_body_that_is_not_json_goes_to_the_engine_unjournaled(fake_engine: FakeEngine,
@@ -244,7 +244,7 @@ async def test_unreachable_engine_gives_502(start_gate: StartGate) -> None:
             other = await client.get("/health")
     assert chat.status_code == other.status_code == 502
     assert chat.json()["error"]["type"] == "upstream_error"
-    assert len(gw.journal) == 0
+    assert len(gw.entries()) == 0
     assert gw.count("chat", "upstream_error") == 1 and gw.count("other", "upstream_error") == 1
 
 

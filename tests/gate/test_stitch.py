@@ -113,14 +113,21 @@ def test_peers_rotate_and_a_failed_one_goes_last() -> None:
 
 def test_only_whole_events_reach_the_client_before_a_seam() -> None:
     # A migration drops what is held back: so nothing of an unfinished event may have been sent before it.
-    from spotguard.gate.proxy import Exchange
+    from spotguard.gate.answer import ClientAnswer
 
-    class Held:
-        held = b""
-        _whole_events = Exchange._whole_events
+    class Client:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
 
-    held = Held()
-    assert held._whole_events(b"data: {\"a\"") == b""  # type: ignore[arg-type]
-    assert held._whole_events(b": 1}\n\ndata: {\"b\"") == b"data: {\"a\": 1}\n\n"  # type: ignore[arg-type]
-    assert held.held == b"data: {\"b\""
-    assert held._whole_events(b": 2}\r\n\r\n") == b"data: {\"b\": 2}\r\n\r\n"  # type: ignore[arg-type]
+        def write(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    client = Client()
+    answer = ClientAnswer(client, None, retry_after=b"1")  # type: ignore[arg-type]
+    answer.whole_events = True
+    answer.write(b"data: {\"a\"")
+    assert client.sent == []
+    answer.write(b": 1}\n\ndata: {\"b\"")
+    assert client.sent == [b"data: {\"a\": 1}\n\n"] and answer.held == b"data: {\"b\""
+    answer.write(b": 2}\r\n\r\n")
+    assert client.sent[-1] == b"data: {\"b\": 2}\r\n\r\n"

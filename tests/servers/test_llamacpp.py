@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from spotguard.errors import EngineError
-from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.journal import EntryJournal
+from spotguard.gate.protocol import JournalEntry
 from spotguard.servers import build_engine
 from tests.servers.helpers import server_config
 from tests.support.engines import StartEngine
@@ -57,16 +58,16 @@ async def test_without_gate_says_so(start_engine: StartEngine) -> None:
 async def test_journal_counts_requests_queued_outside_slots(start_engine: StartEngine) -> None:
     engine = await start_engine("llamacpp", "--slots", "2")
     await engine.set_inflight(2)
-    journal = Journal()
+    journal = EntryJournal()
     for _ in range(5):
-        journal.add(InflightRequest(id=journal.new_id(), endpoint="/completion", model="tiny", body=b"{}",
+        journal.add(JournalEntry(id=f"req-{len(journal) + 1:08d}", endpoint="/completion", model="tiny", body=b"{}",
                                     stream=True))
     async with httpx.AsyncClient() as http:
         adapter = build_engine(server_config(kind="llamacpp", url=engine.url), http, journal=journal)
         with anyio.fail_after(10):
             assert await adapter.inflight() == 5
-            for request in journal.active()[:4]:
-                journal.remove(request.id)
+            for request in list(journal)[:4]:
+                journal.discard(request.id)
             assert await adapter.inflight() == 2
 
 

@@ -16,14 +16,15 @@ import structlog
 from spotguard import asgi
 from spotguard.config import Config
 from spotguard.drain.step import DrainContext
-from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.journal import EntryJournal, JournalAccess
+from spotguard.gate.protocol import JournalEntry
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow
 from spotguard.servers.none import NoEngine
 from spotguard.services import Identity, Services
 
 
-def make_ctx(config: Config, http: httpx.AsyncClient, journal: Journal | None, *, event_id: str = "evt-1",
+def make_ctx(config: Config, http: httpx.AsyncClient, journal: JournalAccess | None, *, event_id: str = "evt-1",
              seconds: float = 60.0, metrics: Metrics | None = None) -> DrainContext:
     now = utcnow()
     notice = Notice(source="manual", kind="test", event_id=event_id, deadline=now + timedelta(seconds=seconds),
@@ -34,13 +35,13 @@ def make_ctx(config: Config, http: httpx.AsyncClient, journal: Journal | None, *
                                           journal=journal))
 
 
-def fill_journal(count: int, *, body_size: int = 600) -> Journal:
-    journal = Journal()
+def fill_journal(count: int, *, body_size: int = 600) -> EntryJournal:
+    journal = EntryJournal()
     for n in range(count):
         body = json.dumps({"model": "m", "stream": True, "messages": [
             {"role": "user", "content": f"question {n} " + "x" * body_size}]}).encode()
-        journal.add(InflightRequest(id=journal.new_id(), endpoint="/v1/chat/completions", model="m", body=body,
-                                    stream=True, output=[f"answer {n}", " so far"]))
+        journal.add(JournalEntry(id=f"req-{n + 1:08d}", endpoint="/v1/chat/completions", model="m", body=body,
+                                 stream=True, output=f"answer {n} so far"))
     return journal
 
 

@@ -56,13 +56,13 @@ async def test_snapshot_then_resume_on_another_server_uses_restored_cache(
     async with httpx.AsyncClient(timeout=60) as http, anyio.create_task_group() as tg:
         tg.start_soon(_stream, http, f"{gate.url}{endpoint}", body)
         with anyio.fail_after(30):
-            while not (gate.journal.active() and len(gate.journal.active()[0].output_text) > 40):
+            while not (gate.entries() and len(gate.entries()[0].output) > 40):
                 await anyio.sleep(0.02)
         with anyio.fail_after(30):
-            detail = await snapshotter(make_ctx(config, http, gate.journal))
+            detail = await snapshotter(make_ctx(config, http, gate.gate.journal))
             tg.cancel_scope.cancel()  # the gate ended the stream already; do not wait on the client
     assert "1/1 records, 1 kv slots" in detail, detail
-    assert len(gate.journal) == 0, "the snapshot removes the requests it cut once their records are stored"
+    assert len(gate.entries()) == 0, "the snapshot removes the requests it cut once their records are stored"
     assert not list((tmp_path / "source-slots").iterdir()), "local slot files are cleaned up after upload"
 
     url = f"s3://{bucket}/snaps/i-test/evt-1"
@@ -113,11 +113,11 @@ async def test_stalled_kv_upload_leaves_records_and_an_honest_manifest(
     async with httpx.AsyncClient(timeout=60) as http, anyio.create_task_group() as tg:
         tg.start_soon(_stream, http, f"{gate.url}/v1/completions", body)
         with anyio.fail_after(30):
-            while not (gate.journal.active() and gate.journal.active()[0].output_text):
+            while not (gate.entries() and gate.entries()[0].output):
                 await anyio.sleep(0.02)
         started = anyio.current_time()
         with anyio.fail_after(10):
-            detail = await take_snapshot(make_ctx(config, http, gate.journal))
+            detail = await take_snapshot(make_ctx(config, http, gate.gate.journal))
         elapsed = anyio.current_time() - started
         tg.cancel_scope.cancel()
     assert elapsed <= 3.5
@@ -151,10 +151,10 @@ async def test_two_requests_without_known_slots_resume_from_their_own_caches(
             tg.start_soon(_stream, http, f"{gate.url}/v1/completions",
                           {"model": "tiny", "max_tokens": 7000, "stream": True, "temperature": 0, "prompt": prompt})
         with anyio.fail_after(30):
-            while not (len(gate.journal) == 2 and all(len(r.output_text) > 20 for r in gate.journal.active())):
+            while not (len(gate.entries()) == 2 and all(len(r.output) > 20 for r in gate.entries())):
                 await anyio.sleep(0.02)
         with anyio.fail_after(30):
-            detail = await snapshotter(make_ctx(config, http, gate.journal))
+            detail = await snapshotter(make_ctx(config, http, gate.gate.journal))
         tg.cancel_scope.cancel()
     assert "2/2 records, 2 kv slots, 0 missing" in detail, detail
     url = f"s3://{bucket}/snaps/i-test/evt-1"

@@ -11,7 +11,8 @@ import pytest
 
 from spotguard.config import Config
 from spotguard.errors import StoreError
-from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.journal import EntryJournal
+from spotguard.gate.protocol import JournalEntry
 from spotguard.storage.reader import open_snapshot
 from spotguard.storage.resume import _restore_slots, resume
 from spotguard.storage.snapshot import take_snapshot
@@ -26,15 +27,15 @@ CHAT = {"model": "m", "stream": True, "stream_options": {"include_usage": True},
 COMPLETION = {"model": "m", "stream": True, "prompt": "One, two,", "max_tokens": 5}
 
 
-def journal() -> Journal:
-    j = Journal()
-    j.add(InflightRequest(id="chat", endpoint="/v1/chat/completions", model="m", body=json.dumps(CHAT).encode(),
-                          stream=True, output=["one, ", "two, "]))
-    j.add(InflightRequest(id="text", endpoint="/v1/completions", model="m", body=json.dumps(COMPLETION).encode(),
-                          stream=True, output=[" three,"]))
-    j.add(InflightRequest(id="done", endpoint="/v1/completions", model="m", body=json.dumps(COMPLETION).encode(),
-                          stream=True, output=[" x"], finish_reason="stop"))
-    j.add(InflightRequest(id="junk", endpoint="/v1/completions", model="m", body=b"not json", stream=False))
+def journal() -> EntryJournal:
+    j = EntryJournal()
+    j.add(JournalEntry(id="chat", endpoint="/v1/chat/completions", model="m", body=json.dumps(CHAT).encode(),
+                          stream=True, output="one, two, "))
+    j.add(JournalEntry(id="text", endpoint="/v1/completions", model="m", body=json.dumps(COMPLETION).encode(),
+                          stream=True, output=" three,"))
+    j.add(JournalEntry(id="done", endpoint="/v1/completions", model="m", body=json.dumps(COMPLETION).encode(),
+                          stream=True, output=" x", finish_reason="stop"))
+    j.add(JournalEntry(id="junk", endpoint="/v1/completions", model="m", body=b"not json", stream=False))
     return j
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from spotguard.config import Config
 from spotguard.errors import ConfigError, StoreError
-from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.journal import EntryJournal
+from spotguard.gate.protocol import JournalEntry
 from spotguard.storage import crypto
 from spotguard.storage.format import Entry, Manifest
 from spotguard.storage.llamacpp import SavedSlot
@@ -49,18 +50,18 @@ async def test_records_for_1000_requests_commit_within_a_second(moto_url: str, b
     assert problems == []
     by_id = {r.id: r for r in records}
     assert len(by_id) == 1000
-    for request in journal.active():
+    for request in list(journal):
         record = by_id[request.id]
         assert record.body_bytes() == request.body  # the original body, unchanged
-        assert record.output == request.output_text
+        assert record.output == request.output
         assert (record.endpoint, record.model, record.stream) == (request.endpoint, request.model, True)
 
 
 async def test_body_that_is_not_utf8_is_kept_byte_for_byte(tmp_path: Path) -> None:
     config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps")
-    journal = Journal()
+    journal = EntryJournal()
     raw = b"\xff\xfe{not utf-8}\x00"
-    journal.add(InflightRequest(id="r1", endpoint="/v1/completions", model="m", body=raw, stream=False))
+    journal.add(JournalEntry(id="r1", endpoint="/v1/completions", model="m", body=raw, stream=False))
     async with httpx.AsyncClient() as http:
         with anyio.fail_after(10):
             await take_snapshot(make_ctx(config, http, journal, event_id="evt/../2"))
@@ -75,7 +76,7 @@ async def test_encryption_round_trip(moto_url: str, bucket: str, tmp_path: Path)
     key_file.write_text(os.urandom(32).hex() + "\n")
     config = s3_config(bucket, moto_url, encryption_key_file=str(key_file))
     journal = fill_journal(3)
-    secret = json.loads(journal.active()[0].body)["messages"][0]["content"]
+    secret = json.loads(list(journal)[0].body)["messages"][0]["content"]
     url = f"s3://{bucket}/spotguard/i-test/evt-1"
     options = StoreOptions(endpoint_url=moto_url)
     async with httpx.AsyncClient() as http:
@@ -93,7 +94,7 @@ async def test_encryption_round_trip(moto_url: str, bucket: str, tmp_path: Path)
     assert right.manifest.encryption["algorithm"] == "AES-256-GCM"
     assert right.trust.authenticated and right.manifest.version == 2
     assert all(e.encrypted for e in right.manifest.objects)
-    assert [r.body_bytes() for r in records] == [r.body for r in journal.active()]
+    assert [r.body_bytes() for r in records] == [r.body for r in list(journal)]
 
 
 def test_key_file_must_be_32_bytes_or_64_hex(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from spotguard.gate.journal import Journal
+from spotguard.gate.protocol import JournalEntry
 from spotguard.gate.proxy import Gate, run_gate
 from spotguard.metrics import Metrics
 
@@ -18,8 +18,14 @@ from spotguard.metrics import Metrics
 class RunningGate:
     gate: Gate
     url: str
-    journal: Journal
     metrics: Metrics
+
+    def entries(self) -> list[JournalEntry]:
+        """The gate's journaled requests, as the daemon would read them."""
+        return self.gate.journal_entries()
+
+    def interrupt_all(self) -> list[JournalEntry]:
+        return self.gate.interrupt_all()
 
     def count(self, endpoint: str, result: str) -> float:
         value = self.metrics.registry.get_sample_value(
@@ -35,10 +41,10 @@ async def start_gate() -> AsyncIterator[StartGate]:
     """``await start_gate(upstream_url, **gate_kwargs)`` serves a Gate until the test ends."""
     async with anyio.create_task_group() as tg:
         async def start(upstream: str, **kwargs: Any) -> RunningGate:
-            journal, metrics = Journal(), Metrics()
-            gate = Gate(upstream=upstream, journal=journal, metrics=metrics, **kwargs)
+            metrics = Metrics()
+            gate = Gate(upstream=upstream, metrics=metrics, **kwargs)
             bound = await tg.start(run_gate, gate, "127.0.0.1:0")
-            return RunningGate(gate=gate, url=bound.url, journal=journal, metrics=metrics)
+            return RunningGate(gate=gate, url=bound.url, metrics=metrics)
 
         yield start
         tg.cancel_scope.cancel()

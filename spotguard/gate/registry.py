@@ -1,0 +1,100 @@
+"""The gate's in-flight requests: one registry, owned by the gate, that the daemon reads copies of.
+
+A chat/completions request becomes a ``Flight`` once its body is in. The exchange answering it feeds its
+``OutputParser``; the gate decides, when the daemon asks, whether to continue it on a peer or cut it; the
+daemon sees ``JournalEntry`` copies (``gate/protocol.py``), never the live object.
+
+Life of a flight:
+
+1. ``add``: the body is in and the request goes to the engine (state ``running``).
+2. It ends on its own (finished, failed, client gone): the exchange ``remove``\\ s it - nothing to save.
+3. The drain interrupts it (``Gate.interrupt_all``): continued on a peer (``migrated``) or cut for the
+   snapshot (``cut``). Either way its output is final and it STAYS here until the snapshot step has
+   stored its record and calls ``release``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Protocol
+
+from spotguard.gate.output import OutputParser
+from spotguard.gate.protocol import EntryState, JournalEntry
+from spotguard.notice import utcnow
+
+
+class FlightOwner(Protocol):
+    """The exchange answering a flight: the gate tells it to stop, and where its answer goes on."""
+
+    def interrupt(self, *, migrate: bool) -> None: ...
+
+
+class Flight:
+    """One journaled request. ``body`` is the request body, unchanged; user data, never logged."""
+
+    __slots__ = ("id", "endpoint", "model", "body", "stream", "started_at", "state", "migrated_to", "parser",
+                 "owner")
+
+    def __init__(self, *, id: str, endpoint: str, model: str, body: bytes, stream: bool, parser: OutputParser,
+                 owner: FlightOwner, started_at: datetime | None = None) -> None:
+        self.id = id
+        self.endpoint = endpoint
+        self.model = model
+        self.body = body
+        self.stream = stream
+        self.started_at = started_at or utcnow()
+        self.state = EntryState.RUNNING
+        self.migrated_to = ""
+        """The peer that took the request over (its base URL) once it answered."""
+        self.parser = parser
+        self.owner = owner
+
+    def entry(self) -> JournalEntry:
+        """A copy as it stands now (the parser is brought up to date first)."""
+        parser = self.parser
+        parser.flush()
+        return JournalEntry(id=self.id, endpoint=self.endpoint, model=self.model, body=self.body,
+                            stream=self.stream, started_at=self.started_at, output=parser.text,
+                            finish_reason=parser.finish_reason, slot_id=parser.slot_id, state=self.state,
+                            migrated_to=self.migrated_to, tokens=parser.content_events)
+
+
+class Registry:
+    """The flights, in arrival order."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+        self._ids = itertools.count(1)
+
+    def new_id(self) -> str:
+        return f"req-{next(self._ids):08d}"
+
+    def add(self, flight: Flight) -> None:
+        self._flights[flight.id] = flight
+
+    def remove(self, flight_id: str) -> None:
+        self._flights.pop(flight_id, None)
+
+    def get(self, flight_id: str) -> Flight | None:
+        return self._flights.get(flight_id)
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def running(self) -> list[Flight]:
+        return [f for f in self._flights.values() if f.state is EntryState.RUNNING]
+
+    def entries(self) -> list[JournalEntry]:
+        return [flight.entry() for flight in list(self._flights.values())]
+
+    def release(self, flight_ids: Iterable[str]) -> int:
+        """Forget flights whose records are stored; running ones stay (their exchange removes them)."""
+        released = 0
+        for flight_id in flight_ids:
+            flight = self._flights.get(flight_id)
+            if flight is not None and flight.state is not EntryState.RUNNING:
+                del self._flights[flight_id]
+                released += 1
+        return released

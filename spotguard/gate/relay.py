@@ -1,0 +1,198 @@
+"""A request served by peers (``[gate] peers``), its answer relayed to the client through this gate.
+
+Two ways in:
+
+- ``PeerRelay.hand_off``: a new request while the gate drains (the load balancer has not caught up): read
+  whole, then sent to the peers in turn, unchanged but for the loop-guard header;
+- a continuation (``LocalExchange._migrate``): the request plus the output so far, whose answer is joined
+  onto the one the client already has (``stitch.StreamStitch``), into the same client response.
+
+A peer that refuses to connect or answers 503/429 is passed over for the next; one that fails once its
+answer began ends the client's answer with a retryable error, as does the VM's deadline
+(``Gate``'s node deadline): never a torn connection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spotguard.gate.answer import ClientAnswer
+from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
+from spotguard.gate.leg import Leg, ReturnedHead
+from spotguard.gate.peers import SKIP_STATUSES
+from spotguard.gate.registry import Flight
+from spotguard.gate.stitch import StreamStitch
+from spotguard.gate.targets import Target
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from spotguard.gate.proxy import Gate
+
+SEAM_SAMPLES = 1000
+"""Seam gaps kept by the gate (the newest) for the daemon's metrics."""
+NO_PEER = "no other replica could take this answer over; retry it"
+
+
+class PeerRelay(Leg):
+    """One request on its way through the peers."""
+
+    __slots__ = ("flight", "stitch", "order", "peer", "skipping", "cut_at", "ended")
+
+    def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
+                 stitch: StreamStitch | None = None) -> None:
+        self.order: Iterator[Target] = gate.peers.order()
+        super().__init__(gate, answer, endpoint, gate.engine)
+        self.flight = flight
+        """The local part of a migrated request (its record names the peer that took it)."""
+        self.stitch = stitch
+        self.peer: Target | None = None
+        self.skipping = False
+        """The current peer refused (503, 429): its answer is read and dropped, then the next one."""
+        self.cut_at = self.loop.time() if flight is not None else 0.0
+        self.ended = False
+        self.extra_headers = (gate.forwarded_header,)
+        client = answer.client
+        client.on_lost = self._client_lost
+        client.on_pause = self.paused
+        gate.track(self)
+
+    @classmethod
+    def hand_off(cls, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> PeerRelay:
+        """A new request while draining: read it whole (a refusing peer means sending it again), then to peers."""
+        relay = cls(gate, ClientAnswer(client, request, retry_after=gate.retry_after), endpoint)
+        if not request.has_body or request.body_done:
+            relay._body_in()
+        else:
+            request.sink = relay._more_body
+            request.on_done = relay._body_in
+        return relay
+
+    @property
+    def finished(self) -> bool:
+        return self.ended
+
+    @property
+    def migrating(self) -> bool:
+        return self.flight is not None
+
+    def _more_body(self, chunk: bytes) -> None:
+        request = self.request
+        request.body.append(chunk)
+        if request.body_size > self.gate.max_body and not self.ended:
+            self._end("too_large")
+            self.answer.error(413, f"request body larger than {self.gate.max_body} bytes", "invalid_request")
+
+    def _body_in(self) -> None:
+        request = self.request
+        if request.has_body:
+            self.body = b"".join(request.body)
+            request.body.clear()
+        self.next_peer()
+
+    def next_peer(self) -> None:
+        if self.ended:
+            return
+        peer = next(self.order, None)
+        flight = self.flight
+        if peer is None:
+            if flight is not None:
+                flight.migrated_to = ""  # no peer took it: resume it from the snapshot
+            if self.migrating and self.answer.started:
+                self.give_up(NO_PEER)
+            else:
+                self._end("no_peer")
+                self.answer.error(503, "this replica is draining before eviction and no other replica took the "
+                                  "request; retry it", "unavailable", draining=True)
+            return
+        self.target = self.peer = peer
+        if flight is not None:
+            flight.migrated_to = peer.url  # the snapshot's record says where it went
+        self.send()
+
+    def connect_failed(self, exc: OSError | TimeoutError) -> None:
+        self.gate.peers.failed(self.target)
+        self.next_peer()
+
+    # -- the peer's answer (ResponseSink) ----------------------------------------------------------
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], upstream: UpstreamConnection) -> None:
+        peer = self.peer
+        assert peer is not None
+        if status in SKIP_STATUSES:
+            self.gate.peers.failed(peer)
+            self.skipping = True
+            return
+        self.gate.peers.worked(peer)
+        if self.stitch is None:  # the client has seen nothing of this request yet: relayed as is
+            returned = ReturnedHead(headers)
+            self.answer.head(status, returned.headers, returned.length)
+        elif status != 200:
+            self.give_up(f"the replica continuing this answer refused it ({status}); retry it")
+
+    def on_response_body(self, body: bytes) -> None:
+        if self.skipping:
+            return
+        if self.stitch is not None:
+            self._stitched(self.stitch.feed(body))
+        else:
+            self.answer.send(body)
+
+    def on_response_done(self) -> None:
+        self.release_upstream()
+        if self.skipping:
+            self.skipping = False
+            self.next_peer()
+            return
+        if self.stitch is not None:
+            self._stitched(self.stitch.finish())
+        self._end("migrated" if self.migrating else "forwarded")
+        self.answer.complete()
+
+    def on_upstream_lost(self, error: str) -> None:
+        if self.ended:
+            return
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and upstream.received and not self.skipping:
+            self.give_up(f"the replica continuing this answer failed ({error}); retry it")
+            return
+        # Nothing of this peer's answer came: the next peer (a stale kept-alive connection is not its fault).
+        if self.peer is not None and not (upstream is not None and upstream.reused):
+            self.gate.peers.failed(self.peer)
+        self.skipping = False
+        self.next_peer()
+
+    def read_timed_out(self) -> None:
+        self.give_up("the replica continuing this answer stopped sending; retry it")
+
+    def _stitched(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.cut_at:
+            gate = self.gate
+            gate.seam_gaps.append(self.loop.time() - self.cut_at)
+            del gate.seam_gaps[:-SEAM_SAMPLES]
+            gate.seams += 1
+            self.cut_at = 0.0
+        self.answer.send(data)
+
+    # -- ends ------------------------------------------------------------------------------------
+
+    def _client_lost(self) -> None:
+        if not self.ended:
+            self.close_upstream()
+            self._end("client_disconnect")
+
+    def give_up(self, message: str) -> None:
+        """End the client's answer cleanly with a retryable error (or 503): never a torn connection."""
+        if self.ended:
+            return
+        self.close_upstream()
+        self._end("migration_failed" if self.migrating else "forward_failed")
+        self.answer.interrupted(message)
+
+    def _end(self, result: str) -> None:
+        self.ended = True
+        self.gate.untrack(self)
+        self.stop_body()
+        self.gate.count(self.endpoint, result)
