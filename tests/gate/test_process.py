@@ -22,6 +22,7 @@ from spotguard.control import client as control
 from spotguard.errors import GateError
 from spotguard.gate.control import call
 from spotguard.gate.link import RemoteJournal
+from spotguard.gate.protocol import HeldState
 from tests.support.moto import free_port
 from tests.support.openai_upstream import FakeEngine
 
@@ -165,6 +166,24 @@ async def test_gate_crash_is_noticed_and_the_gate_restarted(tmp_path: Path, fake
             assert answer.status_code == 200
     events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
     assert "gate_down" in events and events.count("gate_attached") == 2
+
+
+async def test_a_gate_restarted_mid_drain_is_put_back_on_the_declared_state(tmp_path: Path, fake_engine: FakeEngine,
+                                                                           gate_socket: str) -> None:
+    config, daemon_url, gate_url = write_config(tmp_path, fake_engine.url)
+    async with httpx.AsyncClient(timeout=10) as http:
+        with daemon(config, tmp_path / "daemon.log"):
+            await until(lambda: _ready(http, daemon_url))
+            await control.drain(str(tmp_path / "control.sock"), reason="test", deadline_seconds=60)
+            await until(lambda: _refused(http, gate_url))
+            before = HeldState.from_wire((await call(gate_socket, "stats", timeout=2))["holding"])
+            assert before.state.draining and before.state.vm_deadline is not None
+            pid = int((await call(gate_socket, "hello", timeout=2))["pid"])
+            os.kill(pid, signal.SIGKILL)  # the new gate knows nothing of the drain until the daemon declares it
+            await until(lambda: _metric_is(http, daemon_url, "spotguard_gate_starts_total", 2.0))
+            await until(lambda: _refused(http, gate_url))
+            after = HeldState.from_wire((await call(gate_socket, "stats", timeout=2))["holding"])
+    assert after.holds(before.state) and after.state.vm_deadline == before.state.vm_deadline
 
 
 async def _ready(http: httpx.AsyncClient, url: str) -> bool:
