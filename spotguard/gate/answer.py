@@ -33,6 +33,12 @@ def error_event(message: str) -> bytes:
             + b',"type":"interrupted_for_migration","code":503}}\n\n')
 
 
+def json_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` of an answer the gate turns into one JSON body (an assembled stream)."""
+    kept = [(name, value) for name, value in headers if name.lower() not in (b"content-type", b"cache-control")]
+    return [*kept, (b"content-type", b"application/json")]
+
+
 def json_error(connection: ClientConnection, request: Request, status: int, message: str, kind: str, *,
                retry_after: bytes | None = None) -> None:
     """A whole JSON error answer from the gate itself; ``retry_after`` marks it as a draining refusal."""

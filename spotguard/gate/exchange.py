@@ -17,11 +17,13 @@ import json
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from spotguard.gate.answer import ClientAnswer
+from spotguard.gate.answer import ClientAnswer, json_headers
+from spotguard.gate.assemble import answer_json, streamable, streaming_body
 from spotguard.gate.continuation import NotContinuable, continuation_body
+from spotguard.gate.estimate import token_limit
 from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
-from spotguard.gate.output import OutputParser, request_meta
+from spotguard.gate.output import OutputParser, meta_of
 from spotguard.gate.protocol import EntryState
 from spotguard.gate.registry import Flight
 from spotguard.gate.relay import PeerRelay
@@ -43,6 +45,9 @@ class Phase(Enum):
     COLLECTING = "collecting"
     """A journaled non-SSE answer, read whole before any of it is sent: a cut before it is complete can
     still be answered with a clean 503 instead of half a body."""
+    ASSEMBLING = "assembling"
+    """A non-streaming request the engine answers as a stream (``assemble.py``): read as it comes, given to
+    the client as one JSON answer at the end."""
     HANDED_OVER = "handed_over"
     """Continued on a peer: the ``PeerRelay`` owns the client's answer now."""
     ENDED = "ended"
@@ -51,7 +56,8 @@ class Phase(Enum):
 class LocalExchange(Leg):
     """A request on its way to the engine and its answer on its way back."""
 
-    __slots__ = ("phase", "flight", "parser", "label", "returned", "readable", "status", "collected")
+    __slots__ = ("phase", "flight", "parser", "label", "returned", "readable", "status", "collected", "assembling",
+                 "continuable")
 
     def __init__(self, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> None:
         super().__init__(gate, ClientAnswer(client, request, retry_after=gate.retry_after), endpoint, gate.engine)
@@ -65,6 +71,10 @@ class LocalExchange(Leg):
         """A journaled stream whose events the parser can read (SSE, not compressed)."""
         self.status = 0
         self.collected: list[bytes] = []
+        self.assembling = False
+        """Sent to the engine as a stream, answered to the client as one JSON answer."""
+        self.continuable = False
+        """The request itself allows a continuation elsewhere (one choice, no echo...: ``continuation.py``)."""
         client.on_lost = self._client_lost
         client.on_pause = self.paused
         gate.track(self)
@@ -105,15 +115,24 @@ class LocalExchange(Leg):
         request = self.request
         body = self.body = b"".join(request.body)
         request.body.clear()
-        meta = request_meta(body)
+        try:
+            original = json.loads(body)
+        except ValueError:
+            original = None
+        meta = meta_of(original)
         if meta is None:
             self.label = "bad_request"  # not ours to judge: the engine answers it (400), it is just not journaled
         else:
             model, stream, slot = meta
             gate = self.gate
+            if not stream and gate.assembles:
+                if streamable(original):
+                    self.body = json.dumps(streaming_body(original), ensure_ascii=False).encode()
+                    self.assembling = True
             self.parser = OutputParser(chat=self.endpoint == "chat", slot_id=slot)
+            self.continuable = _continuable(original, chat=self.endpoint == "chat")
             self.flight = Flight(id=gate.registry.new_id(), endpoint=request.path, model=model, body=body,
-                                 stream=stream, parser=self.parser, owner=self)
+                                 stream=stream, parser=self.parser, owner=self, limit=token_limit(original))
             gate.registry.add(self.flight)
             gate.inflight_changed()
         self.phase = Phase.SENT
@@ -128,6 +147,9 @@ class LocalExchange(Leg):
             if not returned.sse:
                 self.status, self.phase = status, Phase.COLLECTING
                 return
+            if self.assembling:
+                self.status, self.phase, self.readable = status, Phase.ASSEMBLING, not returned.encoded
+                return
             answer.sse = True
             answer.whole_events = bool(self.gate.peers)  # only whole events, so a migration can join a peer's
             self.readable = not returned.encoded
@@ -137,13 +159,17 @@ class LocalExchange(Leg):
         answer.head(status, returned.headers, returned.length)
 
     def on_response_body(self, body: bytes) -> None:
+        flight = self.flight
+        if flight is not None and flight.first_token_at is None:
+            flight.first_token_at = self.loop.time()
         if self.phase is Phase.COLLECTING:
             self.collected.append(body)
             return
         parser = self.parser
         if self.readable and parser is not None:
             parser.feed(body)
-        self.answer.write(body)
+        if self.phase is not Phase.ASSEMBLING:
+            self.answer.write(body)
 
     def on_response_done(self) -> None:
         self.release_upstream()
@@ -158,10 +184,27 @@ class LocalExchange(Leg):
             answer.head(self.status, returned.headers, b"%d" % len(whole))
             answer.complete(collected=whole)
             return
+        if self.phase is Phase.ASSEMBLING and parser is not None:
+            self._assembled(parser)
+            return
         if parser is not None and answer.sse:
             parser.finish()
         self._end(self._ok())
         answer.complete()
+
+    def _assembled(self, parser: OutputParser) -> None:
+        parser.finish()
+        returned, answer = self.returned, self.answer
+        assert returned is not None
+        if not self.readable:
+            self._end("malformed")
+            answer.error(502, "the engine's stream could not be read (compressed)", "upstream_error")
+            return
+        whole = answer_json(chat=self.endpoint == "chat", identity=parser.identity, text=parser.text,
+                            finish_reason=parser.finish_reason, usage=parser.usage, fingerprint=parser.fingerprint)
+        self._end(self._ok())
+        answer.head(self.status, json_headers(returned.headers), b"%d" % len(whole))
+        answer.complete(collected=whole)
 
     def _ok(self) -> str:
         return "malformed" if self.parser is not None and self.parser.errors else "ok"
@@ -207,6 +250,11 @@ class LocalExchange(Leg):
         else:
             self.cut("interrupted")
 
+    def movable(self) -> bool:
+        parser = self.parser
+        return (self.continuable and not self.finished and parser is not None and not parser.tool_call_started
+                and (self.readable or not self.answer.started))
+
     def cut(self, reason: str) -> None:
         """Close the engine's connection (it stops and frees the slot) and end the client's answer."""
         if self.finished:
@@ -230,6 +278,8 @@ class LocalExchange(Leg):
             body = continuation_body(original, chat=self.endpoint == "chat", output=parser.text,
                                      delivered=parser.content_events, engine=self.gate.engine_kind,
                                      tool_call_started=parser.tool_call_started)
+            if self.assembling:
+                body = streaming_body(body)
         except (NotContinuable, ValueError) as exc:
             self.gate.count(self.endpoint, "not_continuable")
             self.gate.log.info("gate_not_continuable", endpoint=self.endpoint, why=str(exc))
@@ -240,12 +290,13 @@ class LocalExchange(Leg):
         self.gate.reprefilled_tokens += parser.content_events
         answer.drop_held()  # an event the client never got: the peer's continuation covers it
         stitch = None
-        if answer.started:
+        if answer.started or self.assembling:
             stitch = StreamStitch(parser.identity or AnswerIdentity(), chat=self.endpoint == "chat",
                                   role_sent=parser.role_sent, delivered=parser.content_events)
         self.phase = Phase.HANDED_OVER
         self.gate.untrack(self)
-        relay = PeerRelay(self.gate, answer, self.endpoint, flight=flight, stitch=stitch)
+        relay = PeerRelay(self.gate, answer, self.endpoint, flight=flight, stitch=stitch,
+                          assemble=self.assembling)
         relay.body = json.dumps(body, ensure_ascii=False).encode()
         relay.next_peer()
 
@@ -269,3 +320,11 @@ class LocalExchange(Leg):
         gate.count(self.endpoint, self.label or result)
         if parser is not None and parser.errors:
             gate.log.warning("gate_malformed_upstream", endpoint=self.endpoint, errors=parser.errors)
+
+
+def _continuable(body: dict[str, object], *, chat: bool) -> bool:
+    try:
+        continuation_body(body, chat=chat, output="", delivered=0)
+    except NotContinuable:
+        return False
+    return True

@@ -41,7 +41,8 @@ class OutputParser:
     """
 
     __slots__ = ("_chat", "_tail", "_data", "_broken", "_pending", "_size", "errors", "output",
-                 "finish_reason", "slot_id", "identity", "role_sent", "content_events", "tool_call_started")
+                 "finish_reason", "slot_id", "identity", "role_sent", "content_events", "tool_call_started",
+                 "usage", "fingerprint")
 
     def __init__(self, *, chat: bool, slot_id: int | None = None) -> None:
         self._chat = chat
@@ -63,6 +64,10 @@ class OutputParser:
         self.content_events = 0
         """Events that carried text: the tokens delivered, where the engine streams one per event."""
         self.tool_call_started = False
+        self.usage: dict[str, Any] | None = None
+        """The engine's token counts (the last event carrying them), where it sent them."""
+        self.fingerprint: str | None = None
+        """``system_fingerprint``, where the engine sends one."""
 
     def feed(self, chunk: bytes) -> None:
         """One chunk of the raw SSE stream, cut anywhere."""
@@ -160,6 +165,12 @@ class OutputParser:
     def _take(self, event: Any, *, final: bool) -> None:
         if self.identity is None and isinstance(event, dict) and "error" not in event:
             self.identity = AnswerIdentity.of(event)
+        usage = event.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        fingerprint = event.get("system_fingerprint")
+        if isinstance(fingerprint, str):
+            self.fingerprint = fingerprint
         choices = event.get("choices")
         if choices:
             choice = choices[0]
@@ -194,6 +205,11 @@ def request_meta(body: bytes) -> tuple[str, bool, int | None] | None:
         request = json.loads(body)
     except ValueError:
         return None
+    return meta_of(request)
+
+
+def meta_of(request: Any) -> tuple[str, bool, int | None] | None:
+    """``request_meta`` of a body already parsed."""
     if not isinstance(request, dict):
         return None
     model = request.get("model")

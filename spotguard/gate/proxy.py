@@ -39,6 +39,7 @@ from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
 from spotguard.errors import ConfigError, GateError
 from spotguard.gate.answer import error_body, json_error
+from spotguard.gate.estimate import finishes_within
 from spotguard.gate.exchange import LocalExchange
 from spotguard.gate.http1 import ClientConnection, Request, status_line
 from spotguard.gate.journal import LocalJournal
@@ -63,6 +64,8 @@ RELAY_END_MARGIN = 1.0
 """Seconds before the VM's deadline at which answers still relayed from peers are ended cleanly."""
 STATS_GAPS = 100
 """Recent seam gaps sent with each stats answer (the daemon polls every second)."""
+HANDOVER_CHECK = 0.5
+"""Seconds between checks, while draining, of which answers will not finish here before the drain deadline."""
 TIMEOUT_SWEEP = 1.0
 """Seconds between checks for engine answers that stopped arriving (read timeout)."""
 
@@ -97,6 +100,7 @@ class Gate:
         self._read_timeout = read_timeout
         self._state = DesiredState(generation=0, draining=False, peers=tuple(peers))
         self._vm_timer: asyncio.TimerHandle | None = None
+        self._handover: asyncio.TimerHandle | None = None
         self._past_deadline = False
         """The VM is about to go: relayed answers were ended, and nothing new is handed to peers."""
         self._counters: dict[tuple[str, str], Counter] = {}
@@ -127,6 +131,12 @@ class Gate:
         return self._state.draining
 
     @property
+    def assembles(self) -> bool:
+        """Non-streaming requests are asked of the engine as streams (``assemble.py``): only worth it where
+        their output so far can be continued elsewhere."""
+        return bool(self.peers)
+
+    @property
     def state(self) -> DesiredState:
         return self._state
 
@@ -152,7 +162,35 @@ class Gate:
                 self._end_relays()
             else:
                 self._vm_timer = asyncio.get_running_loop().call_later(delay, self._end_relays)
+        if self._handover is not None:
+            self._handover.cancel()
+        self._handover = asyncio.get_running_loop().call_later(0, self._hand_over_late) if state.draining else None
         return self.held()
+
+    def _hand_over_late(self) -> None:
+        """While draining: hand to a peer, at once, every answer that will not finish here before the drain
+        deadline (``estimate.py``); those that will stay and pay no seam. Again every ``HANDOVER_CHECK``."""
+        self._handover = None
+        state = self._state
+        if not (state.draining and state.drain_deadline and self.peers) or self._past_deadline:
+            return
+        seconds = state.drain_deadline.timestamp() - time.time()
+        now = asyncio.get_running_loop().time()
+        late = []
+        for flight in self.registry.running():
+            if not flight.owner.movable():
+                continue
+            flight.parser.flush()
+            elapsed = now - flight.first_token_at if flight.first_token_at is not None else 0.0
+            if not finishes_within(limit=flight.limit, delivered=flight.parser.content_events, elapsed=elapsed,
+                                   seconds=seconds):
+                late.append(flight)
+        for flight in late:
+            flight.owner.interrupt(migrate=True)
+        if late:
+            self.log.info("gate_handed_over", requests=len(late), seconds_left=round(seconds, 3))
+        if self.registry.running():
+            self._handover = asyncio.get_running_loop().call_later(HANDOVER_CHECK, self._hand_over_late)
 
     def held(self) -> HeldState:
         return HeldState(state=self._state, inflight=self.inflight, relayed=len(self.relays()))
@@ -304,9 +342,10 @@ class Gate:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._vm_timer is not None:
-            self._vm_timer.cancel()
-            self._vm_timer = None
+        for timer in (self._vm_timer, self._handover):
+            if timer is not None:
+                timer.cancel()
+        self._vm_timer = self._handover = None
         self.engine.pool.close()
         self.peers.close()
 

@@ -30,15 +30,19 @@ class FlightOwner(Protocol):
 
     def interrupt(self, *, migrate: bool) -> None: ...
 
+    def movable(self) -> bool:
+        """A peer could continue it now (the request allows it, and its answer so far can be read)."""
+        ...
+
 
 class Flight:
     """One journaled request. ``body`` is the request body, unchanged; user data, never logged."""
 
     __slots__ = ("id", "endpoint", "model", "body", "stream", "started_at", "state", "migrated_to", "parser",
-                 "owner")
+                 "owner", "limit", "first_token_at")
 
     def __init__(self, *, id: str, endpoint: str, model: str, body: bytes, stream: bool, parser: OutputParser,
-                 owner: FlightOwner, started_at: datetime | None = None) -> None:
+                 owner: FlightOwner, started_at: datetime | None = None, limit: int | None = None) -> None:
         self.id = id
         self.endpoint = endpoint
         self.model = model
@@ -50,6 +54,10 @@ class Flight:
         """The peer that took the request over (its base URL) once it answered."""
         self.parser = parser
         self.owner = owner
+        self.limit = limit
+        """The most output tokens the request may produce, when it says (``estimate.token_limit``)."""
+        self.first_token_at: float | None = None
+        """Event-loop time the engine's answer began to arrive: the start of its pace."""
 
     def entry(self) -> JournalEntry:
         """A copy as it stands now (the parser is brought up to date first)."""

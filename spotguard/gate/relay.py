@@ -17,9 +17,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from spotguard.gate.answer import ClientAnswer
+from spotguard.gate.assemble import answer_json
 from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
-from spotguard.gate.peers import SKIP_STATUSES
+from spotguard.gate.output import OutputParser
+from spotguard.gate.peers import DROPPED_REASON_HEADER, SKIP_STATUSES
 from spotguard.gate.registry import Flight
 from spotguard.gate.stitch import StreamStitch
 from spotguard.gate.targets import Target
@@ -31,16 +33,20 @@ if TYPE_CHECKING:
 
 SEAM_SAMPLES = 1000
 """Seam gaps kept by the gate (the newest) for the daemon's metrics."""
+SAME_PEER_TRIES = 4
+"""Times a peer that answered "draining" is tried again before it is passed over: a peer that is the fleet's
+load balancer may route a request back to this very node until its health checks notice the drain."""
 NO_PEER = "no other replica could take this answer over; retry it"
 
 
 class PeerRelay(Leg):
     """One request on its way through the peers."""
 
-    __slots__ = ("flight", "stitch", "order", "peer", "skipping", "cut_at", "ended")
+    __slots__ = ("flight", "stitch", "order", "peer", "skipping", "again", "tries", "cut_at", "ended", "assemble",
+                 "parser")
 
     def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
-                 stitch: StreamStitch | None = None) -> None:
+                 stitch: StreamStitch | None = None, assemble: bool = False) -> None:
         self.order: Iterator[Target] = gate.peers.order()
         super().__init__(gate, answer, endpoint, gate.engine)
         self.flight = flight
@@ -49,6 +55,13 @@ class PeerRelay(Leg):
         self.peer: Target | None = None
         self.skipping = False
         """The current peer refused (503, 429): its answer is read and dropped, then the next one."""
+        self.again = False
+        """The current peer answered "draining": it is tried once more (see ``SAME_PEER_TRIES``)."""
+        self.tries = 0
+        self.assemble = assemble
+        """The client asked for one JSON answer: the peer's stream is read whole, then joined to the local part."""
+        self.parser = OutputParser(chat=endpoint == "chat") if stitch is not None else None
+        """What the peer added, as the client has it (stitched): a second cut, or the index, needs it."""
         self.cut_at = self.loop.time() if flight is not None else 0.0
         self.ended = False
         self.extra_headers = (gate.forwarded_header,)
@@ -106,6 +119,7 @@ class PeerRelay(Leg):
                                   "request; retry it", "unavailable", draining=True)
             return
         self.target = self.peer = peer
+        self.tries = 0
         if flight is not None:
             flight.migrated_to = peer.url  # the snapshot's record says where it went
         self.send()
@@ -120,8 +134,11 @@ class PeerRelay(Leg):
         peer = self.peer
         assert peer is not None
         if status in SKIP_STATUSES:
-            self.gate.peers.failed(peer)
             self.skipping = True
+            if status == 503 and self.tries + 1 < SAME_PEER_TRIES and _draining(headers):
+                self.again = True  # a balancer sent it back here: the next try goes elsewhere
+            else:
+                self.gate.peers.failed(peer)
             return
         self.gate.peers.worked(peer)
         if self.stitch is None:  # the client has seen nothing of this request yet: relayed as is
@@ -142,12 +159,33 @@ class PeerRelay(Leg):
         self.release_upstream()
         if self.skipping:
             self.skipping = False
-            self.next_peer()
+            if self.again:
+                self.again = False
+                self.tries += 1
+                self.send()
+            else:
+                self.next_peer()
             return
         if self.stitch is not None:
             self._stitched(self.stitch.finish())
+        if self.assemble:
+            self._assembled()
+            return
         self._end("migrated" if self.migrating else "forwarded")
         self.answer.complete()
+
+    def _assembled(self) -> None:
+        """One JSON answer: the local part and the peer's continuation."""
+        parser, flight = self.parser, self.flight
+        assert parser is not None and flight is not None
+        parser.finish()
+        local = flight.parser
+        whole = answer_json(chat=self.endpoint == "chat", identity=local.identity or parser.identity,
+                            text=local.text + parser.text, finish_reason=parser.finish_reason, usage=parser.usage,
+                            fingerprint=local.fingerprint or parser.fingerprint)
+        self._end("migrated")
+        self.answer.head(200, [(b"content-type", b"application/json")], b"%d" % len(whole))
+        self.answer.complete(collected=whole)
 
     def on_upstream_lost(self, error: str) -> None:
         if self.ended:
@@ -174,7 +212,10 @@ class PeerRelay(Leg):
             del gate.seam_gaps[:-SEAM_SAMPLES]
             gate.seams += 1
             self.cut_at = 0.0
-        self.answer.send(data)
+        if self.parser is not None:
+            self.parser.feed(data)
+        if not self.assemble:
+            self.answer.send(data)
 
     # -- ends ------------------------------------------------------------------------------------
 
@@ -193,6 +234,12 @@ class PeerRelay(Leg):
 
     def _end(self, result: str) -> None:
         self.ended = True
+        if self.parser is not None:
+            self.parser.flush()
         self.gate.untrack(self)
         self.stop_body()
         self.gate.count(self.endpoint, result)
+
+
+def _draining(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name.lower() == DROPPED_REASON_HEADER and value.strip() == b"draining" for name, value in headers)
