@@ -27,8 +27,8 @@ class JournalAccess(Protocol):
         ...
 
     async def interrupt_and_wait(self, timeout: float) -> list[JournalEntry]:
-        """Continue every running request on a peer (with ``[gate] peers``) or cut it; returns them, final.
-        ``timeout`` bounds the call."""
+        """Continue every running request on a peer (with ``[gate] peers``) or cut it; returns every request
+        listed (those handed over earlier too), final. ``timeout`` bounds the call."""
         ...
 
     async def release(self, request_ids: Sequence[str]) -> None:
@@ -100,7 +100,7 @@ class EntryJournal:
         del timeout
         cut = [replace(entry, state=EntryState.CUT) for entry in self._entries.values() if not entry.final]
         self._entries.update((entry.id, entry) for entry in cut)
-        return cut
+        return list(self._entries.values())
 
     async def release(self, request_ids: Sequence[str]) -> None:
         for request_id in request_ids:

@@ -226,12 +226,12 @@ class Gate:
 
     def interrupt_all(self) -> list[JournalEntry]:
         """Free the engine of every journaled request still running: continued on a peer when peers are set
-        and the VM is not about to go, else cut. Each is final when this returns."""
+        and the VM is not about to go, else cut. Returns every request listed (those handed over earlier
+        too), each final."""
         migrate = bool(self.peers) and not self._past_deadline
-        running = self.registry.running()
-        for flight in running:
+        for flight in self.registry.running():
             flight.owner.interrupt(migrate=migrate)
-        return [flight.entry() for flight in running]
+        return self.registry.entries()
 
     def release(self, request_ids: Sequence[str]) -> int:
         released = self.registry.release(request_ids)
