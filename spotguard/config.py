@@ -226,8 +226,9 @@ class ResumeConfig:
                                  "dropped from the book (it still reaches its client) instead of pushing every "
                                  "other answer out. Capped at max_bytes.")
     advertise: str = _opt("", "Base URL on which other gates reach this gate's data port (http://10.0.0.5:8001), "
-                          "named in cursors as the answer's holder. Empty = the VM's private IP from its "
-                          "identity, else the [gate] listen host, with the [gate] listen port.")
+                          "named in cursors as the answer's holder. Empty = the [gate] listen host when it is "
+                          "one address, else (0.0.0.0, ::) the VM's private IP from its identity; with the [gate] "
+                          "listen port.")
     index: bool = _opt(True, "Write an index object per cut answer (request, output so far, holder) under "
                        "_answers/ in the [snapshot] store, so a retry that lands anywhere is continued from it "
                        "when the holder is gone. Needs [snapshot] url; encrypted with [snapshot] "

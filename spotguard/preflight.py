@@ -222,15 +222,10 @@ def resume_check(config: Config) -> Check | None:
     if mode & 0o077:
         problems.append(f"{resume.key_file} has mode {mode:04o}: anyone who reads it can forge cursors; chmod 600")
     holder = advertised_holder(resume.advertise, config.gate.listen)
-    host = urlsplit(holder).hostname or ""
-    if not holder:
-        where = "the VM's private IP from its metadata"
-    elif host in ("127.0.0.1", "::1", "localhost"):
+    where = holder or "the VM's private IP from its metadata"
+    if urlsplit(holder).hostname in ("127.0.0.1", "::1", "localhost"):
         problems.append(f"answers held here are named {holder}, which other gates cannot reach; set "
                         "[resume] advertise or listen on the private address")
-        where = holder
-    else:
-        where = holder
     if resume.index and not config.snapshot.url:
         problems.append("[resume] index needs [snapshot] url: a retry whose holder is gone is computed again")
     if problems:

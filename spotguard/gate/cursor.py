@@ -12,10 +12,9 @@ an SSE ``id:`` line or an HTTP header refuses: no NUL, CR, LF, space, comma or c
     fingerprint = request_fingerprint(Authorization, body): HMAC-SHA256 under a second key, 32 hex digits
 
 Both keys (and the one that authenticates answer index objects) come from ``[resume] key_file``
-through HKDF-SHA256 with different ``info``. Through the
-fingerprint a token is bound to one request body and one Authorization: with another of either, another
-key, after ``expires``, or with one bit changed, ``verify`` refuses it. About 85 characters with a holder
-such as ``http://10.0.0.5:8001``.
+through HKDF-SHA256 with different ``info``. Through the fingerprint a token is bound to one request
+body and one Authorization: with another of either, another key, after ``expires``, or with one bit
+changed, ``verify`` refuses it. About 85 characters with a holder such as ``http://10.0.0.5:8001``.
 
 The offset is outside the MAC, so a gate signs once per answer (``issue``, a few microseconds) and each
 event's cursor is one string concatenation (``Signed.at``). That is safe: the offset only says where to
