@@ -29,10 +29,11 @@ from spotguard.client import (
     ResumePolicy,
     ResumingAsyncTransport,
     ResumingTransport,
-    _SseJoin,
     resumable_async_http_client,
     resumable_http_client,
 )
+from spotguard.client.sse import SseJoin
+from spotguard.client.transport import _retry_after
 
 pytestmark = pytest.mark.anyio
 
@@ -307,6 +308,27 @@ async def test_the_async_client_joins_the_same_way(serve: Any) -> None:
     assert [s.headers.get("last-event-id") for s in script.seen] == [None, "tok.5", "tok.6"]
 
 
+async def test_the_async_client_resends_a_non_streaming_cut_after_retry_after(serve: Any) -> None:
+    cut = answer(503, b'{"error":"cut"}', [(b"retry-after-ms", b"10"), (b"spotguard-resume", b"tok.0")])
+    busy = answer(503, b"{}", [(b"retry-after", b"0")])  # a draining gate without a cursor: handed back as is
+    url, script = await serve([cut, cut, answer(200, b'{"ok":true}'), busy])
+    with anyio.fail_after(20):
+        async with resumable_async_http_client(resume=FAST, timeout=10) as client:
+            response = await client.post(f"{url}/v1/chat/completions", json={**BODY, "stream": False})
+            assert (response.status_code, response.content) == (200, b'{"ok":true}')
+            drained = await client.post(f"{url}/v1/chat/completions", json=BODY)
+    assert drained.status_code == 503 and len(script.seen) == 4
+    assert [s.headers.get("spotguard-resume") for s in script.seen] == [None, "tok.0", "tok.0", None]
+
+
+@pytest.mark.parametrize(("headers", "seconds"), [
+    ({"retry-after": "2"}, 2.0), ({"retry-after": "1.5"}, 1.5), ({"retry-after-ms": "250"}, 0.25),
+    ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0), ({"retry-after": "soon"}, None), ({}, None),
+])
+def test_retry_after_forms(headers: dict[str, str], seconds: float | None) -> None:
+    assert _retry_after(httpx.Headers(headers)) == seconds
+
+
 async def test_the_openai_sdk_streams_one_joined_answer(serve: Any) -> None:
     url, script = await serve([stream(EVENTS[:4] + [interrupted("tok.4")]), stream(EVENTS[4:], resumed=True)])
 
@@ -356,14 +378,15 @@ def test_every_transport_httpx_builds_is_wrapped() -> None:
 
 def test_the_helper_needs_only_httpx() -> None:
     """It must import on a client machine with nothing but httpx (and httpx's own dependencies)."""
-    source = Path(__file__).parents[1] / "spotguard" / "client.py"
-    tree = ast.parse(source.read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported: set[str] = set()
+    for source in (Path(__file__).parents[1] / "spotguard" / "client").glob("*.py"):
+        tree = ast.parse(source.read_text())
+        imported |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
     outside = {name for name in imported if name not in sys.stdlib_module_names and name != "__future__"}
-    assert outside <= {"httpx", "anyio"}  # anyio is a dependency of httpx itself
+    assert outside <= {"httpx", "anyio"}  # anyio is a dependency of httpx itself; the rest is relative
     # And it really imports with every other third-party package blocked.
     code = (
         "import sys, importlib.abc\n"
@@ -373,11 +396,10 @@ def test_the_helper_needs_only_httpx() -> None:
         "        top = name.split('.')[0]\n"
         "        if top in sys.stdlib_module_names or top in allowed: return None\n"
         "        raise ImportError('blocked: ' + name)\n"
-        "    def __repr__(self): return 'Block'\n"
         "sys.meta_path.insert(0, Block())\n"
         "import spotguard.client\n"
-        "assert [m for m in sys.modules if m.startswith('spotguard')] == ['spotguard', 'spotguard.client'], "
-        "sorted(m for m in sys.modules if m.startswith('spotguard'))\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('spotguard'))\n"
+        "assert ours == ['spotguard', 'spotguard.client', 'spotguard.client.sse', 'spotguard.client.transport'], ours\n"
         "spotguard.client.resumable_http_client().close()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -389,7 +411,7 @@ def test_how_the_bytes_are_cut_into_chunks_never_changes_what_passes(cuts: list[
     if crlf:
         stream_bytes = stream_bytes.replace(b"\n", b"\r\n")
     bounds = sorted({min(c, len(stream_bytes)) for c in cuts} | {0, len(stream_bytes)})
-    join = _SseJoin()
+    join = SseJoin()
     passed = b"".join(join.feed(stream_bytes[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     expected = b"".join(EVENTS[:4])
     assert passed == (expected.replace(b"\n", b"\r\n") if crlf else expected)
@@ -397,7 +419,7 @@ def test_how_the_bytes_are_cut_into_chunks_never_changes_what_passes(cuts: list[
 
 
 def test_text_that_mentions_the_error_type_is_not_taken_for_the_error_event() -> None:
-    join = _SseJoin()
+    join = SseJoin()
     event = b'id: tok.1\ndata: {"choices":[{"delta":{"content":"interrupted_for_migration"}}]}\n\n'
     assert join.feed(event) == event and join.interrupted is None
     fake = b'id: tok.2\ndata: {"error":{"type":"interrupted_for_migration","resumable":false}}\n\n'
