@@ -205,6 +205,54 @@ class SnapshotConfig:
                                "kept beside KV files because the engine does not report them.")
 
 
+DEFAULT_HELD_BYTES = 256 << 20
+"""Why 256 MiB: an SSE event of an OpenAI chat stream is about 300 bytes with its ``id:`` line, so 200 streams
+of 1,000 tokens each hold about 60 MiB while they run; the rest keeps finished answers for their ttl (the
+finished go first when the cap is reached). A small share of a GPU VM's memory, and the gate's alone."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeConfig:
+    key_file: str = _opt("", "The fleet's resume secret: 32 raw bytes or 64 hex characters, the same file on every "
+                         "node (head -c 32 /dev/urandom > FILE; mode 0600). It signs the cursors clients get and "
+                         "names the answers of retried requests. Empty = resume off: a cut answer ends with a "
+                         "retryable error and a retry is computed again.")
+    ttl: float = _opt(600.0, "Seconds an answer stays resumable: a held answer after its last event, an index "
+                      "object after its cut, a cursor after the event it names.")
+    max_bytes: int = _opt(DEFAULT_HELD_BYTES, "Memory cap in bytes of the answers the gate holds for resuming "
+                          "(their events and request bodies); past it the oldest go first, finished ones before "
+                          "running ones. 256 MiB holds 200 running streams of 1,000 tokens with room to spare.")
+    max_answer_bytes: int = _opt(16 << 20, "Largest answer the gate holds, in bytes: one that grows past it is "
+                                 "dropped from the book (it still reaches its client) instead of pushing every "
+                                 "other answer out. Capped at max_bytes.")
+    advertise: str = _opt("", "Base URL on which other gates reach this gate's data port (http://10.0.0.5:8001), "
+                          "named in cursors as the answer's holder. Empty = the [gate] listen host when it is "
+                          "one address, else (0.0.0.0, ::) the VM's private IP from its identity; with the [gate] "
+                          "listen port.")
+    index: bool = _opt(True, "Write an index object per cut answer (request, output so far, holder) under "
+                       "_answers/ in the [snapshot] store, so a retry that lands anywhere is continued from it "
+                       "when the holder is gone. Needs [snapshot] url; encrypted with [snapshot] "
+                       "encryption_key_file when one is set.")
+    lookup_timeout: float = _opt(2.0, "Most seconds a retried request waits for the index lookup before it is "
+                                 "computed afresh.")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ttl <= 86400:
+            raise ConfigError(f"[resume] ttl: {self.ttl:g} is not between 0 and 86400 seconds")
+        if self.max_bytes < 1 << 20:
+            raise ConfigError(f"[resume] max_bytes: {self.max_bytes} is less than 1 MiB ({1 << 20})")
+        if self.max_answer_bytes <= 0:
+            raise ConfigError(f"[resume] max_answer_bytes: {self.max_answer_bytes} is not a positive number of bytes")
+        if not 0 < self.lookup_timeout <= 60:
+            raise ConfigError(f"[resume] lookup_timeout: {self.lookup_timeout:g} is not between 0 and 60 seconds")
+        if self.advertise:
+            from spotguard.gate.cursor import holder_problem
+
+            why = holder_problem(self.advertise)
+            if why:
+                raise ConfigError(f"[resume] advertise: {self.advertise!r} {why}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class KubernetesConfig:
     enabled: bool = _opt(False, "Cordon, taint and exclude this node from load balancers on drain.")
@@ -227,6 +275,7 @@ class Config:
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def replace(self, section: str, **values: Any) -> Config:

@@ -133,7 +133,8 @@ async def run_checks(config: Config) -> list[Check]:
     checks.append(budget_check(config, cloud))
     checks.append(unit_order_check(config))
     checks.append(preflight.stop_timeout_check(config))
-    checks += [c for c in (preflight.gate_port_check(config), preflight.peers_check(config)) if c is not None]
+    checks += [c for c in (preflight.gate_port_check(config), preflight.peers_check(config),
+                           preflight.resume_check(config)) if c is not None]
     checks.append(path_check("state dir", Path(config.agent.state_dir), want_dir=True, max_mode=0o755))
     checks.append(path_check("control socket", Path(config.control.socket), want_dir=False,
                              max_mode=int(config.control.mode, 8)))

@@ -10,7 +10,8 @@
     ├── StoreError             object storage failed
     ├── LoadBalancerError      a load-balancer API refused or failed
     ├── ControlError           the control socket could not be reached or refused the call
-    └── GateError              the gate process could not be reached or refused a call
+    ├── GateError              the gate process could not be reached or refused a call
+    └── ResumeRefused          a resume cursor or index object cannot be used (``reason`` says why)
 
 Third-party errors are wrapped at the boundary (``raise MetadataError(...) from exc``).
 """
@@ -67,3 +68,13 @@ class ControlError(SpotguardError):
 
 class GateError(SpotguardError):
     """The gate process (``spotguard gate``) is not running, not reachable, or refused a call."""
+
+
+class ResumeRefused(SpotguardError):
+    """A request to resume an answer cannot be served from what it carries: a cursor altered, signed with
+    another key, or made for another request or Authorization, expired, or an offset past the answer.
+    ``reason`` is a short label for metrics; the message never holds the cursor itself."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or f"resume refused: {reason}")
+        self.reason = reason

@@ -69,6 +69,17 @@ class Metrics:
         self.gate_reprefilled_tokens = Counter("spotguard_gate_reprefilled_tokens_total",
                                                "Output tokens peers prefilled again to continue migrated answers",
                                                registry=r)
+        self.resume_held_bytes = Gauge("spotguard_resume_held_bytes",
+                                       "Bytes of answers the gate holds for resuming ([resume] max_bytes caps it)",
+                                       registry=r)
+        self.resume_held_answers = Gauge("spotguard_resume_held_answers", "Answers the gate holds for resuming",
+                                         registry=r)
+        self.resume_evictions = Counter("spotguard_resume_evictions_total",
+                                        "Held answers dropped before their ttl: evicted (the byte cap) or too_big "
+                                        "([resume] max_answer_bytes)", ["reason"], registry=r)
+        self.resume_index = Counter("spotguard_resume_index_total",
+                                    "Answer index objects in the snapshot store: writes and lookups by result",
+                                    ["op", "result"], registry=r)
         self.snapshot_bytes = Counter("spotguard_snapshot_bytes_total", "Bytes written to snapshots", ["kind"],
                                       registry=r)
         self.snapshot_objects = Counter("spotguard_snapshot_objects_total", "Snapshot objects by kind and result",

@@ -199,3 +199,36 @@ async def balancer_checks(config: Config, http: httpx.AsyncClient, identity: Ide
         checks.append(Check(name, "warning", "; ".join(warnings)) if warnings
                       else Check(name, "ok", "settings fit the notice window"))
     return checks
+
+
+def resume_check(config: Config) -> Check | None:
+    """With the gate on: is resume on, is its key private, can other gates reach answers held here, and can a
+    retry find an answer whose holder is gone. None when the gate is off."""
+    if not config.gate.listen:
+        return None
+    from spotguard.gate.cursor import CursorKey, advertised_holder
+
+    resume = config.resume
+    if not resume.key_file:
+        return Check("resume", "warning", "off ([resume] key_file is empty): an answer cut at an eviction ends with "
+                     "a retryable error and its retry is computed again; put the same 32-byte key file on every "
+                     "node to let clients resume (head -c 32 /dev/urandom > FILE)")
+    try:
+        key = CursorKey.load(resume.key_file)
+        mode = Path(resume.key_file).stat().st_mode & 0o777
+    except (SpotguardError, OSError) as exc:
+        return Check("resume", "error", str(exc))
+    problems = []
+    if mode & 0o077:
+        problems.append(f"{resume.key_file} has mode {mode:04o}: anyone who reads it can forge cursors; chmod 600")
+    holder = advertised_holder(resume.advertise, config.gate.listen)
+    where = holder or "the VM's private IP from its metadata"
+    if urlsplit(holder).hostname in ("127.0.0.1", "::1", "localhost"):
+        problems.append(f"answers held here are named {holder}, which other gates cannot reach; set "
+                        "[resume] advertise or listen on the private address")
+    if resume.index and not config.snapshot.url:
+        problems.append("[resume] index needs [snapshot] url: a retry whose holder is gone is computed again")
+    if problems:
+        return Check("resume", "warning", "; ".join(problems))
+    index = f"index in {config.snapshot.url}" if resume.index else "no index ([resume] index = false)"
+    return Check("resume", "ok", f"on: key {key.key_id}, ttl {resume.ttl:g}s, held answers named {where}, {index}")
