@@ -235,6 +235,10 @@ class ResumeConfig:
                        "encryption_key_file when one is set.")
     lookup_timeout: float = _opt(2.0, "Most seconds a retried request waits for the index lookup before it is "
                                  "computed afresh.")
+    keep_generating: bool = _opt(True, "A client that goes away mid-answer leaves the engine generating it, held "
+                                 "for ttl, so that the client can resume it (the openai SDK's own retries and "
+                                 "spotguard.client do). false = the engine stops, as without resume: cheaper when "
+                                 "clients mostly cancel on purpose.")
 
     def __post_init__(self) -> None:
         if not 0 < self.ttl <= 86400:

@@ -48,6 +48,11 @@ class Origin:
     model: str
     body: bytes
     stream: bool
+    base: int = 0
+    """Events of the client's answer another gate delivered before this one took it over (a continuation):
+    the offset of this answer's first event."""
+    prefix: str = ""
+    """The text those events carried (a non-streaming answer is assembled from it and the events held)."""
 
 
 class Subscription:
