@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -156,7 +157,7 @@ async def _sleep_until(moment: float) -> None:
     await anyio.sleep(max(0.0, moment - time.monotonic()))
 
 
-async def run_round(variant: str, setup: Setup, work: Path, say: Any) -> dict[str, Any]:
+async def run_round(variant: str, setup: Setup, work: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """One eviction on a fresh fleet; every process it started is stopped when it returns or fails."""
     (work / "logs").mkdir(parents=True)
     procs = Processes(logs=work / "logs")
@@ -166,7 +167,7 @@ async def run_round(variant: str, setup: Setup, work: Path, say: Any) -> dict[st
         procs.stop_all()
 
 
-async def _round(variant: str, setup: Setup, work: Path, procs: Processes, say: Any) -> dict[str, Any]:
+async def _round(variant: str, setup: Setup, work: Path, procs: Processes, say: Callable[[str], None]) -> dict[str, Any]:
     with_spotguard = variant == "spotguard"
     engines = [await start_engine(procs, work, f"node{i}", tokens_per_s=setup.tokens_per_s,
                                   shutdown_timeout=setup.window_s) for i in range(1, NODES + 1)]
