@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,55 +16,27 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from bench._fleet_nodes import EngineProcess, start_engine
 from bench._vllm_like import expected_text
-from spotguard.demo.processes import free_port
-from tests.support._processes import stop
+from spotguard.demo.processes import Processes
 
 pytestmark = pytest.mark.anyio
-REPO = Path(__file__).resolve().parents[2]
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "Count for me, please."}]
 
 
-@dataclass
-class Engine:
-    url: str
-    proc: subprocess.Popen[bytes]
-    count_file: Path
-
-    def generated(self) -> int:
-        return int(self.count_file.read_text())
-
-
-def _start(tmp_path: Path, *, rate: float, shutdown_timeout: float) -> Engine:
-    port = free_port()
-    count = tmp_path / "generated"
-    proc = subprocess.Popen([sys.executable, "-m", "bench._vllm_like", "--port", str(port), "--tokens-per-second",
-                             str(rate), "--shutdown-timeout", str(shutdown_timeout), "--count-file", str(count)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return Engine(f"http://127.0.0.1:{port}", proc, count)
-
-
 @pytest.fixture
-def engine_factory(tmp_path: Path) -> Iterator[Any]:
-    started: list[Engine] = []
+def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Awaitable[EngineProcess]]]:
+    """Starts the engine the way bench/fleet.py does (a process of its own, waited for on /health)."""
+    procs = Processes(logs=tmp_path)
 
-    async def start(*, rate: float = 2000.0, shutdown_timeout: float = 30.0) -> Engine:
-        engine = _start(tmp_path, rate=rate, shutdown_timeout=shutdown_timeout)
-        started.append(engine)
-        async with httpx.AsyncClient(timeout=2) as http:
-            with anyio.fail_after(30):  # Python start-up on a busy 2-core machine
-                while True:
-                    try:
-                        if (await http.get(engine.url + "/health")).status_code == 200:
-                            return engine
-                    except httpx.TransportError:
-                        assert engine.proc.poll() is None, "the engine exited at start"
-                    await anyio.sleep(0.05)
+    async def start(*, rate: float = 2000.0, shutdown_timeout: float = 30.0) -> EngineProcess:
+        with anyio.fail_after(90):  # Python start-up on a busy 2-core machine
+            return await start_engine(procs, tmp_path, f"engine{len(procs.children)}", tokens_per_s=rate,
+                                      shutdown_timeout=shutdown_timeout)
 
     yield start
-    for engine in started:
-        stop(engine.proc)
+    procs.stop_all()
 
 
 async def _sse(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
@@ -78,7 +47,7 @@ async def _sse(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Async
                 yield "[DONE]" if line == "data: [DONE]" else json.loads(line[6:])
 
 
-async def test_answers_are_the_deterministic_count_streamed_or_not(engine_factory: Any) -> None:
+async def test_answers_are_the_deterministic_count_streamed_or_not(engine_factory: Callable[..., Awaitable[EngineProcess]]) -> None:
     engine = await engine_factory()
     async with httpx.AsyncClient(timeout=10) as http:
         events = [e async for e in _sse(http, engine.url + CHAT, {"messages": USER, "max_tokens": 7, "stream": True,
@@ -97,7 +66,7 @@ async def test_answers_are_the_deterministic_count_streamed_or_not(engine_factor
         assert "".join([chunk.choices[0].text async for chunk in stream]) == expected_text(4)
 
 
-async def test_a_continuation_carries_on_where_the_output_stops(engine_factory: Any) -> None:
+async def test_a_continuation_carries_on_where_the_output_stops(engine_factory: Callable[..., Awaitable[EngineProcess]]) -> None:
     engine = await engine_factory()
     async with httpx.AsyncClient(timeout=10) as http:
         so_far = expected_text(3)
@@ -116,7 +85,7 @@ async def test_a_continuation_carries_on_where_the_output_stops(engine_factory: 
             expected_text(4)
 
 
-async def test_sigterm_refuses_new_work_finishes_running_work_then_exits(engine_factory: Any) -> None:
+async def test_sigterm_refuses_new_work_finishes_running_work_then_exits(engine_factory: Callable[..., Awaitable[EngineProcess]]) -> None:
     engine = await engine_factory(rate=100.0, shutdown_timeout=30.0)
     got: list[str] = []
     async with httpx.AsyncClient(timeout=10) as http:
@@ -146,7 +115,7 @@ async def test_sigterm_refuses_new_work_finishes_running_work_then_exits(engine_
     assert engine.proc.returncode == 0 and engine.generated() == 100 + answered
 
 
-async def test_what_outlasts_the_shutdown_timeout_is_cut_and_its_tokens_still_counted(engine_factory: Any) -> None:
+async def test_what_outlasts_the_shutdown_timeout_is_cut_and_its_tokens_still_counted(engine_factory: Callable[..., Awaitable[EngineProcess]]) -> None:
     engine = await engine_factory(rate=50.0, shutdown_timeout=0.5)
     got: list[str] = []
     async with httpx.AsyncClient(timeout=10) as http:
