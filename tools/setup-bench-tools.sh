@@ -1,8 +1,8 @@
 #!/bin/sh
 # Installs what the benchmarks run besides our own code, only when missing (idempotent):
 #   nginx (Debian package nginx-light) - bench/gate.py: a keep-alive, unbuffered reverse proxy, the reference hop
-#   haproxy (Debian package haproxy)   - bench/fleet.py: the load balancer in front of the three nodes,
-#                                        health-checking each node's /readyz
+#   haproxy (Debian package haproxy)   - bench/fleet.py: the load balancer in front of the three nodes
+#                                        (active health checks, runtime API on a stats socket)
 # Only the binaries are used: each bench runs them with its own configuration in a temporary directory.
 # Without apt (or without root) it says so and exits 0: bench/gate.py --no-nginx still runs, and
 # bench/fleet.py says how to get haproxy.
