@@ -57,6 +57,7 @@ bench: tools
 	$(BIN)/python bench/gate.py
 	$(BIN)/python bench/snapshot.py
 	$(BIN)/python bench/deregister.py
+	$(BIN)/python bench/fleet.py
 
 docs: setup
 	$(BIN)/python tools/gen_docs.py
