@@ -16,9 +16,16 @@ Ends, all through here:
 from __future__ import annotations
 
 import json
+import time
+from typing import TYPE_CHECKING
 
 from spotguard.gate.http1 import ClientConnection, Request, status_line
 from spotguard.gate.peers import DROPPED_REASON_HEADER
+
+if TYPE_CHECKING:
+    from spotguard.gate.stamp import Stamp
+
+RESUME_HEADER = b"spotguard-resume"
 
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -27,10 +34,14 @@ def error_body(message: str, kind: str, code: int) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
 
 
-def error_event(message: str) -> bytes:
-    """The last SSE event of an answer that could not be finished here: the client may retry it."""
+def error_event(message: str, cursor: str | None = None) -> bytes:
+    """The last SSE event of an answer that could not be finished here: the client may retry it, and with a
+    ``cursor`` (the last event it got) resume it (``spotguard.client`` does)."""
+    if cursor is None:
+        return (b'data: {"error":{"message":' + json.dumps(message).encode()
+                + b',"type":"interrupted_for_migration","code":503}}\n\n')
     return (b'data: {"error":{"message":' + json.dumps(message).encode()
-            + b',"type":"interrupted_for_migration","code":503}}\n\n')
+            + b',"type":"interrupted_for_migration","code":503,"resumable":true}}\nid: ' + cursor.encode() + b"\n\n")
 
 
 def json_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -40,14 +51,16 @@ def json_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
 
 
 def json_error(connection: ClientConnection, request: Request, status: int, message: str, kind: str, *,
-               retry_after: bytes | None = None) -> None:
-    """A whole JSON error answer from the gate itself; ``retry_after`` marks it as a draining refusal."""
+               retry_after: bytes | None = None, resume: str | None = None) -> None:
+    """A whole JSON error answer from the gate itself; ``retry_after`` marks it as a draining refusal,
+    ``resume`` gives the cursor a retry resumes from (``Spotguard-Resume``)."""
     body = error_body(message, kind, status)
     close = not request.keep_alive or not request.body_done
     connection.write(b"".join((
         status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
         b"retry-after: " + retry_after + b"\r\n" + DROPPED_REASON_HEADER + b": draining\r\n"
         if retry_after is not None else b"",
+        RESUME_HEADER + b": " + resume.encode() + b"\r\n" if resume is not None else b"",
         b"connection: close\r\n" if close else b"", b"\r\n", body)))
     connection.finish(request, close=close)
 
@@ -56,7 +69,7 @@ class ClientAnswer:
     """The response to one client request, from its head to its end."""
 
     __slots__ = ("client", "request", "retry_after", "started", "chunked", "close_after", "sse", "whole_events",
-                 "held", "ended")
+                 "held", "ended", "stamp", "detached", "last_id", "track_ids")
 
     def __init__(self, client: ClientConnection, request: Request, *, retry_after: bytes) -> None:
         self.client = client
@@ -73,6 +86,13 @@ class ClientAnswer:
         self.held = b""
         """The start of an SSE event not sent yet (``whole_events``)."""
         self.ended = False
+        self.stamp: Stamp | None = None
+        """Resume is on: every event gets its cursor and is held (``stamp.py``)."""
+        self.detached = False
+        """The client went away and the answer goes on for resuming: nothing is written any more."""
+        self.track_ids = False
+        """The events come with cursors of another holder (relayed as they are): remember the last one."""
+        self.last_id: str | None = None
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]], length: bytes | None) -> None:
         request = self.request
@@ -94,20 +114,52 @@ class ClientAnswer:
         self.client.write(b"".join(parts))
         self.started = True
 
-    def write(self, body: bytes) -> None:
-        """Body bytes, framed; with ``whole_events`` an unfinished SSE event waits for its end."""
+    def write(self, body: bytes, *, keep_only: bool = False) -> None:
+        """Body bytes, framed; with ``whole_events`` an unfinished SSE event waits for its end; with a stamp each
+        event gets its cursor and is held. ``keep_only``: held, not sent (an answer assembled at the end)."""
         if self.whole_events:
             body = self._whole_events(body)
             if not body:
                 return
-        self.send(body)
+        if self.stamp is not None:
+            body = self.stamp.events(body)
+        elif self.track_ids:
+            self._track(body)
+        if not keep_only:
+            self.send(body)
 
     def send(self, body: bytes) -> None:
         """Body bytes as they are (framed), bypassing the hold-back."""
+        if self.detached:
+            return
         if self.chunked:
             self.client.write(b"%x\r\n%s\r\n" % (len(body), body))
         else:
             self.client.write(body)
+
+    def _track(self, body: bytes) -> None:
+        at = body.rfind(b"\nid: ")
+        if at < 0:
+            if not body.startswith(b"id: "):
+                return
+            at = -1
+        end = body.find(b"\n", at + 5)
+        self.last_id = body[at + 5:end if end >= 0 else None].strip().decode("ascii", "replace")
+
+    def cursor(self) -> str | None:
+        """Where the client resumes from: the cursor of the last event it got, when the answer has cursors."""
+        if self.stamp is not None:
+            return self.stamp.last()
+        return self.last_id
+
+    def detach(self) -> None:
+        """The client went away: the answer goes on (held for resuming), written to no one."""
+        self.detached = True
+
+    def _finish_stamp(self, *, complete: bool = False) -> None:
+        stamp, self.stamp = self.stamp, None
+        if stamp is not None:
+            stamp.finish(time.monotonic(), complete=complete)
 
     def _whole_events(self, body: bytes) -> bytes:
         data = self.held + body if self.held else body
@@ -131,6 +183,9 @@ class ClientAnswer:
         if self.held:
             self.send(self.held)
             self.held = b""
+        self._finish_stamp(complete=True)
+        if self.detached:
+            return
         if collected is not None:
             self.client.write(collected)
         elif self.chunked:
@@ -142,20 +197,28 @@ class ClientAnswer:
         if self.ended:
             return
         self.ended = True
-        json_error(self.client, self.request, status, message, kind,
-                   retry_after=self.retry_after if draining else None)
+        self._finish_stamp()
+        if not self.detached:
+            json_error(self.client, self.request, status, message, kind,
+                       retry_after=self.retry_after if draining else None)
 
     def interrupted(self, message: str) -> None:
-        """End an answer this replica cannot finish so that the client can retry it cleanly."""
+        """End an answer this replica cannot finish so that the client can retry it cleanly: with cursors, a
+        stream's last event names where to resume, and a non-streaming answer's 503 says it
+        (``Spotguard-Resume``, ``Retry-After: 1``)."""
         if self.ended:
             return
-        if not self.started:
-            self.error(503, message, "interrupted_for_migration", draining=True)
-            return
+        cursor = self.cursor()
         self.ended = True
+        self._finish_stamp()
+        if self.detached:
+            return
         client = self.client
-        if self.chunked:
-            event = error_event(message) if self.sse else b""
+        if not self.started:
+            json_error(client, self.request, 503, message, "interrupted_for_migration",
+                       retry_after=b"1" if cursor is not None else self.retry_after, resume=cursor)
+        elif self.chunked:
+            event = error_event(message, cursor) if self.sse else b""
             client.write((b"%x\r\n%s\r\n" % (len(event), event) if event else b"") + LAST_CHUNK)
             client.finish(self.request)
         else:
@@ -163,4 +226,5 @@ class ClientAnswer:
 
     def abort(self) -> None:
         self.ended = True
+        self._finish_stamp()
         self.client.abort()

@@ -78,7 +78,14 @@ def continuation_body(body: dict[str, Any], *, chat: bool, output: str, delivere
         if not isinstance(messages, list):
             raise NotContinuable("the chat request has no messages list")
         if output:
-            follow["messages"] = [*messages, {"role": "assistant", "content": output}]
+            last = messages[-1] if messages else None
+            if (body.get("continue_final_message") is True and isinstance(last, dict)
+                    and last.get("role") == "assistant" and isinstance(last.get("content"), str)):
+                # Already continuing an assistant message (a continuation of a continuation, or a request
+                # that prefills the answer): the output so far extends it.
+                follow["messages"] = [*messages[:-1], {**last, "content": last["content"] + output}]
+            else:
+                follow["messages"] = [*messages, {"role": "assistant", "content": output}]
             follow.update(CONTINUE_FLAGS.get(engine, {}))
     else:
         follow["prompt"] = _prompt_text(body.get("prompt")) + output

@@ -180,6 +180,10 @@ class CursorKey:
         mac.update(body)
         return mac.hexdigest()[:32]
 
+    def tag(self, purpose: bytes, data: bytes) -> bytes:
+        """A 16-byte MAC of ``data`` for ``purpose`` (another message than a cursor's: the context differs)."""
+        return hmac.new(self._mac, b"spotguard-tag/1\x00" + purpose + b"\x00" + data, hashlib.sha256).digest()[:MAC_BYTES]
+
     def _mac_of(self, signed: bytes, fingerprint: str) -> bytes:
         return hmac.new(self._mac, _CONTEXT + signed + fingerprint.encode("ascii"), hashlib.sha256).digest()[:MAC_BYTES]
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spotguard.gate.answer import ClientAnswer, json_headers
 from spotguard.gate.assemble import answer_json, streamable, streaming_body
 from spotguard.gate.continuation import NotContinuable, continuation_body
 from spotguard.gate.estimate import token_limit
+from spotguard.gate.handover import CONTINUES_HEADER, Continues
+from spotguard.gate.held import Origin
+from spotguard.gate.holding import HOLDER_HEADER, RESUMED_HEADER, header
 from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
 from spotguard.gate.output import OutputParser, meta_of
@@ -57,7 +60,7 @@ class LocalExchange(Leg):
     """A request on its way to the engine and its answer on its way back."""
 
     __slots__ = ("phase", "flight", "parser", "label", "returned", "readable", "status", "collected", "assembling",
-                 "continuable")
+                 "continuable", "cont", "stitch", "prefix")
 
     def __init__(self, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> None:
         super().__init__(gate, ClientAnswer(client, request, retry_after=gate.retry_after), endpoint, gate.engine)
@@ -75,6 +78,12 @@ class LocalExchange(Leg):
         """Sent to the engine as a stream, answered to the client as one JSON answer."""
         self.continuable = False
         """The request itself allows a continuation elsewhere (one choice, no echo...: ``continuation.py``)."""
+        self.cont: Continues | None = None
+        """This request continues an answer another gate began (``handover.py``): this gate holds it now."""
+        self.stitch: StreamStitch | None = None
+        """With ``cont``: the engine's events joined onto what the client has."""
+        self.prefix = ""
+        """With ``cont``: the text the client had before this gate's part."""
         client.on_lost = self._client_lost
         client.on_pause = self.paused
         gate.track(self)
@@ -119,22 +128,43 @@ class LocalExchange(Leg):
             original = json.loads(body)
         except ValueError:
             original = None
-        meta = meta_of(original)
-        if meta is None:
+        if meta_of(original) is None:
             self.label = "bad_request"  # not ours to judge: the engine answers it (400), it is just not journaled
-        else:
-            model, stream, slot = meta
-            gate = self.gate
-            if not stream and gate.assembles:
-                if streamable(original):
-                    self.body = json.dumps(streaming_body(original), ensure_ascii=False).encode()
-                    self.assembling = True
-            self.parser = OutputParser(chat=self.endpoint == "chat", slot_id=slot)
-            self.continuable = _continuable(original, chat=self.endpoint == "chat")
-            self.flight = Flight(id=gate.registry.new_id(), endpoint=request.path, model=model, body=body,
-                                 stream=stream, parser=self.parser, owner=self, limit=token_limit(original))
-            gate.registry.add(self.flight)
-            gate.inflight_changed()
+            self.phase = Phase.SENT
+            self.send()
+            return
+        holding = self.gate.holding
+        value = header(request.headers, CONTINUES_HEADER) if holding is not None else None
+        cont = Continues.from_header(value, holding.key) if value is not None and holding is not None else None
+        self.begin(body, original, cont)
+
+    def begin(self, body: bytes, original: dict[str, Any], cont: Continues | None) -> None:
+        """Journal the request (``body``, parsed as ``original``) and send it to the engine; with ``cont`` it
+        continues an answer the client already has part of."""
+        model, stream, slot = meta_of(original) or ("", False, None)
+        gate, request, chat = self.gate, self.request, self.endpoint == "chat"
+        self.body = body
+        client_stream = cont.stream if cont is not None else stream
+        if not stream and gate.assembles and streamable(original):
+            self.body = json.dumps(streaming_body(original), ensure_ascii=False).encode()
+            self.assembling = True
+        self.parser = OutputParser(chat=chat, slot_id=slot)
+        self.continuable = _continuable(original, chat=chat)
+        self.flight = Flight(id=gate.registry.new_id(), endpoint=request.path, model=model, body=body, stream=stream,
+                             parser=self.parser, owner=self, limit=token_limit(original))
+        gate.registry.add(self.flight)
+        gate.inflight_changed()
+        holding = gate.holding
+        if holding is not None:
+            if cont is not None:
+                self.cont, self.prefix = cont, cont.prefix_of(original)
+                self.stitch = StreamStitch(cont.identity, chat=chat, role_sent=cont.role_sent, delivered=cont.tokens)
+                fingerprint = cont.fingerprint
+            else:
+                fingerprint = holding.fingerprint(request.headers, body)
+            origin = Origin(endpoint=request.path, model=model, body=body, stream=client_stream,
+                            base=cont.base if cont is not None else 0, prefix=self.prefix)
+            self.answer.stamp = holding.hold(fingerprint=fingerprint, origin=origin, now=self.loop.time())
         self.phase = Phase.SENT
         self.send()
 
@@ -144,14 +174,24 @@ class LocalExchange(Leg):
         returned = self.returned = ReturnedHead(headers)
         answer = self.answer
         if self.flight is not None:
+            stamp = answer.stamp
+            if stamp is not None:
+                if not returned.sse:  # one body, no events: nothing to resume by
+                    stamp.book.remove(stamp.answer)
+                    answer.stamp = None
+                else:
+                    returned.headers.append((HOLDER_HEADER, stamp.token.encode()))
+                    if self.cont is not None:
+                        returned.headers.append((RESUMED_HEADER, b"1"))
             if not returned.sse:
                 self.status, self.phase = status, Phase.COLLECTING
                 return
+            # Only whole events: a migration can join a peer's at a seam, and each event gets its cursor.
+            answer.whole_events = bool(self.gate.peers) or stamp is not None
             if self.assembling:
                 self.status, self.phase, self.readable = status, Phase.ASSEMBLING, not returned.encoded
                 return
             answer.sse = True
-            answer.whole_events = bool(self.gate.peers)  # only whole events, so a migration can join a peer's
             self.readable = not returned.encoded
             if returned.encoded and self.parser is not None:
                 self.parser.errors += 1  # compressed: passed on, but the output cannot be read
@@ -165,11 +205,17 @@ class LocalExchange(Leg):
         if self.phase is Phase.COLLECTING:
             self.collected.append(body)
             return
+        if self.stitch is not None and self.readable:
+            body = self.stitch.feed(body)
+            if not body:
+                return
         parser = self.parser
         if self.readable and parser is not None:
             parser.feed(body)
         if self.phase is not Phase.ASSEMBLING:
             self.answer.write(body)
+        elif self.answer.stamp is not None:
+            self.answer.write(body, keep_only=True)  # held as events: a retry is answered from them
 
     def on_response_done(self) -> None:
         self.release_upstream()
@@ -184,6 +230,12 @@ class LocalExchange(Leg):
             answer.head(self.status, returned.headers, b"%d" % len(whole))
             answer.complete(collected=whole)
             return
+        if self.stitch is not None and self.readable:
+            tail = self.stitch.finish()
+            if tail:
+                if parser is not None:
+                    parser.feed(tail)
+                answer.write(tail, keep_only=self.phase is Phase.ASSEMBLING)
         if self.phase is Phase.ASSEMBLING and parser is not None:
             self._assembled(parser)
             return
@@ -200,7 +252,7 @@ class LocalExchange(Leg):
             self._end("malformed")
             answer.error(502, "the engine's stream could not be read (compressed)", "upstream_error")
             return
-        whole = answer_json(chat=self.endpoint == "chat", identity=parser.identity, text=parser.text,
+        whole = answer_json(chat=self.endpoint == "chat", identity=parser.identity, text=self.prefix + parser.text,
                             finish_reason=parser.finish_reason, usage=parser.usage, fingerprint=parser.fingerprint)
         self._end(self._ok())
         answer.head(self.status, json_headers(returned.headers), b"%d" % len(whole))
@@ -241,6 +293,14 @@ class LocalExchange(Leg):
     # -- ends ------------------------------------------------------------------------------------
 
     def _client_lost(self) -> None:
+        holding = self.gate.holding
+        if (holding is not None and holding.keep_generating and self.answer.stamp is not None
+                and self.phase in (Phase.SENT, Phase.RELAYING, Phase.ASSEMBLING)):
+            # Resumable: the engine goes on and the answer is held, so the client can come back for the rest.
+            self.answer.detach()
+            self.label = "client_disconnect"
+            self.paused(False)
+            return
         self.cut("client_disconnect")
 
     def interrupt(self, *, migrate: bool) -> None:
@@ -296,8 +356,17 @@ class LocalExchange(Leg):
         self.phase = Phase.HANDED_OVER
         self.gate.untrack(self)
         relay = PeerRelay(self.gate, answer, self.endpoint, flight=flight, stitch=stitch,
-                          assemble=self.assembling)
+                          assemble=self.assembling, prefix=self.prefix)
         relay.body = json.dumps(body, ensure_ascii=False).encode()
+        holding, stamp = self.gate.holding, answer.stamp
+        if holding is not None and stamp is not None:
+            identity = parser.identity or (self.cont.identity if self.cont is not None else AnswerIdentity())
+            handover = Continues(fingerprint=stamp.answer.fingerprint, base=stamp.offset,
+                                 tokens=(self.cont.tokens if self.cont is not None else 0) + parser.content_events,
+                                 prefix_chars=len(self.prefix + parser.text), stream=stamp.answer.origin.stream,
+                                 chat=self.endpoint == "chat", identity=identity,
+                                 role_sent=parser.role_sent or (self.cont is not None and self.cont.role_sent))
+            relay.extra_headers += ((CONTINUES_HEADER, handover.to_header(holding.key)),)
         relay.next_peer()
 
     def _end(self, result: str) -> None:

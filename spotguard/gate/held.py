@@ -85,8 +85,8 @@ class Subscription:
 class HeldAnswer:
     """One answer in the book. The gate keeps the handle and appends through the book."""
 
-    __slots__ = ("id", "fingerprint", "origin", "events", "size", "finished", "created", "expires", "gone",
-                 "subscribers")
+    __slots__ = ("id", "fingerprint", "origin", "events", "size", "finished", "complete", "created", "expires",
+                 "gone", "subscribers")
 
     def __init__(self, answer_id: str, fingerprint: str, origin: Origin, now: float) -> None:
         self.id = answer_id
@@ -95,6 +95,8 @@ class HeldAnswer:
         self.events: list[bytes] = []
         self.size = ANSWER_OVERHEAD + len(origin.body)
         self.finished = False
+        self.complete = False
+        """It finished whole (the engine's last event is held), not cut or failed."""
         self.created = now
         self.expires: float | None = None
         """Set when it finishes: ``ttl`` after its end."""
@@ -168,11 +170,13 @@ class HeldBook:
             subscription.on_data(event)
         self._enforce(answer)
 
-    def finish(self, answer: HeldAnswer, now: float) -> None:
-        """The answer ended (whole, cut, or failed): subscribers are ended, and it expires ``ttl`` from now."""
+    def finish(self, answer: HeldAnswer, now: float, *, complete: bool = True) -> None:
+        """The answer ended, ``complete`` or cut (or failed): subscribers are ended, and it expires ``ttl`` from
+        now."""
         if answer.gone is not None or answer.finished:
             return
         answer.finished = True
+        answer.complete = complete
         answer.expires = now + self.ttl
         del self._running[answer.id]
         self._finished[answer.id] = answer

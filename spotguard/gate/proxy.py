@@ -41,6 +41,7 @@ from spotguard.errors import ConfigError, GateError
 from spotguard.gate.answer import error_body, json_error
 from spotguard.gate.estimate import finishes_within
 from spotguard.gate.exchange import LocalExchange
+from spotguard.gate.holding import Holding
 from spotguard.gate.http1 import ClientConnection, Request, status_line
 from spotguard.gate.journal import LocalJournal
 from spotguard.gate.leg import Leg, drop
@@ -76,8 +77,11 @@ class Gate:
     def __init__(self, *, upstream: str, metrics: Metrics, retry_after: int = 5, read_timeout: float = 600.0,
                  connect_timeout: float = 5.0, max_body: int = MAX_BODY,
                  log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = (),
-                 peers: tuple[str, ...] = (), instance_id: str = "", engine_kind: str = "openai") -> None:
+                 peers: tuple[str, ...] = (), instance_id: str = "", engine_kind: str = "openai",
+                 holding: Holding | None = None) -> None:
         self._routes = Routes(allow_paths)
+        self.holding = holding
+        """Resume (``[resume]``): None when it is off."""
         self.engine = Target(upstream, connect_timeout=connect_timeout)
         self._connect_timeout = connect_timeout
         self.peers = self._peers(peers)
@@ -114,12 +118,12 @@ class Gate:
 
     @classmethod
     def from_config(cls, config: GateConfig, *, metrics: Metrics, log: structlog.stdlib.BoundLogger | None = None,
-                    instance_id: str = "", engine_kind: str = "openai") -> Gate:
+                    instance_id: str = "", engine_kind: str = "openai", holding: Holding | None = None) -> Gate:
         if not config.upstream:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         return cls(upstream=config.upstream, metrics=metrics, retry_after=config.retry_after, log=log,
                    allow_paths=config.allow_paths, peers=config.peers, instance_id=instance_id,
-                   engine_kind=engine_kind)
+                   engine_kind=engine_kind, holding=holding)
 
     def _peers(self, urls: tuple[str, ...]) -> Peers:
         return Peers(urls, connect_timeout=min(self._connect_timeout, PEER_CONNECT_TIMEOUT))
@@ -134,7 +138,7 @@ class Gate:
     def assembles(self) -> bool:
         """Non-streaming requests are asked of the engine as streams (``assemble.py``): only worth it where
         their output so far can be continued elsewhere."""
-        return bool(self.peers)
+        return bool(self.peers) or self.holding is not None
 
     @property
     def state(self) -> DesiredState:
@@ -314,14 +318,18 @@ class Gate:
         task.add_done_callback(self._tasks.discard)
 
     def _sweep(self) -> None:
-        """Fail requests whose target has sent nothing for ``read_timeout`` s (one timer, not one per read)."""
+        """Fail requests whose target has sent nothing for ``read_timeout`` s (one timer, not one per read),
+        and forget held answers whose ttl has passed."""
         self._sweeper = None
         now = asyncio.get_running_loop().time()
         for leg in list(self.legs):
             upstream = leg.upstream
             if upstream is not None and now - upstream.last_read > self._read_timeout:
                 leg.read_timed_out()
-        if self.legs:
+        holding = self.holding
+        if holding is not None:
+            holding.sweep(now)
+        if self.legs or (holding is not None and (len(holding.book) or holding.moved)):
             self._sweeper = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._sweep)
 
     def stop_listening(self) -> None:

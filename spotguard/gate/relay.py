@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from spotguard.gate.answer import ClientAnswer
 from spotguard.gate.assemble import answer_json
+from spotguard.gate.holding import HOLDER_HEADER, RESUMED_HEADER, header
 from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
 from spotguard.gate.output import OutputParser
@@ -43,10 +44,10 @@ class PeerRelay(Leg):
     """One request on its way through the peers."""
 
     __slots__ = ("flight", "stitch", "order", "peer", "skipping", "again", "tries", "cut_at", "ended", "assemble",
-                 "parser")
+                 "parser", "prefix", "verbatim")
 
     def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
-                 stitch: StreamStitch | None = None, assemble: bool = False) -> None:
+                 stitch: StreamStitch | None = None, assemble: bool = False, prefix: str = "") -> None:
         self.order: Iterator[Target] = gate.peers.order()
         super().__init__(gate, answer, endpoint, gate.engine)
         self.flight = flight
@@ -62,6 +63,10 @@ class PeerRelay(Leg):
         """The client asked for one JSON answer: the peer's stream is read whole, then joined to the local part."""
         self.parser = OutputParser(chat=endpoint == "chat") if stitch is not None else None
         """What the peer added, as the client has it (stitched): a second cut, or the index, needs it."""
+        self.prefix = prefix
+        """The text the client had before the local part (this gate itself continued the answer)."""
+        self.verbatim = False
+        """The peer holds the answer: its events come joined and with its cursors, and are relayed as they are."""
         self.cut_at = self.loop.time() if flight is not None else 0.0
         self.ended = False
         self.extra_headers = (gate.forwarded_header,)
@@ -146,12 +151,32 @@ class PeerRelay(Leg):
             self.answer.head(status, returned.headers, returned.length)
         elif status != 200:
             self.give_up(f"the replica continuing this answer refused it ({status}); retry it")
+        else:
+            holder = header(headers, HOLDER_HEADER)
+            if holder is not None and header(headers, RESUMED_HEADER) is not None:
+                self._holder_took_over(holder.decode("ascii", "replace"))
+
+    def _holder_took_over(self, token: str) -> None:
+        """The peer is a gate of the fleet and holds the answer now: its events come joined and with its own
+        cursors, so they are relayed as they are; a retry of this answer is sent there."""
+        self.stitch = None
+        self.verbatim = True
+        answer, holding = self.answer, self.gate.holding
+        stamp = answer.stamp
+        if stamp is not None and holding is not None:
+            holding.moved_to(stamp.answer_id, token, stamp.offset)
+            answer.last_id = stamp.last()
+            answer.stamp = None
+            stamp.finish(self.loop.time(), complete=False)
+        answer.track_ids = True
 
     def on_response_body(self, body: bytes) -> None:
         if self.skipping:
             return
         if self.stitch is not None:
             self._stitched(self.stitch.feed(body))
+        elif self.verbatim:
+            self._stitched(body)
         else:
             self.answer.send(body)
 
@@ -181,8 +206,8 @@ class PeerRelay(Leg):
         parser.finish()
         local = flight.parser
         whole = answer_json(chat=self.endpoint == "chat", identity=local.identity or parser.identity,
-                            text=local.text + parser.text, finish_reason=parser.finish_reason, usage=parser.usage,
-                            fingerprint=local.fingerprint or parser.fingerprint)
+                            text=self.prefix + local.text + parser.text, finish_reason=parser.finish_reason,
+                            usage=parser.usage, fingerprint=local.fingerprint or parser.fingerprint)
         self._end("migrated")
         self.answer.head(200, [(b"content-type", b"application/json")], b"%d" % len(whole))
         self.answer.complete(collected=whole)
@@ -214,8 +239,7 @@ class PeerRelay(Leg):
             self.cut_at = 0.0
         if self.parser is not None:
             self.parser.feed(data)
-        if not self.assemble:
-            self.answer.send(data)
+        self.answer.write(data, keep_only=self.assemble)
 
     # -- ends ------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from spotguard import __version__, logs, sdnotify
 from spotguard.config import Config
 from spotguard.errors import GateError
 from spotguard.gate.control import GateControl, control_path, listen_unix, serve_control
+from spotguard.gate.holding import Holding
 from spotguard.gate.proxy import Gate, listen_socket, run_gate
 from spotguard.metrics import Metrics
 
@@ -29,8 +30,10 @@ STOP_POLL = 0.05
 async def run_gate_process(config: Config) -> int:
     """Serve until a signal or ``stop``; returns the exit code."""
     log = logs.get("gate")
-    gate = Gate.from_config(config.gate, metrics=Metrics(), log=log,
-                            instance_id=config.agent.instance_id, engine_kind=config.server.kind)
+    metrics = Metrics()
+    holding = Holding.from_config(config, metrics, log)
+    gate = Gate.from_config(config.gate, metrics=metrics, log=log, instance_id=config.agent.instance_id,
+                            engine_kind=config.server.kind, holding=holding)
     path = control_path(config)
     # Both sockets before anything runs: a gate already running (or the port taken) is a plain error.
     control_sock = listen_unix(path)

@@ -62,6 +62,6 @@ class Stamp:
             out.append(tail)
         return b"".join(out)
 
-    def finish(self, now: float) -> None:
-        """No event follows: the answer is kept ``ttl`` from now."""
-        self.book.finish(self.answer, now)
+    def finish(self, now: float, *, complete: bool) -> None:
+        """No event follows (``complete``: the answer ended whole): it is kept ``ttl`` from now."""
+        self.book.finish(self.answer, now, complete=complete)
