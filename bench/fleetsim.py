@@ -40,10 +40,11 @@ from bench.sim.behaviour import (  # noqa: E402
 from bench.sim.errors import SimInputError  # noqa: E402
 from bench.sim.fleet import Costs, FleetSpec, simulate  # noqa: E402
 from bench.sim.measured import load_detect, load_fleet, load_migrate  # noqa: E402
-from bench.sim.schedule import MONTH_S, Schedule  # noqa: E402
+from bench.sim.schedule import Schedule  # noqa: E402
 from bench.sim.validate import measured_pieces, validate  # noqa: E402
 
 DATA = REPO / "bench" / "data"
+SYNTHETIC_DAYS = 3650
 SPOT_DISCOUNT = 0.60
 """The low end of the 60-91 % Spot VM discount Google publishes (https://cloud.google.com/skus); pass your
 instance type's own figure (AWS: Spot Instance Advisor, "savings over On-Demand")."""
@@ -58,7 +59,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--monthly-rate", type=float, help="synthetic: chance a replica is interrupted in a month")
     source.add_argument("--cloud", choices=("aws", "gcp", "azure"), help="sets the notice window (trace: guessed "
                         "from its directory name; synthetic: aws)")
-    source.add_argument("--days", type=float, help="simulated days (trace: all of it; synthetic: 30)")
+    source.add_argument("--days", type=float, help="simulated days (trace: all of it; synthetic: 3650, so that rare "
+                        "zone-wide events average out)")
     source.add_argument("--zones", type=int, default=3, help="synthetic: zones the fleet spreads over")
     source.add_argument("--zone-share", type=float, help="synthetic: share of evictions that are zone-wide "
                         "(default: measured on the public traces, per cloud)")
@@ -75,6 +77,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     fleet.add_argument("--workload", type=Path, help="request lengths: Azure LLM trace CSV or JSON lines "
                        "(default: exponential lengths with the Azure conversation trace's means)")
     fleet.add_argument("--stream-share", type=float, default=1.0, help="share of clients that stream")
+    fleet.add_argument("--output-scale", type=float, default=1.0, help="what if answers were this many times longer")
     fleet.add_argument("--health-interval", type=float, help="balancer health-check interval, s (default: the bench's)")
     fleet.add_argument("--health-fall", type=int, help="failed checks before a node is out (default: the bench's)")
     fleet.add_argument("--peers-per-node", type=int, default=1)
@@ -116,7 +119,7 @@ def _schedule(args: argparse.Namespace, replicas: int) -> Schedule:
     monthly = args.monthly_rate if args.monthly_rate is not None else synthetic.monthly_probability(args.bucket)
     share, fraction = synthetic.ZONE_CORRELATION[cloud]
     return synthetic.synthetic_schedule(
-        cloud=cloud, zones=args.zones, replicas=replicas, monthly=monthly, duration_s=duration or MONTH_S, rng=rng,
+        cloud=cloud, zones=args.zones, replicas=replicas, monthly=monthly, duration_s=duration or SYNTHETIC_DAYS * 86400, rng=rng,
         zone_share=share if args.zone_share is None else args.zone_share,
         zone_fraction=fraction if args.zone_fraction is None else args.zone_fraction,
         label=f"bucket {args.bucket} ({monthly:.1%} a month)" if args.bucket else "")
@@ -182,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         mean_in, mean_out = workload.AZURE_CONV_MEANS
         requests = workload.exponential(mean_input=mean_in, mean_output=mean_out, n=20000,
                                         stream_share=args.stream_share, rng=rng)
+    requests = requests.scaled(args.output_scale)
     pieces, sources = _measured(args, schedule.cloud)
     policies = tuple(p for p in args.policies.split(",") if p)
     if "resume" in policies and pieces.resume_delay_s is None:
@@ -210,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps(report.as_json(schedule, results, inputs), indent=1))
     if args.svg:
-        args.svg.write_text(picture.render(results, f"spotguard on a fleet: {schedule.source}", f"{line}. {assumed}."))
+        args.svg.write_text(picture.render(results, f"spotguard on {args.gpus:,} GPUs: what evictions cost, per policy",
+                                           f"{line}. Assumed: {assumed}."))
     return 0
 
 

@@ -8,10 +8,12 @@ lighter), and cost per delivered token against the same fleet all on-demand.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from xml.sax.saxutils import escape
 
 from bench.sim.fleet import PolicyResult
+from bench.sim.report import seconds
 from spotguard.control.svg import FONT, _nice_step
 
 WIDTH = 980
@@ -37,7 +39,7 @@ def _panel(x0: float, y0: float, title: str, results: list[PolicyResult], value:
     """One panel: a bar per policy; ``under`` (if given) is drawn darker inside the bar (p50 in p99; compute
     waste inside all waste)."""
     chart_x = x0 + LABEL_W
-    chart_w = PANEL_W - LABEL_W - 70
+    chart_w = PANEL_W - LABEL_W - 120
     top = _axis_max([value(r) for r in results])
     out = [f'<text x="{x0}" y="{y0}" font-weight="bold">{escape(title)}</text>']
     height = len(results) * ROW_H
@@ -72,20 +74,23 @@ def _panel(x0: float, y0: float, title: str, results: list[PolicyResult], value:
 
 
 def _latency_text(r: PolicyResult) -> str:
-    return f"{r.added_latency(50):.2f} / {r.added_latency(99):.2f} s"
+    return f"{seconds(r.added_latency(50))} / {seconds(r.added_latency(99))}"
 
 
 def render(results: list[PolicyResult], title: str, subtitle: str) -> str:
     """The SVG document."""
     panel_h = len(results) * ROW_H + 70
-    height = TOP + 2 * panel_h + 30
+    lines = textwrap.wrap(subtitle, 150)
+    top = TOP + 15 * (len(lines) - 1)
+    height = top + 2 * panel_h - 10
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
            f'viewBox="0 0 {WIDTH} {height}" {FONT} font-size="12">',
            f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>',
-           f'<text x="12" y="24" font-size="16" font-weight="bold">{escape(title)}</text>',
-           f'<text x="12" y="44" fill="#444" font-size="11">{escape(subtitle)}</text>']
+           f'<text x="12" y="24" font-size="16" font-weight="bold">{escape(title)}</text>']
+    out += [f'<text x="12" y="{44 + 15 * i}" fill="#444" font-size="11">{escape(line)}</text>'
+            for i, line in enumerate(lines)]
     left, right = 12, 12 + PANEL_W + 16
-    first, second = TOP + 10, TOP + 10 + panel_h
+    first, second = top + 10, top + 10 + panel_h
     idle_share = {r.policy: r.idle_gpu_h / (r.wasted_gpu_h + r.idle_gpu_h) if r.wasted_gpu_h + r.idle_gpu_h else 0.0
                   for r in results}
     out += _panel(left, first, "requests lost per million", results, lambda r: r.lost_per_million,

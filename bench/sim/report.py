@@ -12,15 +12,16 @@ HEADERS = ("policy", "lost /M req", "touched /M req", "tokens gen/deliv", "added
            "GPU-h wasted /1000 (idle)", "cost vs on-demand", "$/M tokens")
 
 
-def _seconds(value: float) -> str:
+def seconds(value: float) -> str:
+    """Milliseconds below a second, else seconds with one decimal."""
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
 def row(result: PolicyResult) -> tuple[str, ...]:
     idle = 1000 * result.idle_gpu_h / result.paid_gpu_h if result.paid_gpu_h else 0.0
     return (result.label, f"{result.lost_per_million:.1f}", f"{result.affected_per_million:.1f}",
-            f"{result.generated_per_delivered:.5f}", _seconds(result.added_latency(50)),
-            _seconds(result.added_latency(99)), f"{result.wasted_per_1000:.2f} ({idle:.2f})",
+            f"{result.generated_per_delivered:.5f}", seconds(result.added_latency(50)),
+            seconds(result.added_latency(99)), f"{result.wasted_per_1000:.2f} ({idle:.2f})",
             f"{result.cost_ratio:.3f}", "-" if result.cost_per_mtok is None else f"{result.cost_per_mtok:.3f}")
 
 

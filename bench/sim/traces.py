@@ -153,6 +153,6 @@ def to_schedule(trace: Trace, replicas: int, *, rng: random.Random, correlated: 
                               for _ in range(before - after)]
     evictions.sort(key=lambda e: e.at_s)
     mode = "zone drops at once" if correlated else "each eviction on its own"
-    return Schedule(f"trace {trace.source} ({len(trace.zones)} zones, {mode})", trace.cloud,
+    return Schedule(f"trace {Path(trace.source).name} ({len(trace.zones)} zones, {mode})", trace.cloud,
                     tuple(z.name for z in trace.zones), replicas, (slots - 1) * trace.gap_s, tuple(evictions),
                     spot_s, on_demand_s)

@@ -37,6 +37,16 @@ class Workload:
     source: str
     requests: tuple[Request, ...]
 
+    def scaled(self, output_scale: float) -> Workload:
+        """The same requests with answers ``output_scale`` times as long (a what-if for longer answers)."""
+        if output_scale <= 0:
+            raise SimInputError(f"--output-scale must be positive, got {output_scale}")
+        if output_scale == 1:
+            return self
+        return Workload(f"{self.source}, answers x{output_scale:g}",
+                        tuple(Request(r.sent_s, r.input_tokens, max(1, round(r.output_tokens * output_scale)),
+                                      r.stream) for r in self.requests))
+
     def mean_service_s(self, tokens_per_s: float, prefill_tokens_per_s: float) -> float:
         """Mean seconds a request holds a slot: prefill of its input, then one token after another."""
         total = sum(r.input_tokens / prefill_tokens_per_s + r.output_tokens / tokens_per_s for r in self.requests)
@@ -102,7 +112,7 @@ def load(path: Path, *, stream_share: float, rng: random.Random) -> Workload:
     requests = [r for r in requests if r.output_tokens > 0]
     if not requests:
         raise SimInputError(f"{path}: no request with output tokens")
-    return Workload(str(path), tuple(requests))
+    return Workload(path.name, tuple(requests))
 
 
 AZURE_CONV_MEANS = (1155, 211)
