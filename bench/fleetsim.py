@@ -119,8 +119,8 @@ def _schedule(args: argparse.Namespace, replicas: int) -> Schedule:
     monthly = args.monthly_rate if args.monthly_rate is not None else synthetic.monthly_probability(args.bucket)
     share, fraction = synthetic.ZONE_CORRELATION[cloud]
     return synthetic.synthetic_schedule(
-        cloud=cloud, zones=args.zones, replicas=replicas, monthly=monthly, duration_s=duration or SYNTHETIC_DAYS * 86400, rng=rng,
-        zone_share=share if args.zone_share is None else args.zone_share,
+        cloud=cloud, zones=args.zones, replicas=replicas, monthly=monthly,
+        duration_s=duration or SYNTHETIC_DAYS * 86400, rng=rng, zone_share=share if args.zone_share is None else args.zone_share,
         zone_fraction=fraction if args.zone_fraction is None else args.zone_fraction,
         label=f"bucket {args.bucket} ({monthly:.1%} a month)" if args.bucket else "")
 
@@ -137,9 +137,9 @@ def _measured(args: argparse.Namespace, cloud: str) -> tuple[Measured, dict[str,
     inter = args.health_interval or inter
     fall = args.health_fall or fall
     if bench:
-        pieces = measured_pieces(bench, migrate)
         # The bench's balancer timing, moved to this fleet's health checks.
-        after_ready = pieces.lb_after_ready_s + health_delay_s(inter, fall) - health_delay_s(*bench.health)
+        after_ready = (measured_pieces(bench, migrate).lb_after_ready_s + health_delay_s(inter, fall)
+                       - health_delay_s(*bench.health))
     else:
         after_ready = health_delay_s(inter, fall)
     resume = None

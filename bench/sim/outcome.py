@@ -83,12 +83,13 @@ def _cut(client: Client, req: Request, engine: Engine, behaviour: Behaviour, *, 
         return Outcome(True, progress, 0, reprefill, 0.0, True, busy_s)
     # The gate answers a cut request whose answer had not begun with 503 + Retry-After; a VM going away just
     # breaks the connection, and the SDK backs off on its own.
-    return _retried(client, req, behaviour, failed_at=at,
-                    server_delay=behaviour.refusal_retry_after and not by_death, generated_before=progress, reprefill=reprefill + (req.input_tokens if busy_s > 0 else 0),
-                    busy_s=busy_s, rng=rng)
+    prefilled_here = req.input_tokens if busy_s > 0 else 0
+    return _retried(client, req, behaviour, failed_at=at, server_delay=behaviour.refusal_retry_after and not by_death,
+                    generated_before=progress, reprefill=reprefill + prefilled_here, busy_s=busy_s, rng=rng)
 
 
 def _taken(behaviour: Behaviour, at: float) -> float:
+    """The chance a hand-off at ``at`` reaches a node other than this one."""
     return 1.0 - behaviour.peer_miss if at < behaviour.lb_stop_s else 1.0
 
 
@@ -121,7 +122,8 @@ def outcome(req: Request, behaviour: Behaviour, engine: Engine, client: Client, 
         return Outcome(False, req.output_tokens, req.output_tokens, 0, 0.0, False, max(0.0, end - max(t0, 0.0)))
     busy = max(0.0, cut - max(t0, 0.0))
     progress = int(min(req.output_tokens, max(0.0, cut - t0 - prefill_s) * engine.tokens_per_s))
-    if behaviour.peers and peer_alive and cut < window and rng.random() < behaviour.migrated_ok * _taken(behaviour, cut):
+    migrates = behaviour.peers and peer_alive and cut < window
+    if migrates and rng.random() < behaviour.migrated_ok * _taken(behaviour, cut):
         seam = behaviour.seam_s + (req.input_tokens + progress) / engine.prefill_tokens_per_s
         finish = cut + seam + (req.output_tokens - progress) / engine.tokens_per_s
         reprefill = req.input_tokens + progress

@@ -86,7 +86,7 @@ def measured_pieces(bench: FleetBench, migrate: MigrateBench, variant: str = "sp
 
 def _resume_delay(bench: FleetBench, variant: str) -> float | None:
     """Median latency added to requests that outlasted the window and still completed (they were resumed)."""
-    added = [r.latency_s - r.request.output_tokens / bench.tokens_per_s - r.request.sent_s
+    added = [r.latency_s - r.request.output_tokens / bench.tokens_per_s
              for round_ in bench.variants.get(variant, ()) for r in round_.requests
              if r.cls == "outlasting" and r.request.stream and not r.lost and r.latency_s is not None]
     return max(0.0, statistics.median(added)) if added else None

@@ -49,9 +49,13 @@ def _round(*, during: int, others_before: int, others_after: int, lost: dict[str
                               "client (nothing resumes them)" if spotguard else "plain SDK clients"}
 
 
-def document(*, spotguard_during_lost: int = 0) -> dict[str, Any]:
+RESUMABLE = "streams through spotguard.client.resumable_async_http_client()"
+
+
+def document(*, spotguard_during_lost: int = 0, resumed_after_s: float | None = None) -> dict[str, Any]:
     """The whole document; ``spotguard_during_lost`` marks that many of spotguard's during-drain requests
-    lost (a measurement the model must NOT match)."""
+    lost (a measurement the model must NOT match); ``resumed_after_s``: spotguard's streams went through the
+    resumable client and its outlasting stream completed that many seconds late."""
     base_lost = {"finishable": [False, False], "outlasting": [True, False]}
     guard_lost = {"finishable": [True, False], "outlasting": [True, False]}
     baseline = [_round(during=81, others_before=20, others_after=6, lost=base_lost, generated=5185, lb_down=14.7,
@@ -63,6 +67,16 @@ def document(*, spotguard_during_lost: int = 0) -> dict[str, Any]:
              _round(during=83, others_before=20, others_after=6, lost=guard_lost, generated=4985, lb_down=2.8,
                     spotguard=True)]
     for round_ in guard:
+        if resumed_after_s is not None:  # with resume nothing is lost, and only the plain calls' retries waste
+            round_["streams_client"] = RESUMABLE
+            for request in round_["requests"]:
+                if request["class"] in ("finishable", "outlasting") and request["stream"]:
+                    tokens = request["expected_tokens"]
+                    request.update(lost=False, tokens=tokens, error=None, latency_s=tokens / RATE + resumed_after_s)
+            for cls in ("finishable", "outlasting"):
+                round_["classes"][cls]["lost"] = 0
+            round_["tokens_delivered"] = sum(r["expected_tokens"] for r in round_["requests"] if not r["lost"])
+            round_["tokens_generated"] = round_["tokens_delivered"] + 500
         marked = 0
         for request in round_["requests"]:
             if request["class"] == "during_drain" and marked < spotguard_during_lost:

@@ -64,3 +64,14 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path: Path, capsys: pytest.C
     assert err.startswith("fleetsim: ") and "z.json" in err and "gap_seconds" in err
     assert fleetsim.main(["--gpus", "100"]) == 2
     assert "--trace DIR, --bucket or --monthly-rate" in capsys.readouterr().err
+
+
+def test_a_resume_measurement_adds_the_resume_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.bench import fleet_fixture
+
+    resumed = fleet_fixture.write(tmp_path / "resume.json", resumed_after_s=3.0)
+    assert fleetsim.main(["--bucket", ">20%", "--cloud", "gcp", "--gpus", "100", "--samples", "300",
+                          "--resume-json", str(resumed), "--json", str(tmp_path / "out.json")]) == 0
+    policies = json.loads((tmp_path / "out.json").read_text())["policies"]
+    assert [p["policy"] for p in policies][-1] == "resume"
+    assert "| peers + resume" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import pytest
 
 from bench.sim.errors import SimInputError
 from bench.sim.measured import load_fleet, load_migrate
-from bench.sim.validate import validate, wilson
+from bench.sim.validate import measured_pieces, validate, wilson
 from tests.bench import fleet_fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +45,16 @@ def test_a_measurement_the_model_cannot_explain_fails(tmp_path: Path) -> None:
     classes, _ = validate(load_fleet(path), load_migrate(MIGRATE))
     failed = {(c.variant, c.cls) for c in classes if not c.ok}
     assert failed == {("spotguard", "during_drain")}
+
+
+def test_a_run_with_resume_is_checked_as_resume_and_gives_its_delay(tmp_path: Path) -> None:
+    bench = load_fleet(fleet_fixture.write(tmp_path / "fleet.json", resumed_after_s=3.0))
+    assert bench.resumable("spotguard") and not bench.resumable("baseline")
+    assert measured_pieces(bench, load_migrate(MIGRATE)).resume_delay_s == pytest.approx(3.0)
+    classes, tokens = validate(bench, load_migrate(MIGRATE))
+    outlasting = next(c for c in classes if c.variant == "spotguard" and c.cls == "outlasting")
+    assert outlasting.measured_lost == (0, 0) and outlasting.predicted_lost == pytest.approx(0.0)
+    assert all(c.ok for c in classes)
 
 
 def test_wilson_interval() -> None:
