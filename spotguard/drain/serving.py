@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from spotguard.config import DrainConfig
 from spotguard.drain.step import DrainContext, StepResult, step_time_left, tail_reserve
 from spotguard.errors import EngineError, GateError
 
@@ -87,6 +88,22 @@ async def inflight_count(ctx: DrainContext) -> InflightReading:
     return InflightReading(max(counts) if counts else None, unreadable)
 
 
+def wait_inflight_budget(left: float, drain: DrainConfig, *, snapshot: bool, peers: bool) -> float:
+    """Seconds wait_inflight may wait when ``left`` seconds remain to the drain deadline.
+
+    A pure function of the plan, so bench/fleetsim.py can tell when a drain cuts what is still running.
+    """
+    reserve = tail_reserve(left)
+    if snapshot:
+        # The snapshot saves whatever is still running: never let waiting eat all of its time.
+        reserve += min(drain.snapshot_budget, 0.5 * (left - reserve))
+    if peers:
+        # What is still running then is continued on a peer and relayed until the deadline: leave it half
+        # of what is left, so a request that would not finish here in time can finish there.
+        reserve += 0.5 * (left - reserve)
+    return max(0.0, min(drain.wait_inflight_budget, left - reserve))
+
+
 class WaitInflight:
     """Wait for running requests to finish, keeping enough time for the snapshot after it."""
 
@@ -95,16 +112,8 @@ class WaitInflight:
     floor = 0.0
 
     def budget(self, ctx: DrainContext) -> float:
-        left = ctx.seconds_left()
-        reserve = tail_reserve(left)
-        if ctx.services.snapshot is not None:
-            # The snapshot saves whatever is still running: never let waiting eat all of its time.
-            reserve += min(ctx.config.drain.snapshot_budget, 0.5 * (left - reserve))
-        if ctx.config.gate.peers and ctx.services.journal is not None:
-            # What is still running then is continued on a peer and relayed until the deadline: leave it half
-            # of what is left, so a request that would not finish here in time can finish there.
-            reserve += 0.5 * (left - reserve)
-        return max(0.0, min(ctx.config.drain.wait_inflight_budget, left - reserve))
+        return wait_inflight_budget(ctx.seconds_left(), ctx.config.drain, snapshot=ctx.services.snapshot is not None,
+                                    peers=bool(ctx.config.gate.peers) and ctx.services.journal is not None)
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
         begin = anyio.current_time()
