@@ -322,7 +322,17 @@ class LocalExchange(Leg):
         self.close_upstream()
         self._end(reason)
         if reason == "interrupted":
+            self._index()
             self.answer.interrupted(CUT_MESSAGE)
+
+    def _index(self) -> None:
+        """Cut for good here (no peer took it): the fleet's index says what the client has, to go on elsewhere."""
+        holding, stamp, flight, parser = self.gate.holding, self.answer.stamp, self.flight, self.parser
+        if holding is None or stamp is None or flight is None or parser is None:
+            return
+        self.gate.index_cut(answer_id=stamp.answer_id, holder=holding.holder, fingerprint=stamp.answer.fingerprint,
+                            flight=flight, output=parser.text, tokens=parser.content_events, delivered=stamp.offset,
+                            identity=parser.identity, role_sent=parser.role_sent, prefix=self.prefix)
 
     def _migrate(self) -> None:
         flight, parser, answer = self.flight, self.parser, self.answer

@@ -25,6 +25,7 @@ import structlog
 from spotguard.gate.cursor import AnswerCursors, CursorKey, advertised_holder, new_answer_id
 from spotguard.gate.held import HeldBook, Origin
 from spotguard.gate.stamp import Stamp
+from spotguard.gate.targets import Target
 
 if TYPE_CHECKING:
     from spotguard.config import Config
@@ -39,6 +40,10 @@ IDEMPOTENCY_KEY = b"idempotency-key"
 RETRY_COUNT = b"x-stainless-retry-count"
 AUTH_HEADERS = (b"authorization", b"api-key", b"x-api-key")
 """What binds an answer to its requester: any of these the request carries."""
+HOLDER_CONNECT_TIMEOUT = 1.0
+"""Seconds to connect to a holder: a dead one must not hold the client up (the index is next)."""
+MAX_TARGETS = 32
+"""Holders whose connections are kept at once (a few at an eviction)."""
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -88,6 +93,8 @@ class Holding:
         self.index = index
         self.keep_generating = keep_generating
         self.lookup_timeout = lookup_timeout
+        self.targets: dict[str, Target] = {}
+        """Kept-alive connections to the other holders this gate asked (a few at a time)."""
         self.moved: dict[str, tuple[str, int, float]] = {}
         """Answers this gate handed to another holder: answer id -> (that holder's token, the offset its
         part starts at, until when it is worth knowing)."""
@@ -121,6 +128,22 @@ class Holding:
         cursors = AnswerCursors(self.key, self.holder, answer_id, fingerprint=fingerprint, ttl=self.ttl,
                                 now=time.time())
         return Stamp(cursors, self.book.add(answer_id, fingerprint, origin, now), self.book, base=origin.base)
+
+    def target(self, holder: str) -> Target:
+        """Where to send a request for an answer ``holder`` holds (its connections are kept alive)."""
+        found = self.targets.pop(holder, None)
+        if found is None:
+            found = Target(holder, connect_timeout=HOLDER_CONNECT_TIMEOUT, what="a resume cursor's holder")
+            if len(self.targets) >= MAX_TARGETS:
+                oldest = next(iter(self.targets))
+                self.targets.pop(oldest).pool.close()
+        self.targets[holder] = found  # the most recent last
+        return found
+
+    def close(self) -> None:
+        for target in self.targets.values():
+            target.pool.close()
+        self.targets.clear()
 
     def moved_to(self, answer_id: str, token: str, base: int) -> None:
         self.moved[answer_id] = (token, base, time.time() + self.ttl)

@@ -28,7 +28,7 @@ import dataclasses
 import socket
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -37,21 +37,27 @@ from prometheus_client import Counter
 
 from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
-from spotguard.errors import ConfigError, GateError
+from spotguard.errors import ConfigError, GateError, StoreError
 from spotguard.gate.answer import error_body, json_error
 from spotguard.gate.estimate import finishes_within
 from spotguard.gate.exchange import LocalExchange
-from spotguard.gate.holding import Holding
+from spotguard.gate.holding import Holding, retry_signal
 from spotguard.gate.http1 import ClientConnection, Request, status_line
 from spotguard.gate.journal import LocalJournal
 from spotguard.gate.leg import Leg, drop
 from spotguard.gate.peers import FORWARDED_HEADER, Peers
 from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry
-from spotguard.gate.registry import Registry
+from spotguard.gate.registry import Flight, Registry
 from spotguard.gate.relay import PeerRelay
+from spotguard.gate.resume import Resumption
 from spotguard.gate.routes import Routes
+from spotguard.gate.stitch import AnswerIdentity
 from spotguard.gate.targets import Target
 from spotguard.metrics import Metrics
+from spotguard.storage.answer_index import IndexEntry, KeptIdentity
+
+if TYPE_CHECKING:
+    from spotguard.storage.answer_index import AnswerIndex
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 """Paths whose POSTs are journaled, and their label in metrics."""
@@ -67,6 +73,8 @@ STATS_GAPS = 100
 """Recent seam gaps sent with each stats answer (the daemon polls every second)."""
 HANDOVER_CHECK = 0.5
 """Seconds between checks, while draining, of which answers will not finish here before the drain deadline."""
+INDEX_WRITE_TIMEOUT = 5.0
+"""Most seconds an index entry may take to be written (less when the VM goes sooner)."""
 TIMEOUT_SWEEP = 1.0
 """Seconds between checks for engine answers that stopped arriving (read timeout)."""
 
@@ -259,6 +267,33 @@ class Gate:
         child.inc()
         self._counts[key] = self._counts.get(key, 0) + 1
 
+    def index_cut(self, *, answer_id: str, holder: str, fingerprint: str, flight: Flight, output: str, tokens: int,
+                  delivered: int, identity: AnswerIdentity | None, role_sent: bool, prefix: str = "") -> None:
+        """Write the fleet's index entry of an answer the client will resume elsewhere (in the background,
+        before the VM goes): who holds it, and what the client has."""
+        holding = self.holding
+        if holding is None or holding.index is None:
+            return
+        from spotguard.storage.answer_index import IndexEntry
+
+        ident = identity or AnswerIdentity()
+        now = time.time()
+        entry = IndexEntry(answer_id=answer_id, fingerprint=fingerprint, holder=holder, endpoint=flight.endpoint,
+                           model=flight.model, stream=flight.stream, body=flight.body, output=output,
+                           delivered=delivered, tokens=tokens, prefix=prefix,
+                           identity=KeptIdentity(id=ident.id, created=ident.created, model=ident.model,
+                                                 object=ident.object, role_sent=role_sent),
+                           created=now, expires=now + holding.ttl)
+        vm = self._state.vm_deadline
+        seconds = max(0.5, min(INDEX_WRITE_TIMEOUT, vm.timestamp() - now if vm is not None else INDEX_WRITE_TIMEOUT))
+        self.spawn(self._write_index(holding.index, entry, seconds))
+
+    async def _write_index(self, index: AnswerIndex, entry: IndexEntry, seconds: float) -> None:
+        try:
+            await index.write(entry, deadline=anyio.current_time() + seconds)
+        except StoreError as exc:
+            self.log.warning("resume_index_write_failed", answer=entry.answer_id, error=str(exc))
+
     def migration_stats(self) -> dict[str, Any]:
         """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled."""
         return {"seams": self.seams, "seam_gaps": self.seam_gaps[-STATS_GAPS:],
@@ -279,6 +314,14 @@ class Gate:
             request.target = verdict.raw_path + (b"?" + query if query else b"")
             request.path = verdict.path
         kind = JOURNALED.get(request.path) if request.method == b"POST" else None
+        if kind is not None and self.holding is not None and retry_signal(request.headers):
+            Resumption(self, connection, request, kind).read_body()
+            return
+        self.dispatch(connection, request, kind or "other")
+
+    def dispatch(self, connection: ClientConnection, request: Request, endpoint: str) -> None:
+        """A request to answer as a new one: here, by a peer while draining, or refused."""
+        kind = endpoint if endpoint in JOURNALED.values() else None
         if self._state.draining:
             forwarded = any(name.lower() == FORWARDED_HEADER for name, _ in request.headers)
             if self.peers and not forwarded and not self._past_deadline:
@@ -311,11 +354,12 @@ class Gate:
     def untrack(self, leg: Leg) -> None:
         self.legs.discard(leg)
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` in a task the gate keeps, and cancels when it closes."""
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _sweep(self) -> None:
         """Fail requests whose target has sent nothing for ``read_timeout`` s (one timer, not one per read),
@@ -356,6 +400,8 @@ class Gate:
         self._vm_timer = self._handover = None
         self.engine.pool.close()
         self.peers.close()
+        if self.holding is not None:
+            self.holding.close()
 
 
 def nodelay_socket(host: str, port: int) -> socket.socket:

@@ -14,8 +14,10 @@ answer began ends the client's answer with a retryable error, as does the VM's d
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
+from spotguard.errors import ResumeRefused
 from spotguard.gate.answer import ClientAnswer
 from spotguard.gate.assemble import answer_json
 from spotguard.gate.holding import HOLDER_HEADER, RESUMED_HEADER, header
@@ -44,7 +46,7 @@ class PeerRelay(Leg):
     """One request on its way through the peers."""
 
     __slots__ = ("flight", "stitch", "order", "peer", "skipping", "again", "tries", "cut_at", "ended", "assemble",
-                 "parser", "prefix", "verbatim")
+                 "parser", "prefix", "verbatim", "held_by", "fingerprint", "tokens_before")
 
     def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
                  stitch: StreamStitch | None = None, assemble: bool = False, prefix: str = "") -> None:
@@ -67,6 +69,12 @@ class PeerRelay(Leg):
         """The text the client had before the local part (this gate itself continued the answer)."""
         self.verbatim = False
         """The peer holds the answer: its events come joined and with its cursors, and are relayed as they are."""
+        stamp = answer.stamp
+        self.held_by = (gate.holding.holder, stamp.answer_id) if stamp is not None and gate.holding else None
+        """(holder, answer id) of the answer the client is reading: this gate's, until a peer takes it over."""
+        self.fingerprint = stamp.answer.fingerprint if stamp is not None else ""
+        self.tokens_before = 0
+        """Output tokens the client had before the local part (when this gate itself held a continuation)."""
         self.cut_at = self.loop.time() if flight is not None else 0.0
         self.ended = False
         self.extra_headers = (gate.forwarded_header,)
@@ -168,6 +176,13 @@ class PeerRelay(Leg):
             answer.last_id = stamp.last()
             answer.stamp = None
             stamp.finish(self.loop.time(), complete=False)
+            try:
+                there = holding.key.verify(f"{token}.0", fingerprint=self.fingerprint, now=time.time())
+            except ResumeRefused:
+                there = None
+            if there is not None:
+                self.held_by = (there.holder, there.answer_id)
+                self.index()  # a kill -9 of this node from now on loses nothing: the fleet knows where it went
         answer.track_ids = True
 
     def on_response_body(self, body: bytes) -> None:
@@ -254,7 +269,23 @@ class PeerRelay(Leg):
             return
         self.close_upstream()
         self._end("migration_failed" if self.migrating else "forward_failed")
+        self.index()
         self.answer.interrupted(message)
+
+    def index(self) -> None:
+        """Tell the fleet's index where the client's answer is and what it has (the holder may be gone later)."""
+        flight, parser, answer, held_by = self.flight, self.parser, self.answer, self.held_by
+        if flight is None or parser is None or held_by is None or not self.fingerprint:
+            return
+        parser.flush()
+        local = flight.parser
+        stamp = answer.stamp
+        delivered = stamp.offset if stamp is not None else _offset(answer.last_id)
+        identity = local.identity or parser.identity
+        self.gate.index_cut(answer_id=held_by[1], holder=held_by[0], fingerprint=self.fingerprint, flight=flight,
+                            output=local.text + parser.text, tokens=local.content_events + parser.content_events,
+                            delivered=delivered, identity=identity, role_sent=local.role_sent or parser.role_sent,
+                            prefix=self.prefix)
 
     def _end(self, result: str) -> None:
         self.ended = True
@@ -267,3 +298,11 @@ class PeerRelay(Leg):
 
 def _draining(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name.lower() == DROPPED_REASON_HEADER and value.strip() == b"draining" for name, value in headers)
+
+
+def _offset(cursor: str | None) -> int:
+    """The offset a cursor ends with (``token.offset``); 0 when there is none."""
+    if not cursor:
+        return 0
+    tail = cursor.rpartition(".")[2]
+    return int(tail) if tail.isdigit() else 0

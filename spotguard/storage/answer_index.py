@@ -87,13 +87,17 @@ class IndexEntry:
     body: bytes
     """The original request body, unchanged."""
     output: str
-    """The answer's text so far."""
+    """The answer's text so far (after ``prefix``): what continuing ``body`` appends."""
     delivered: int
     """Events the client had (the offset a cursor names after them)."""
     identity: KeptIdentity
     created: float
     """Unix time of the cut."""
     expires: float
+    tokens: int = 0
+    """Output tokens ``output`` holds (what a continuation takes off ``body``'s token limit)."""
+    prefix: str = ""
+    """Text the client had before ``body``'s answer began (``body`` itself continues an earlier answer)."""
 
     def to_json(self) -> dict[str, Any]:
         try:
@@ -106,7 +110,7 @@ class IndexEntry:
                 "body": body, "body_encoding": encoding, "output": self.output, "delivered": self.delivered,
                 "identity": {"id": identity.id, "created": identity.created, "model": identity.model,
                              "object": identity.object, "role_sent": identity.role_sent},
-                "created": self.created, "expires": self.expires}
+                "created": self.created, "expires": self.expires, "tokens": self.tokens, "prefix": self.prefix}
 
     @classmethod
     def from_json(cls, data: Any) -> IndexEntry:
@@ -134,7 +138,9 @@ class IndexEntry:
         return cls(answer_id=answer_id, fingerprint=fingerprint, holder=holder, endpoint=endpoint,
                    model=_text(data, "model", 1024), stream=_flag(data, "stream"), body=_body(data),
                    output=_text(data, "output", MAX_ENTRY_BYTES), delivered=_count(data, "delivered"),
-                   identity=kept, created=_time(data, "created"), expires=_time(data, "expires"))
+                   identity=kept, created=_time(data, "created"), expires=_time(data, "expires"),
+                   tokens=_count(data, "tokens") if "tokens" in data else 0,
+                   prefix=_text(data, "prefix", MAX_ENTRY_BYTES) if "prefix" in data else "")
 
 
 def _obj(value: Any, what: str) -> dict[str, Any]:

@@ -1,0 +1,240 @@
+"""Resume through real gates over loopback: every event carries its cursor, a client that went away comes back
+for the rest, a retry is answered from what was held (not computed again), a cursor works only for its own
+request and Authorization, a continuation's new holder says so, and when the holder is gone the fleet's
+index lets another gate finish the answer from the output so far.
+
+Gates run in this process (``start_gate``) in front of fake engines; the index is a file:// store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import structlog
+
+from spotguard.asgi import serve
+from spotguard.gate.cursor import CursorKey
+from spotguard.gate.held import HeldBook
+from spotguard.gate.holding import Holding
+from spotguard.gate.protocol import DesiredState, EntryState
+from spotguard.gate.proxy import nodelay_socket
+from spotguard.metrics import Metrics
+from spotguard.storage.answer_index import AnswerIndex
+from spotguard.storage.store import StoreOptions, open_store
+from tests.support.gate import RunningGate, StartGate
+from tests.support.openai_upstream import FakeEngine, token
+
+pytestmark = pytest.mark.anyio
+CHAT = "/v1/chat/completions"
+KEY = CursorKey.from_bytes(os.urandom(32))
+ALICE = {"authorization": "Bearer sk-alice"}
+
+
+@pytest.fixture
+async def engines() -> AsyncIterator[Callable[[], FakeEngine]]:
+    """``engines()`` serves one more fake engine for the test (released: it does not hold)."""
+    async with anyio.create_task_group() as tg:
+        async def start() -> FakeEngine:
+            engine = FakeEngine()
+            engine.release.set()
+            engine.url = (await tg.start(serve, engine, nodelay_socket("127.0.0.1", 0))).url
+            return engine
+
+        yield start  # type: ignore[misc]
+        tg.cancel_scope.cancel()
+
+
+def holding(store: Path | None = None) -> Holding:
+    index = None
+    if store is not None:
+        index = AnswerIndex(open_store(f"file://{store}", StoreOptions()), index_key=KEY.index_key, seal_key=None)
+    book = HeldBook(ttl=600, max_bytes=64 << 20, max_answer_bytes=16 << 20, log=structlog.get_logger("test"),
+                    metrics=Metrics())
+    return Holding(key=KEY, holder="http://unset:1", book=book, index=index)
+
+
+async def resumable_gate(start_gate: StartGate, upstream: str, store: Path | None = None,
+                         **kwargs: Any) -> RunningGate:
+    held = holding(store)
+    gw = await start_gate(upstream, holding=held, **kwargs)
+    held.holder = gw.url  # the URL other gates reach it on, named in its cursors
+    return gw
+
+
+def events(text: str) -> list[tuple[str, str | None]]:
+    """(data, id) of each SSE event in ``text``."""
+    found = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        data = [line[6:] for line in block.split("\n") if line.startswith("data: ")]
+        ids = [line[4:] for line in block.split("\n") if line.startswith("id: ")]
+        if data:
+            found.append(("\n".join(data), ids[-1] if ids else None))
+    return found
+
+
+def content(found: list[tuple[str, str | None]]) -> str:
+    text = ""
+    for data, _ in found:
+        if data != "[DONE]":
+            delta = json.loads(data)["choices"][0].get("delta", {})
+            text += delta.get("content") or ""
+    return text
+
+
+def chat(**extra: object) -> bytes:
+    return json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], **extra}).encode()
+
+
+async def test_every_event_carries_a_cursor_for_its_request_and_requester(engines: Any, start_gate: StartGate) -> None:
+    engine = await engines()
+    gw = await resumable_gate(start_gate, engine.url)
+    body = chat(stream=True, max_tokens=5)
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.post(gw.url + CHAT, content=body, headers=ALICE)
+    found = events(answer.text)
+    assert answer.headers["spotguard-holder"] and [d for d, _ in found][-1] == "[DONE]"
+    fingerprint = KEY.fingerprint(ALICE["authorization"], body)
+    offsets = [KEY.verify(i or "", fingerprint=fingerprint, now=datetime.now(UTC).timestamp()).offset for _, i in found]
+    assert offsets == list(range(1, len(found) + 1))
+    with pytest.raises(Exception, match="refused"):
+        KEY.verify(found[0][1] or "", fingerprint=KEY.fingerprint("Bearer sk-mallory", body), now=0)
+
+
+async def test_a_client_that_went_away_resumes_exactly_after_its_last_event(engines: Any,
+                                                                            start_gate: StartGate) -> None:
+    engine = await engines()
+    gw = await resumable_gate(start_gate, engine.url)
+    body = chat(stream=True, max_tokens=40, x_token_delay=0.01)
+    async with httpx.AsyncClient(timeout=10) as client:
+        got = ""
+        with anyio.fail_after(10):
+            async with client.stream("POST", gw.url + CHAT, content=body, headers=ALICE) as response:
+                async for chunk in response.aiter_text():
+                    got += chunk
+                    if got.count("\n\n") >= 5:
+                        break  # the client goes away mid-answer
+        first = events(got[:got.rindex("\n\n") + 2])
+        with anyio.fail_after(10):  # the engine was not stopped: it finishes, and the answer is held
+            while not engine.requests or engine.streams_open:
+                await anyio.sleep(0.01)
+        assert engine.disconnects == 0
+        rest = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "last-event-id": first[-1][1] or ""})
+    assert rest.status_code == 200 and rest.headers["spotguard-resumed"] == "1"
+    joined = first + events(rest.text)
+    assert content(joined) == "".join(token(i) for i in range(40))
+    assert [d for d, _ in joined].count("[DONE]") == 1 and len(engine.requests) == 1
+    assert gw.count("chat", "resumed") == 1
+
+
+async def test_a_cursor_is_refused_with_another_authorization_or_request(engines: Any,
+                                                                         start_gate: StartGate) -> None:
+    engine = await engines()
+    gw = await resumable_gate(start_gate, engine.url)
+    body = chat(stream=True, max_tokens=4)
+    async with httpx.AsyncClient(timeout=10) as client:
+        first = events((await client.post(gw.url + CHAT, content=body, headers=ALICE)).text)
+        cursor = first[1][1] or ""
+        other_key = await client.post(gw.url + CHAT, content=body,
+                                      headers={"authorization": "Bearer sk-mallory", "last-event-id": cursor})
+        other_body = await client.post(gw.url + CHAT, content=chat(stream=True, max_tokens=5),
+                                       headers={**ALICE, "last-event-id": cursor})
+        altered = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "last-event-id": cursor[:-3] + "x.1"})
+    for refused in (other_key, other_body, altered):
+        assert refused.status_code == 409 and refused.json()["error"]["type"] == "resume_refused", refused.text
+    assert len(engine.requests) == 1 and gw.count("chat", "resume_refused") == 3
+
+
+async def test_a_retried_non_streaming_request_is_answered_from_what_was_held(engines: Any,
+                                                                              start_gate: StartGate) -> None:
+    engine = await engines()
+    gw = await resumable_gate(start_gate, engine.url)
+    body = chat(max_tokens=6)
+    async with httpx.AsyncClient(timeout=10) as client:
+        first = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "x-stainless-retry-count": "0"})
+        again = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "x-stainless-retry-count": "1"})
+        fresh = await client.post(gw.url + CHAT, content=body, headers={"authorization": "Bearer sk-bob",
+                                                                       "x-stainless-retry-count": "1"})
+    assert first.json()["choices"][0]["message"]["content"] == "".join(token(i) for i in range(6))
+    assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+    assert again.headers["spotguard-resumed"] == "1"
+    assert fresh.status_code == 200 and "spotguard-resumed" not in fresh.headers  # Bob's request is his own
+    assert len(engine.requests) == 2  # Alice's retry was not computed again; Bob's was computed
+
+
+async def test_a_gate_that_takes_a_continuation_holds_it_and_a_retry_goes_there(engines: Any,
+                                                                                start_gate: StartGate) -> None:
+    engine_a, engine_b = await engines(), await engines()
+    b = await resumable_gate(start_gate, engine_b.url)
+    a = await resumable_gate(start_gate, engine_a.url, peers=(b.url,))
+    body = chat(stream=True, max_tokens=60, x_token_delay=0.05)
+    got = ""
+    async with httpx.AsyncClient(timeout=20) as client:
+        with anyio.fail_after(20):
+            async with client.stream("POST", a.url + CHAT, content=body, headers=ALICE) as response:
+                async for chunk in response.aiter_text():
+                    got += chunk
+                    if got.count("\n\n") == 5:
+                        a.gate.apply(DesiredState(generation=1, draining=True,
+                                                  vm_deadline=datetime.now(UTC) + timedelta(seconds=2.5)))
+                        [moved] = a.interrupt_all()
+                        assert moved.state is EntryState.MIGRATED
+        first = events(got)
+        error = json.loads(first[-1][0])["error"]
+        assert error["resumable"] is True  # A went away before the end: the client resumes where it is
+        last_id = first[-1][1] or ""
+        holder = KEY.verify(last_id, fingerprint=KEY.fingerprint(ALICE["authorization"], body), now=0).holder
+        assert holder == b.url  # B holds it now
+        # Through any gate: here the old one, which knows where it moved (a balancer might pick either).
+        rest = await client.post(b.url + CHAT, content=body, headers={**ALICE, "last-event-id": last_id})
+    joined = first[:-1] + events(rest.text)
+    fingerprint = KEY.fingerprint(ALICE["authorization"], body)
+    offsets = [KEY.verify(i or "", fingerprint=fingerprint, now=0).offset for _, i in joined]
+    assert offsets == list(range(1, len(joined) + 1)), "an event was repeated or missing at a seam"
+    datas = [d for d, _ in joined]
+    assert datas.count("[DONE]") == 1 and sum('"finish_reason":"length"' in d for d in datas) == 1
+    continuation = json.loads(engine_b.requests[-1].body)
+    assert continuation["messages"][-1]["role"] == "assistant"
+    assert len(engine_b.requests) == 1  # the resume was served from what B held, not computed again
+
+
+async def test_when_the_holder_is_gone_another_gate_finishes_from_the_index(engines: Any, start_gate: StartGate,
+                                                                           tmp_path: Path) -> None:
+    engine_a, engine_g = await engines(), await engines()
+    store = tmp_path / "store"
+    a = await resumable_gate(start_gate, engine_a.url, store)  # no peers: a drain cuts what runs
+    g = await resumable_gate(start_gate, engine_g.url, store)
+    body = chat(stream=True, max_tokens=30, x_token_delay=0.05)
+    got = ""
+    async with httpx.AsyncClient(timeout=20) as client:
+        with anyio.fail_after(20):
+            async with client.stream("POST", a.url + CHAT, content=body, headers=ALICE) as response:
+                async for chunk in response.aiter_text():
+                    got += chunk
+                    if got.count("\n\n") == 6:
+                        [cut] = a.interrupt_all()
+                        assert cut.state is EntryState.CUT
+        first = events(got)
+        assert json.loads(first[-1][0])["error"]["resumable"] is True
+        with anyio.fail_after(10):
+            while not list(store.rglob("a-*.json")):
+                await anyio.sleep(0.02)
+        await a.gate.aclose()  # the holder is gone: its port refuses
+        rest = await client.post(g.url + CHAT, content=body, headers={**ALICE, "last-event-id": first[-1][1] or ""})
+    assert rest.status_code == 200 and rest.headers["spotguard-resumed"] == "1"
+    joined = first[:-1] + events(rest.text)
+    fingerprint = KEY.fingerprint(ALICE["authorization"], body)
+    assert [KEY.verify(i or "", fingerprint=fingerprint, now=0).offset for _, i in joined] == list(
+        range(1, len(joined) + 1))
+    continuation = json.loads(engine_g.requests[-1].body)
+    assert continuation["messages"][-1] == {"role": "assistant", "content": content(first[:-1])}
+    assert continuation["max_tokens"] == 30 - len([1 for d, _ in first[:-1] if "content" in d and d != "[DONE]"])
+    assert g.count("chat", "resumed_from_store") == 1
+    assert not list(store.rglob("a-*.json"))  # the entry is forgotten once used
