@@ -331,7 +331,7 @@ class LocalExchange(Leg):
         if holding is None or stamp is None or flight is None or parser is None:
             return
         self.gate.index_cut(answer_id=stamp.answer_id, holder=holding.holder, fingerprint=stamp.answer.fingerprint,
-                            flight=flight, output=parser.text, tokens=parser.content_events, delivered=stamp.offset,
+                            origin=stamp.answer.origin, output=parser.text, tokens=parser.content_events, delivered=stamp.offset,
                             identity=parser.identity, role_sent=parser.role_sent, prefix=self.prefix)
 
     def _migrate(self) -> None:

@@ -41,13 +41,14 @@ from spotguard.errors import ConfigError, GateError, StoreError
 from spotguard.gate.answer import error_body, json_error
 from spotguard.gate.estimate import finishes_within
 from spotguard.gate.exchange import LocalExchange
+from spotguard.gate.held import Origin
 from spotguard.gate.holding import Holding, retry_signal
 from spotguard.gate.http1 import ClientConnection, Request, status_line
 from spotguard.gate.journal import LocalJournal
 from spotguard.gate.leg import Leg, drop
 from spotguard.gate.peers import FORWARDED_HEADER, Peers
 from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry
-from spotguard.gate.registry import Flight, Registry
+from spotguard.gate.registry import Registry
 from spotguard.gate.relay import PeerRelay
 from spotguard.gate.resume import Resumption
 from spotguard.gate.routes import Routes
@@ -267,7 +268,7 @@ class Gate:
         child.inc()
         self._counts[key] = self._counts.get(key, 0) + 1
 
-    def index_cut(self, *, answer_id: str, holder: str, fingerprint: str, flight: Flight, output: str, tokens: int,
+    def index_cut(self, *, answer_id: str, holder: str, fingerprint: str, origin: Origin, output: str, tokens: int,
                   delivered: int, identity: AnswerIdentity | None, role_sent: bool, prefix: str = "") -> None:
         """Write the fleet's index entry of an answer the client will resume elsewhere (in the background,
         before the VM goes): who holds it, and what the client has."""
@@ -278,8 +279,8 @@ class Gate:
 
         ident = identity or AnswerIdentity()
         now = time.time()
-        entry = IndexEntry(answer_id=answer_id, fingerprint=fingerprint, holder=holder, endpoint=flight.endpoint,
-                           model=flight.model, stream=flight.stream, body=flight.body, output=output,
+        entry = IndexEntry(answer_id=answer_id, fingerprint=fingerprint, holder=holder, endpoint=origin.endpoint,
+                           model=origin.model, stream=origin.stream, body=origin.body, output=output,
                            delivered=delivered, tokens=tokens, prefix=prefix,
                            identity=KeptIdentity(id=ident.id, created=ident.created, model=ident.model,
                                                  object=ident.object, role_sent=role_sent),

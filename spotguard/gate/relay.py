@@ -14,19 +14,22 @@ answer began ends the client's answer with a retryable error, as does the VM's d
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING
 
 from spotguard.errors import ResumeRefused
 from spotguard.gate.answer import ClientAnswer
-from spotguard.gate.assemble import answer_json
+from spotguard.gate.assemble import answer_json, streamable, streaming_body
+from spotguard.gate.handover import CONTINUES_HEADER, Continues
+from spotguard.gate.held import Origin
 from spotguard.gate.holding import HOLDER_HEADER, RESUMED_HEADER, header
 from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
 from spotguard.gate.output import OutputParser
 from spotguard.gate.peers import DROPPED_REASON_HEADER, SKIP_STATUSES
 from spotguard.gate.registry import Flight
-from spotguard.gate.stitch import StreamStitch
+from spotguard.gate.stitch import AnswerIdentity, StreamStitch
 from spotguard.gate.targets import Target
 
 if TYPE_CHECKING:
@@ -46,7 +49,7 @@ class PeerRelay(Leg):
     """One request on its way through the peers."""
 
     __slots__ = ("flight", "stitch", "order", "peer", "skipping", "again", "tries", "cut_at", "ended", "assemble",
-                 "parser", "prefix", "verbatim", "held_by", "fingerprint", "tokens_before")
+                 "parser", "prefix", "verbatim", "held_by", "fingerprint", "origin")
 
     def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
                  stitch: StreamStitch | None = None, assemble: bool = False, prefix: str = "") -> None:
@@ -73,8 +76,8 @@ class PeerRelay(Leg):
         self.held_by = (gate.holding.holder, stamp.answer_id) if stamp is not None and gate.holding else None
         """(holder, answer id) of the answer the client is reading: this gate's, until a peer takes it over."""
         self.fingerprint = stamp.answer.fingerprint if stamp is not None else ""
-        self.tokens_before = 0
-        """Output tokens the client had before the local part (when this gate itself held a continuation)."""
+        self.origin: Origin | None = stamp.answer.origin if stamp is not None else None
+        """The request as the client sent it (what the index keeps for continuing it elsewhere)."""
         self.cut_at = self.loop.time() if flight is not None else 0.0
         self.ended = False
         self.extra_headers = (gate.forwarded_header,)
@@ -114,7 +117,35 @@ class PeerRelay(Leg):
         if request.has_body:
             self.body = b"".join(request.body)
             request.body.clear()
+        if self.gate.holding is not None and self.endpoint in ("chat", "completions") and self.body:
+            self._resumable()
         self.next_peer()
+
+    def _resumable(self) -> None:
+        """A new request handed over with resume on: sent as an answer nothing of which was delivered yet, so a
+        gate of the fleet that takes it holds it under this request's fingerprint, and a non-streaming one is
+        asked for as a stream (its holder known at once, its output so far known: resumable like the rest)."""
+        holding, body = self.gate.holding, self.body
+        assert holding is not None and body is not None
+        try:
+            original = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(original, dict):
+            return
+        chat = self.endpoint == "chat"
+        stream = original.get("stream") is True
+        self.fingerprint = holding.fingerprint(self.request.headers, body)
+        model = original.get("model")
+        self.origin = Origin(endpoint=self.request.path, model=model if isinstance(model, str) else "", body=body,
+                             stream=stream)
+        if not stream and streamable(original):
+            self.body = json.dumps(streaming_body(original), ensure_ascii=False).encode()
+            self.assemble = True
+        self.parser = OutputParser(chat=chat)
+        handover = Continues(fingerprint=self.fingerprint, base=0, tokens=0, prefix_chars=0, stream=stream, chat=chat,
+                             identity=AnswerIdentity(), role_sent=False)
+        self.extra_headers += ((CONTINUES_HEADER, handover.to_header(holding.key)),)
 
     def next_peer(self) -> None:
         if self.ended:
@@ -154,15 +185,20 @@ class PeerRelay(Leg):
                 self.gate.peers.failed(peer)
             return
         self.gate.peers.worked(peer)
-        if self.stitch is None:  # the client has seen nothing of this request yet: relayed as is
+        holder = header(headers, HOLDER_HEADER) if header(headers, RESUMED_HEADER) is not None else None
+        if self.stitch is None:  # the client has seen nothing of this request yet
+            if status == 200 and holder is not None:
+                self._holder_took_over(holder.decode("ascii", "replace"))
+            if status == 200 and self.assemble:
+                return  # read whole, answered as one JSON at the end
+            self.assemble = False
             returned = ReturnedHead(headers)
-            self.answer.head(status, returned.headers, returned.length)
+            kept = [(n, v) for n, v in returned.headers if n.lower() != RESUMED_HEADER]
+            self.answer.head(status, kept, returned.length)
         elif status != 200:
             self.give_up(f"the replica continuing this answer refused it ({status}); retry it")
-        else:
-            holder = header(headers, HOLDER_HEADER)
-            if holder is not None and header(headers, RESUMED_HEADER) is not None:
-                self._holder_took_over(holder.decode("ascii", "replace"))
+        elif holder is not None:
+            self._holder_took_over(holder.decode("ascii", "replace"))
 
     def _holder_took_over(self, token: str) -> None:
         """The peer is a gate of the fleet and holds the answer now: its events come joined and with its own
@@ -176,6 +212,7 @@ class PeerRelay(Leg):
             answer.last_id = stamp.last()
             answer.stamp = None
             stamp.finish(self.loop.time(), complete=False)
+        if holding is not None and self.fingerprint:
             try:
                 there = holding.key.verify(f"{token}.0", fingerprint=self.fingerprint, now=time.time())
             except ResumeRefused:
@@ -183,14 +220,14 @@ class PeerRelay(Leg):
             if there is not None:
                 self.held_by = (there.holder, there.answer_id)
                 self.index()  # a kill -9 of this node from now on loses nothing: the fleet knows where it went
-        answer.track_ids = True
+        answer.track_ids = answer.whole_events = True  # whole events: the last id seen is a whole one
 
     def on_response_body(self, body: bytes) -> None:
         if self.skipping:
             return
         if self.stitch is not None:
             self._stitched(self.stitch.feed(body))
-        elif self.verbatim:
+        elif self.verbatim or self.assemble:
             self._stitched(body)
         else:
             self.answer.send(body)
@@ -215,15 +252,15 @@ class PeerRelay(Leg):
         self.answer.complete()
 
     def _assembled(self) -> None:
-        """One JSON answer: the local part and the peer's continuation."""
-        parser, flight = self.parser, self.flight
-        assert parser is not None and flight is not None
+        """One JSON answer: the local part (if any) and the peer's continuation."""
+        parser = self.parser
+        assert parser is not None
         parser.finish()
-        local = flight.parser
+        local = self.flight.parser if self.flight is not None else OutputParser(chat=self.endpoint == "chat")
         whole = answer_json(chat=self.endpoint == "chat", identity=local.identity or parser.identity,
                             text=self.prefix + local.text + parser.text, finish_reason=parser.finish_reason,
                             usage=parser.usage, fingerprint=local.fingerprint or parser.fingerprint)
-        self._end("migrated")
+        self._end("migrated" if self.migrating else "forwarded")
         self.answer.head(200, [(b"content-type", b"application/json")], b"%d" % len(whole))
         self.answer.complete(collected=whole)
 
@@ -274,18 +311,17 @@ class PeerRelay(Leg):
 
     def index(self) -> None:
         """Tell the fleet's index where the client's answer is and what it has (the holder may be gone later)."""
-        flight, parser, answer, held_by = self.flight, self.parser, self.answer, self.held_by
-        if flight is None or parser is None or held_by is None or not self.fingerprint:
+        parser, answer, held_by, origin = self.parser, self.answer, self.held_by, self.origin
+        if parser is None or held_by is None or origin is None or not self.fingerprint:
             return
         parser.flush()
-        local = flight.parser
+        local = self.flight.parser if self.flight is not None else OutputParser(chat=self.endpoint == "chat")
         stamp = answer.stamp
         delivered = stamp.offset if stamp is not None else _offset(answer.last_id)
-        identity = local.identity or parser.identity
-        self.gate.index_cut(answer_id=held_by[1], holder=held_by[0], fingerprint=self.fingerprint, flight=flight,
+        self.gate.index_cut(answer_id=held_by[1], holder=held_by[0], fingerprint=self.fingerprint, origin=origin,
                             output=local.text + parser.text, tokens=local.content_events + parser.content_events,
-                            delivered=delivered, identity=identity, role_sent=local.role_sent or parser.role_sent,
-                            prefix=self.prefix)
+                            delivered=delivered, identity=local.identity or parser.identity,
+                            role_sent=local.role_sent or parser.role_sent, prefix=self.prefix)
 
     def _end(self, result: str) -> None:
         self.ended = True

@@ -238,3 +238,22 @@ async def test_when_the_holder_is_gone_another_gate_finishes_from_the_index(engi
     assert continuation["max_tokens"] == 30 - len([1 for d, _ in first[:-1] if "content" in d and d != "[DONE]"])
     assert g.count("chat", "resumed_from_store") == 1
     assert not list(store.rglob("a-*.json"))  # the entry is forgotten once used
+
+
+async def test_a_non_streaming_request_handed_over_survives_the_node_that_relayed_it(engines: Any,
+                                                                                     start_gate: StartGate) -> None:
+    engine_a, engine_b = await engines(), await engines()
+    b = await resumable_gate(start_gate, engine_b.url)
+    a = await resumable_gate(start_gate, engine_a.url, peers=(b.url,))
+    a.gate.apply(DesiredState(generation=1, draining=True, vm_deadline=datetime.now(UTC) + timedelta(seconds=2.0)))
+    body = chat(max_tokens=40, x_token_delay=0.05)  # ~2 s on B: A goes away first
+    headers = {**ALICE, "x-stainless-retry-count": "0"}
+    async with httpx.AsyncClient(timeout=20) as client:
+        cut = await client.post(a.url + CHAT, content=body, headers=headers)
+        assert cut.status_code == 503 and cut.headers["retry-after"] == "1" and cut.headers["spotguard-resume"]
+        # The openai SDK retries the same request (it knows nothing of Spotguard-Resume); a balancer sends it to B.
+        retry = await client.post(b.url + CHAT, content=body, headers={**ALICE, "x-stainless-retry-count": "1"})
+    assert retry.status_code == 200 and retry.headers["spotguard-resumed"] == "1"
+    assert retry.json()["choices"][0]["message"]["content"] == "".join(token(i) for i in range(40))
+    assert len(engine_b.requests) == 1 and not engine_a.requests  # computed once, on B
+    assert json.loads(engine_b.requests[0].body)["stream"] is True  # asked as a stream: its holder known at once
