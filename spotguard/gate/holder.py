@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from spotguard.gate.holding import LAST_EVENT_ID
+from spotguard.gate.holding import HOLDER_HEADER, LAST_EVENT_ID
 from spotguard.gate.http1 import UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
 
@@ -32,7 +32,7 @@ class HolderLeg(Leg):
         super().__init__(gate, resumption.answer, resumption.endpoint, gate.holding.target(holder))
         self.resumption = resumption
         self.body = resumption.body
-        self.extra_headers = ((LAST_EVENT_ID, cursor.encode()), gate.forwarded_header)
+        self.extra_headers = ((LAST_EVENT_ID, cursor.encode()), (HOLDER_HEADER, b"1"), gate.forwarded_header)
         self.done: asyncio.Future[bool] = self.loop.create_future()
         self.began = False
         """The holder answered 200: its answer is the client's now."""

@@ -252,6 +252,12 @@ class GateLink:
         if tokens > self._seen_tokens:
             self._metrics.gate_reprefilled_tokens.inc(tokens - self._seen_tokens)
         self._seen_seams, self._seen_tokens = seams, tokens
+        held = stats.get("resume")
+        if isinstance(held, dict):
+            answers, size = held.get("answers"), held.get("bytes")
+            if isinstance(answers, int) and isinstance(size, int):
+                self._metrics.resume_held_answers.set(answers)
+                self._metrics.resume_held_bytes.set(size)
 
     async def _start(self) -> None:
         """Start ``spotguard gate`` in a session of its own and wait until its control socket answers."""
@@ -260,7 +266,9 @@ class GateLink:
         state.mkdir(parents=True, exist_ok=True)
         settings = state / "gate.toml"
         # Only what the gate reads (never the whole file: webhook URLs and such are nobody else's).
-        own = Config(agent=self.config.agent, control=self.config.control).replace(
+        # Resume: the fleet key, the answers' index in the snapshot store (and that store's encryption key).
+        own = Config(agent=self.config.agent, control=self.config.control, resume=self.config.resume,
+                     snapshot=self.config.snapshot).replace(
             "gate", **{**to_dict(self.config)["gate"], "control_socket": self.path}).replace(
             "server", kind=self.config.server.kind)  # the shape of a continuation depends on the engine
         fd = os.open(settings, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -296,9 +296,14 @@ class Gate:
             self.log.warning("resume_index_write_failed", answer=entry.answer_id, error=str(exc))
 
     def migration_stats(self) -> dict[str, Any]:
-        """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled."""
-        return {"seams": self.seams, "seam_gaps": self.seam_gaps[-STATS_GAPS:],
-                "reprefilled_tokens": self.reprefilled_tokens}
+        """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled, and
+        what the gate holds for resuming."""
+        stats: dict[str, Any] = {"seams": self.seams, "seam_gaps": self.seam_gaps[-STATS_GAPS:],
+                                 "reprefilled_tokens": self.reprefilled_tokens}
+        if self.holding is not None:
+            book = self.holding.book
+            stats["resume"] = {"answers": len(book), "bytes": book.bytes}
+        return stats
 
     # -- the one entry point of every request ----------------------------------------------------
 

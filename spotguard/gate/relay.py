@@ -49,7 +49,7 @@ class PeerRelay(Leg):
     """One request on its way through the peers."""
 
     __slots__ = ("flight", "stitch", "order", "peer", "skipping", "again", "tries", "cut_at", "ended", "assemble",
-                 "parser", "prefix", "verbatim", "held_by", "fingerprint", "origin")
+                 "parser", "prefix", "verbatim", "held_by", "fingerprint", "origin", "resumes")
 
     def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
                  stitch: StreamStitch | None = None, assemble: bool = False, prefix: str = "") -> None:
@@ -78,6 +78,7 @@ class PeerRelay(Leg):
         self.fingerprint = stamp.answer.fingerprint if stamp is not None else ""
         self.origin: Origin | None = stamp.answer.origin if stamp is not None else None
         """The request as the client sent it (what the index keeps for continuing it elsewhere)."""
+        self.resumes = False
         self.cut_at = self.loop.time() if flight is not None else 0.0
         self.ended = False
         self.extra_headers = (gate.forwarded_header,)
@@ -87,9 +88,12 @@ class PeerRelay(Leg):
         gate.track(self)
 
     @classmethod
-    def hand_off(cls, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> PeerRelay:
-        """A new request while draining: read it whole (a refusing peer means sending it again), then to peers."""
+    def hand_off(cls, gate: Gate, client: ClientConnection, request: Request, endpoint: str, *,
+                 resumes: bool = False) -> PeerRelay:
+        """A new request while draining: read it whole (a refusing peer means sending it again), then to peers.
+        ``resumes``: a retry that a peer resolves (its answer comes back as it is)."""
         relay = cls(gate, ClientAnswer(client, request, retry_after=gate.retry_after), endpoint)
+        relay.resumes = resumes
         if not request.has_body or request.body_done:
             relay._body_in()
         else:
@@ -117,7 +121,7 @@ class PeerRelay(Leg):
         if request.has_body:
             self.body = b"".join(request.body)
             request.body.clear()
-        if self.gate.holding is not None and self.endpoint in ("chat", "completions") and self.body:
+        if self.gate.holding is not None and self.endpoint in ("chat", "completions") and self.body and not self.resumes:
             self._resumable()
         self.next_peer()
 
@@ -193,7 +197,9 @@ class PeerRelay(Leg):
                 return  # read whole, answered as one JSON at the end
             self.assemble = False
             returned = ReturnedHead(headers)
-            kept = [(n, v) for n, v in returned.headers if n.lower() != RESUMED_HEADER]
+            # "Resumed" is for a client's own retry; on a first answer it would only confuse a resuming client.
+            kept = returned.headers if self.resumes else [(n, v) for n, v in returned.headers
+                                                          if n.lower() != RESUMED_HEADER]
             self.answer.head(status, kept, returned.length)
         elif status != 200:
             self.give_up(f"the replica continuing this answer refused it ({status}); retry it")

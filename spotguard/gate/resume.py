@@ -33,7 +33,7 @@ from spotguard.gate.assemble import answer_json
 from spotguard.gate.handover import Continues
 from spotguard.gate.held import HeldAnswer
 from spotguard.gate.holder import HolderLeg
-from spotguard.gate.holding import LAST_EVENT_ID, RESUME_HEADER, RESUMED_HEADER, header
+from spotguard.gate.holding import HOLDER_HEADER, LAST_EVENT_ID, RESUME_HEADER, RESUMED_HEADER, header
 from spotguard.gate.http1 import ClientConnection, Request
 from spotguard.gate.leg import drop
 from spotguard.gate.output import OutputParser
@@ -73,6 +73,11 @@ class Resumption:
         self.tried: set[str] = set()
         """Holders asked already (a dead one is asked once)."""
         self.forwarded = any(name.lower() == FORWARDED_HEADER for name, _ in request.headers)
+        """Handed over by a draining gate: served here (or by the holder), never handed on again."""
+        self.at_holder = header(request.headers, HOLDER_HEADER) is not None
+        """Sent here by a gate that believes this one holds the answer: no further hop, whatever is found."""
+        self.headers = list(request.headers)
+        """As the client sent them (a draining gate hands the request on with its cursor)."""
         self.task: asyncio.Task[None] | None = None
         self.gone = False
         client.on_lost = self._client_lost
@@ -135,6 +140,9 @@ class Resumption:
             answer_id = held.id
             if await self._replay(held):
                 return
+        if self.gate.draining and self.gate.peers and not (self.forwarded or self.at_holder or self.answer.started):
+            self._hand_off()  # this node is going away: a peer finds the answer, and keeps it if it must
+            return
         moved = holding.moved.get(answer_id) if answer_id else None
         if moved is not None and self.offset >= moved[1]:
             token, _, _ = moved
@@ -210,7 +218,7 @@ class Resumption:
 
     async def _from_holder(self, holder: str, answer_id: str) -> bool:
         """Ask the holder for the rest; True when the client got it (or an end it can retry from)."""
-        if self.forwarded or holder in self.tried or self.gone:
+        if self.at_holder or holder in self.tried or self.gone:
             return False
         self.tried.add(holder)
         key = self.holding.key
@@ -304,6 +312,16 @@ class Resumption:
         self.request.sink, self.request.on_done = drop, None
         self.gate.count(self.endpoint, result)
         self.answer.error(status, message, kind)
+
+    def _hand_off(self) -> None:
+        from spotguard.gate.relay import PeerRelay
+
+        request = self.request
+        request.headers = self.headers
+        request.body = [self.body]
+        request.sink = request.on_done = None
+        self.client.on_lost = None
+        PeerRelay.hand_off(self.gate, self.client, request, self.endpoint, resumes=True)
 
     def _fresh(self) -> None:
         """Nothing to resume: the request is answered as a new one (without its resume headers)."""

@@ -51,6 +51,8 @@ async def run_gate_process(config: Config) -> int:
             await tg.start(serve_control, control, path, control_sock, name="gate-control")
             bound = await tg.start(run_gate, gate, config.gate.listen, data_sock, name="gate-listener")
             log.info("gate_started", version=__version__, listen=bound.url, upstream=config.gate.upstream,
+                     resume=holding.holder if holding is not None else "off",
+                     index=bool(holding is not None and holding.index is not None),
                      control=path)
             sdnotify.notify("READY=1", f"STATUS=gate on {bound.url}")
 

@@ -64,7 +64,7 @@ def holding(store: Path | None = None) -> Holding:
 async def resumable_gate(start_gate: StartGate, upstream: str, store: Path | None = None,
                          **kwargs: Any) -> RunningGate:
     held = holding(store)
-    gw = await start_gate(upstream, holding=held, **kwargs)
+    gw = await start_gate(upstream, holding=held, engine_kind="vllm", **kwargs)
     held.holder = gw.url  # the URL other gates reach it on, named in its cursors
     return gw
 
@@ -200,6 +200,7 @@ async def test_a_gate_that_takes_a_continuation_holds_it_and_a_retry_goes_there(
     assert offsets == list(range(1, len(joined) + 1)), "an event was repeated or missing at a seam"
     datas = [d for d, _ in joined]
     assert datas.count("[DONE]") == 1 and sum('"finish_reason":"length"' in d for d in datas) == 1
+    assert content(joined) == "".join(token(i) for i in range(60))  # each token once, in order
     continuation = json.loads(engine_b.requests[-1].body)
     assert continuation["messages"][-1]["role"] == "assistant"
     assert len(engine_b.requests) == 1  # the resume was served from what B held, not computed again
@@ -233,6 +234,7 @@ async def test_when_the_holder_is_gone_another_gate_finishes_from_the_index(engi
     fingerprint = KEY.fingerprint(ALICE["authorization"], body)
     assert [KEY.verify(i or "", fingerprint=fingerprint, now=0).offset for _, i in joined] == list(
         range(1, len(joined) + 1))
+    assert content(joined) == "".join(token(i) for i in range(30))
     continuation = json.loads(engine_g.requests[-1].body)
     assert continuation["messages"][-1] == {"role": "assistant", "content": content(first[:-1])}
     assert continuation["max_tokens"] == 30 - len([1 for d, _ in first[:-1] if "content" in d and d != "[DONE]"])

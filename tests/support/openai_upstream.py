@@ -108,6 +108,7 @@ class FakeEngine:
             await send({"type": "http.response.body", "body": error})
             return
         n = int(request.get("max_tokens", 8))
+        first = _continued_from(request, chat)
         hold_after = request.get("x_hold_after")
         delay = float(request.get("x_token_delay", 0))
         malformed = request.get("x_malformed", "")
@@ -122,7 +123,7 @@ class FakeEngine:
             if malformed == "json":
                 body = b'{"choices": [ this is not json'
             else:
-                body = final_body(chat, "".join(token(i) for i in range(n)))
+                body = final_body(chat, "".join(token(i) for i in range(first, first + n)))
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"content-length", str(len(body)).encode())]})
@@ -135,7 +136,7 @@ class FakeEngine:
                 tg.start_soon(self._watch, receive, tg.cancel_scope, finished)
                 await send({"type": "http.response.start", "status": 200,
                             "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-                async for chunk in self._chunks(chat, n, hold_after, delay, malformed, receive):
+                async for chunk in self._chunks(chat, first, n, hold_after, delay, malformed, receive):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 finished.set()
                 await send({"type": "http.response.body", "body": b""})
@@ -143,14 +144,14 @@ class FakeEngine:
         finally:
             self.streams_open -= 1
 
-    async def _chunks(self, chat: bool, n: int, hold_after: int | None, delay: float, malformed: str,
+    async def _chunks(self, chat: bool, first: int, n: int, hold_after: int | None, delay: float, malformed: str,
                       receive: Receive) -> AsyncIterator[bytes]:
         for i in range(n):
             if i == hold_after:
                 await self._hold(receive)
             if malformed == "sse" and i == 1:
                 yield b"data: {this is not json\n\ndata: [1, 2]\n\n"
-            yield chat_chunk(i, token(i)) if chat else completion_chunk(token(i))
+            yield chat_chunk(i, token(first + i)) if chat else completion_chunk(token(first + i))
             if delay:
                 await anyio.sleep(delay)
         yield chat_chunk(n, None, "length") if chat else completion_chunk("", "length")
@@ -169,6 +170,18 @@ class FakeEngine:
         if not finished.is_set():  # after the last byte, uvicorn reports "disconnect" for every request
             self.disconnects += 1
             scope.cancel()
+
+
+def _continued_from(request: dict[str, Any], chat: bool) -> int:
+    """Where the numbering goes on: a continuation (a trailing assistant message to continue, as vLLM is
+    told) carries the tokens so far, so its answer is the rest of the uninterrupted one."""
+    if not chat or request.get("continue_final_message") is not True:
+        return 0
+    messages = request.get("messages") or []
+    last = messages[-1] if messages else {}
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return 0
+    return str(last.get("content") or "").count("tok")
 
 
 def _pairs(query: bytes) -> list[tuple[str, str]]:
