@@ -95,12 +95,22 @@ def plain_node(name: str, engine: EngineProcess) -> Node:
     return Node(name, engine, serve_port=port, check_port=port, check_uri="/health")
 
 
+def fleet_key(work: Path) -> Path:
+    """The fleet's resume secret: one file, the same on every node (``[resume] key_file``)."""
+    path = work / "resume.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(os.urandom(32))
+    return path
+
+
 def node_config(work: Path, name: str, engine: EngineProcess, *, http_port: int, gate_port: int, lb_url: str,
-                store: Path) -> Config:
+                store: Path, safety_margin: float | None = None) -> Config:
     """What an operator following docs/operations.md writes for one node, on loopback."""
     home = work / name
     home.mkdir(parents=True, exist_ok=True)
-    return (Config()
+    config = (Config()
             .replace("agent", cloud="none", state_dir=str(home / "state"), log_format="json",
                      log_level=os.environ.get("BENCH_LOG_LEVEL", "info"), instance_id=f"fleet-{name}")
             .replace("http", listen=f"127.0.0.1:{http_port}")
@@ -109,14 +119,17 @@ def node_config(work: Path, name: str, engine: EngineProcess, *, http_port: int,
             .replace("shutdown", enabled=False)
             .replace("server", kind="vllm", url=engine.url, pid=engine.proc.pid)
             .replace("gate", listen=f"127.0.0.1:{gate_port}", upstream=engine.url, peers=[lb_url])
-            .replace("snapshot", url=f"file://{store}"))
+            .replace("snapshot", url=f"file://{store}")
+            .replace("resume", key_file=str(fleet_key(work))))
+    return config.replace("drain", safety_margin=safety_margin) if safety_margin is not None else config
 
 
 async def start_spotguard_node(procs: Processes, work: Path, name: str, engine: EngineProcess, *, lb_url: str,
-                               store: Path) -> Node:
+                               store: Path, safety_margin: float | None = None) -> Node:
     """``spotguard run`` for ``engine``; returns once its /readyz says 200 (its gate is up then)."""
     http_port, gate_port = free_port(), free_port()
-    config = node_config(work, name, engine, http_port=http_port, gate_port=gate_port, lb_url=lb_url, store=store)
+    config = node_config(work, name, engine, http_port=http_port, gate_port=gate_port, lb_url=lb_url, store=store,
+                         safety_margin=safety_margin)
     path = work / name / "spotguard.toml"
     path.write_text(to_toml(config))
     daemon = procs.start(f"{name}-daemon", [str(SPOTGUARD), "run", "--config", str(path)],
