@@ -30,8 +30,9 @@ class Readiness:
     async def run(self, ctx: DrainContext) -> str | StepResult:
         if ctx.dry_run:
             return StepResult("dry_run", "would mark this node not ready (/readyz 503)")
-        # The gate also learns when the VM goes away: answers it relays from peers end cleanly before then.
-        ctx.services.set_ready(False, ctx.notice.deadline.timestamp())
+        # Before stop_accepting's first await (steps start in plan order): an engine that cannot refuse
+        # work itself (llama-server) is covered by the gate from here on.
+        ctx.services.refuse_new_work(True)
         return "marked not ready (/readyz answers 503)"
 
 
@@ -87,6 +88,11 @@ async def inflight_count(ctx: DrainContext) -> InflightReading:
     return InflightReading(max(counts) if counts else None, unreadable)
 
 
+def hands_to_peers(ctx: DrainContext) -> bool:
+    """Whether what is still running when the wait ends is continued on peers (migrate) rather than cut."""
+    return bool(ctx.config.gate.peers) and ctx.services.journal is not None
+
+
 class WaitInflight:
     """Wait for running requests to finish, keeping enough time for the snapshot after it."""
 
@@ -100,7 +106,7 @@ class WaitInflight:
         if ctx.services.snapshot is not None:
             # The snapshot saves whatever is still running: never let waiting eat all of its time.
             reserve += min(ctx.config.drain.snapshot_budget, 0.5 * (left - reserve))
-        if ctx.config.gate.peers and ctx.services.journal is not None:
+        if hands_to_peers(ctx):
             # What is still running then is continued on a peer and relayed until the deadline: leave it half
             # of what is left, so a request that would not finish here in time can finish there.
             reserve += 0.5 * (left - reserve)
@@ -127,6 +133,10 @@ class WaitInflight:
                 if reading.count is None:
                     return StepResult("timed_out", f"in-flight count unreadable for {took:.2f}s "
                                                    f"({reading.unreadable}); left for the snapshot")
+                if hands_to_peers(ctx):
+                    # Not a time-out: the budget kept half of what is left for the peers on purpose.
+                    return StepResult("handed_over", f"{reading.count} requests still in flight after "
+                                                     f"{took:.2f}s: handed to migrate, which continues them on peers")
                 return StepResult("timed_out", f"{reading.count} requests still in flight after {took:.2f}s; "
                                                 "left for the snapshot")
             await anyio.sleep(POLL_INTERVAL)

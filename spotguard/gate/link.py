@@ -4,7 +4,8 @@
 running for this configuration (a restarted daemon takes over its journal and its requests in flight),
 or, with ``[gate] start = auto``, one it starts itself (``python -m spotguard gate``, in a session of
 its own so it outlives the daemon). It then keeps ``alive`` current (a stats call every second), pushes
-the draining flag, and mirrors the gate's counts into the daemon's metrics. When the gate dies the
+what the daemon declares (``declare``: whether to refuse new work, and the node's deadline) at once and
+again on every (re)attach, and mirrors the gate's counts into the daemon's metrics. When the gate dies the
 daemon logs ``gate_down``, counts it, reports ``alive = False`` (readiness fails) and, with ``start =
 auto``, starts it again; with ``external`` it waits for the service manager to.
 
@@ -26,6 +27,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from spotguard.config import Config, to_dict, to_toml
+from spotguard.deadline import Deadline
 from spotguard.errors import GateError
 from spotguard.gate.control import GateConnection, call, control_path, entry_from_wire
 from spotguard.gate.journal import InflightRequest
@@ -69,7 +71,7 @@ def _entries(answer: dict[str, Any]) -> list[InflightRequest]:
 
 
 class GateLink:
-    """The daemon's handle on the gate process: ``alive``, ``set_draining``, ``journal``."""
+    """The daemon's handle on the gate process: ``alive``, ``declare``, ``journal``."""
 
     def __init__(self, config: Config, metrics: Metrics, *, log: structlog.stdlib.BoundLogger) -> None:
         self.config = config
@@ -81,30 +83,41 @@ class GateLink:
         self._metrics = metrics
         self._log = log
         self._draining = False
-        self._deadline: float | None = None
+        self._deadline: Deadline | None = None
+        """The node's deadline as last declared (the gate ends the answers it relays from peers before ``vm``)."""
         self._seen_seams = 0
         self._seen_tokens = 0
-        """Unix time the VM goes away, pushed with the draining flag (the gate ends relayed answers before it)."""
         self._dirty = False
-        """set_draining was called since the last push (pushed even when unchanged: idempotent, and the
-        gate's own flag may differ, e.g. after `spotguard gate` was restarted by hand)."""
+        """declare was called since the last push (pushed even when unchanged: idempotent, and the gate's
+        own state may differ, e.g. after `spotguard gate` was restarted by hand)."""
         self._changed = anyio.Event()
         self._child: subprocess.Popen[bytes] | None = None
         self._seen: dict[tuple[str, str], int] = {}
 
     @property
     def draining(self) -> bool:
+        """Whether the gate was last declared to refuse new requests."""
         return self._draining
 
-    def set_draining(self, draining: bool, deadline: float | None = None) -> None:
-        """Refuse (True) or accept (False) new requests at the gate; pushed by ``run`` at once."""
+    @property
+    def deadline(self) -> Deadline | None:
+        """The node's deadline as last declared."""
+        return self._deadline
+
+    def declare(self, *, draining: bool, deadline: Deadline | None) -> None:
+        """What the gate should hold: refuse new requests or not, and the node's deadline (None: none).
+
+        The daemon calls it on every change of either; ``run`` pushes it at once, and again whenever it
+        (re)attaches, so a gate always holds the last declared state, whoever restarted.
+        """
         self._draining = draining
-        if not draining:
-            self._deadline = None
-        elif deadline is not None:  # a later set_draining(True) (the llama.cpp adapter's) keeps it
-            self._deadline = deadline
+        self._deadline = deadline
         self._dirty = True
         self._changed.set()
+
+    def _declared(self) -> dict[str, Any]:
+        """The declared state on the wire (the ``draining`` op: the VM's deadline as a Unix time)."""
+        return {"on": self._draining, "deadline": self._deadline.vm.timestamp() if self._deadline else None}
 
     def describe(self) -> dict[str, Any]:
         return {"alive": self.alive, "pid": self.pid, "control_socket": self.path, "start": self.config.gate.start}
@@ -166,8 +179,7 @@ class GateLink:
         try:
             hello = await connection.request("hello", timeout=CALL_TIMEOUT)
             self._dirty = False
-            await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining,
-                                         deadline=self._deadline)
+            await connection.request("draining", timeout=CALL_TIMEOUT, **self._declared())
         except GateError:
             await connection.aclose()
             raise
@@ -190,8 +202,7 @@ class GateLink:
             self._changed = anyio.Event()
             if self._dirty:
                 self._dirty = False
-                await connection.request("draining", timeout=CALL_TIMEOUT, on=self._draining,
-                                         deadline=self._deadline)
+                await connection.request("draining", timeout=CALL_TIMEOUT, **self._declared())
             self._mirror(await connection.request("stats", timeout=CALL_TIMEOUT))
 
     def _mirror(self, stats: dict[str, Any]) -> None:
