@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,12 +178,26 @@ def _pairs(query: bytes) -> list[tuple[str, str]]:
     return parse_qsl(query.decode())
 
 
-@pytest.fixture
-async def fake_engine() -> AsyncIterator[FakeEngine]:
-    """A FakeEngine served on a free loopback port for one test."""
+@asynccontextmanager
+async def served() -> AsyncIterator[FakeEngine]:
+    """A FakeEngine served on a free loopback port for the duration of the block."""
     engine = FakeEngine()
     async with anyio.create_task_group() as tg:
         bound = await tg.start(serve, engine, nodelay_socket("127.0.0.1", 0))
         engine.url = bound.url
         yield engine
         tg.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def fake_engine() -> AsyncIterator[FakeEngine]:
+    """A FakeEngine served on a free loopback port for one test."""
+    async with served() as engine:
+        yield engine
+
+
+@pytest.fixture
+async def peer_engine() -> AsyncIterator[FakeEngine]:
+    """A second FakeEngine: the peer that continues what a draining node had in flight."""
+    async with served() as engine:
+        yield engine
