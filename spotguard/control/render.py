@@ -58,7 +58,7 @@ def _notice_lines(doc: dict[str, Any], now: datetime) -> list[str]:
         setter = doc.get("deadline")
         if isinstance(setter, dict) and (setter.get("source"), setter.get("kind")) != \
                 (notice.get("source"), notice.get("kind")):
-            when += f"; set by an earlier {setter.get('source', '?')} {setter.get('kind', '?')} notice"
+            when += f"; brought forward by a {setter.get('source', '?')} {setter.get('kind', '?')} notice"
         lines.append(f"deadline: {deadline.isoformat().replace('+00:00', 'Z')} ({when})")
     if detected is not None:
         lines.append(f"detected: {detected.isoformat().replace('+00:00', 'Z')}")
