@@ -12,7 +12,6 @@ engine and the peer are fake OpenAI engines served in this process (the peer str
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,9 @@ import anyio
 import httpx
 import pytest
 
-from spotguard.demo.traffic import sse_lines
 from tests.support._daemon import Daemon, daemon, write_config
 from tests.support.moto import free_port
-from tests.support.openai_upstream import FakeEngine
+from tests.support.openai_upstream import FakeEngine, stream_chat
 
 pytestmark = pytest.mark.anyio
 CHAT = "/v1/chat/completions"
@@ -49,11 +47,7 @@ class RelayedStream:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
                 "max_tokens": TOKENS, "x_token_delay": TOKEN_DELAY}
         try:
-            async with http.stream("POST", gate + CHAT, json=body) as response:
-                async for line in sse_lines(response):
-                    if line.startswith("data: "):
-                        self.events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
-                        self.first.set()
+            await stream_chat(http, gate + CHAT, body, self.events, self.first)
         finally:
             self.ended_at = time.time()
             self.ended.set()

@@ -327,25 +327,15 @@ async def test_a_forced_undrain_is_remembered_across_a_restart(tmp_path: Path) -
     assert saved.suppressed == ()
 
 
-async def test_a_notice_coming_due_during_a_restore_stops_it_and_drains(tmp_path: Path) -> None:
-    source = ScriptedSource()
-
-    class SlowRestore(RecordingDriver):
-        async def restore(self, drained: Timeline | None, resumed: Timeline | None, *,
-                          on_change: Callable[[Timeline], None]) -> Timeline:
-            await anyio.sleep_forever()  # an engine unit that takes minutes to start
-            raise AssertionError("unreachable")
-
-    driver = SlowRestore()
-    agent = make_agent(tmp_path, source, driver)
+async def drain_then_bring_forward(agent: Agent, source: ScriptedSource, seconds: float) -> None:
+    """Drain for a notice 300 s away; once drained, a second notice ``seconds`` away; stop once it is adopted."""
+    late = notice(event_id="late", seconds=300)
     async with anyio.create_task_group() as tg:
         await tg.start(agent.run)
-        await agent.operator.manual_drain("maintenance", 30, dry_run=False)
+        source.live = [late]
         await until(lambda: agent.node.state == "drained")
-        tg.start_soon(agent.operator.undrain, False)
-        await until(lambda: agent.node.state == "restoring")
-        source.live = [notice()]
-        await until(lambda: agent.node.state == "drained" and len(driver.runs) == 2)
+        source.live = [late, notice(kind="scheduled-event", event_id="soon", seconds=seconds)]
+        await until(lambda: agent.deadline.current is not None and agent.deadline.current.kind == "scheduled-event")
         tg.cancel_scope.cancel()
 
 
@@ -355,14 +345,7 @@ async def test_an_earlier_notice_once_drained_reaches_every_listener(tmp_path: P
     agent = make_agent(tmp_path, source, driver)
     heard: list[Deadline | None] = []
     agent.deadline.listen(heard.append)  # as the gate link does
-    late = notice(event_id="late", seconds=300)
-    async with anyio.create_task_group() as tg:
-        await tg.start(agent.run)
-        source.live = [late]
-        await until(lambda: agent.node.state == "drained")
-        source.live = [late, notice(kind="scheduled-event", event_id="soon", seconds=30)]
-        await until(lambda: heard[-1] is not None and heard[-1].kind == "scheduled-event")
-        tg.cancel_scope.cancel()
+    await drain_then_bring_forward(agent, source, 30)
     assert heard[0] is None and [d.kind for d in heard[1:] if d] == ["spot-interruption", "scheduled-event"]
     status = agent.operator.status()
     assert status["deadline"]["kind"] == "scheduled-event" and 0 < status["seconds_left"] < 31
@@ -374,14 +357,7 @@ async def test_an_earlier_notice_once_drained_reaches_every_listener(tmp_path: P
 async def test_a_restarted_daemon_hands_on_the_persisted_deadline_first(tmp_path: Path) -> None:
     source = ScriptedSource()
     agent = make_agent(tmp_path, source, RecordingDriver())
-    late = notice(event_id="late", seconds=300)
-    async with anyio.create_task_group() as tg:
-        await tg.start(agent.run)
-        source.live = [late]
-        await until(lambda: agent.node.state == "drained")
-        source.live = [late, notice(kind="scheduled-event", event_id="soon", seconds=60)]
-        await until(lambda: agent.deadline.current is not None and agent.deadline.current.kind == "scheduled-event")
-        tg.cancel_scope.cancel()  # kill -9 after the tightening
+    await drain_then_bring_forward(agent, source, 60)  # then the daemon dies
     tightened = agent.deadline.current
     assert tightened is not None
     restarted = make_agent(tmp_path, ScriptedSource(), RecordingDriver())
@@ -437,22 +413,27 @@ async def test_a_manual_drain_of_a_drained_node_only_brings_its_deadline_forward
         tg.cancel_scope.cancel()
 
 
-async def test_a_manual_drain_during_a_restore_stops_it_and_drains(tmp_path: Path) -> None:
-    class SlowRestore(RecordingDriver):
-        async def restore(self, drained: Timeline | None, resumed: Timeline | None, *,
-                          on_change: Callable[[Timeline], None]) -> Timeline:
-            await anyio.sleep_forever()
-            raise AssertionError("unreachable")
+class SlowRestore(RecordingDriver):
+    async def restore(self, drained: Timeline | None, resumed: Timeline | None, *,
+                      on_change: Callable[[Timeline], None]) -> Timeline:
+        await anyio.sleep_forever()  # an engine unit that takes minutes to start
+        raise AssertionError("unreachable")
 
-    driver = SlowRestore()
-    agent = make_agent(tmp_path, ScriptedSource(), driver)
+
+@pytest.mark.parametrize("by", ["cloud notice", "manual drain"])
+async def test_a_notice_coming_due_during_a_restore_stops_it_and_drains(tmp_path: Path, by: str) -> None:
+    source, driver = ScriptedSource(), SlowRestore()
+    agent = make_agent(tmp_path, source, driver)
     async with anyio.create_task_group() as tg:
         await tg.start(agent.run)
         await agent.operator.manual_drain("maintenance", 30, dry_run=False)
         await until(lambda: agent.node.state == "drained")
         tg.start_soon(agent.operator.undrain, False)
         await until(lambda: agent.node.state == "restoring")
-        again = await agent.operator.manual_drain("changed my mind", 30, dry_run=False)
-        assert again["accepted"] and again["state"] in ("draining", "drained")
+        if by == "cloud notice":
+            source.live = [notice()]
+        else:  # the operator changed their mind
+            again = await agent.operator.manual_drain("changed my mind", 30, dry_run=False)
+            assert again["accepted"] and again["state"] in ("draining", "drained")
         await until(lambda: agent.node.state == "drained" and len(driver.runs) == 2)
         tg.cancel_scope.cancel()

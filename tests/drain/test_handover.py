@@ -8,18 +8,17 @@ engine; the peer is a second fake engine; the webhooks go to a real loopback rec
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from spotguard.demo.traffic import sse_lines
 from spotguard.drain import DrainEngine, plan
 from tests.drain.support import FakeEngine, Receiver, config, context, notice, receivers, services
 from tests.support.gate import StartGate
 from tests.support.openai_upstream import FakeEngine as FakeOpenAI
+from tests.support.openai_upstream import stream_chat
 
 pytestmark = pytest.mark.anyio
 
@@ -32,15 +31,7 @@ async def test_a_drain_that_hands_a_request_to_a_peer_is_ok_and_says_so(
     events: list[Any] = []
     first = anyio.Event()
     async with httpx.AsyncClient(timeout=30) as http, anyio.create_task_group() as tg:
-
-        async def stream() -> None:
-            async with http.stream("POST", gate.url + "/v1/chat/completions", json=body) as response:
-                async for line in sse_lines(response):
-                    if line.startswith("data: "):
-                        events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
-                        first.set()
-
-        tg.start_soon(stream)
+        tg.start_soon(stream_chat, http, gate.url + "/v1/chat/completions", body, events, first)
         with anyio.fail_after(10):
             await first.wait()
         async with receivers(Receiver()) as (hook,):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from spotguard.asgi import Receive, Scope, Send, read_body, serve
@@ -176,6 +177,19 @@ def _pairs(query: bytes) -> list[tuple[str, str]]:
     from urllib.parse import parse_qsl
 
     return parse_qsl(query.decode())
+
+
+async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any], events: list[Any],
+                      first: anyio.Event) -> None:
+    """POST a streamed chat completion to ``url``: each SSE event's data (parsed JSON, or "[DONE]") goes to
+    ``events``; ``first`` is set at the first one."""
+    from spotguard.demo.traffic import sse_lines
+
+    async with http.stream("POST", url, json=body) as response:
+        async for line in sse_lines(response):
+            if line.startswith("data: "):
+                events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+                first.set()
 
 
 @asynccontextmanager
