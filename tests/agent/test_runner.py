@@ -390,6 +390,12 @@ async def test_a_state_file_of_the_previous_version_resumes_its_drain(tmp_path: 
         tg.cancel_scope.cancel()
     resumed = driver.resumed[0]
     assert resumed is not None and resumed.step("readiness").outcome == "ok"
+    # A timeline that cannot be read back is left out, and said: the node stays out of rotation.
+    (tmp_path / "state.json").write_text(json.dumps({"state": "draining", "notice": old.to_json(),
+                                                    "timeline": {"version": 99}, "boot_id": current_boot_id()}))
+    unreadable = make_agent(tmp_path, ScriptedSource(), RecordingDriver())
+    assert unreadable.node.state == "draining" and unreadable.node.timeline is None
+    assert unreadable.metrics.config_errors.labels(component="state", reason="unreadable")._value.get() == 1
 
 
 async def test_a_manual_drain_of_a_drained_node_only_brings_its_deadline_forward(tmp_path: Path) -> None:
