@@ -112,7 +112,7 @@ async def _trials(emu: EmulatorControl, d: Any, cloud: str, name: str, trials: i
             stopped = float(stops.read_text().split()[-1])
             stop_ms.append((stopped - detected) * 1000)
             ready_ms.append((epoch(readiness["finished_at"]) - detected) * 1000)
-            slack.append(epoch(doc["notice"]["deadline"]) - margin - max(ends))
+            slack.append(epoch(doc["drain_deadline"]) - max(ends))  # the daemon's drain deadline: margin taken off
             drain_s.append(max(ends) - detected)
             await back_to_serving(http, d, functools.partial(emu.withdraw, cloud, event_id))
     return {"cloud": cloud, "scenario": name, "deadline_s": deadline, "safety_margin_s": margin,

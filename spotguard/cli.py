@@ -240,7 +240,7 @@ def drain(config: ConfigOpt = None,
     async def start() -> dict[str, Any]:
         doc = await client.drain(cfg.control.socket, reason=reason, deadline_seconds=deadline, dry_run=dry_run,
                                  group=cfg.control.group)
-        if not doc.get("accepted") or dry_run:
+        if not doc.get("accepted") or dry_run or doc.get("started") is False:  # refused, or only a new deadline
             return doc
         # The answer only says the drain began; the status shows the steps it has started since.
         now = await client.status(cfg.control.socket, group=cfg.control.group)

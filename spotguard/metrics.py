@@ -39,12 +39,13 @@ class Metrics:
                                     "1 while the gate's listener accepts connections (last check)", registry=r)
         self.cloud_known = Gauge("spotguard_cloud_known",
                                  "0 while [agent] cloud = auto has not been confirmed by a probe yet", registry=r)
-        self.deadline = Gauge("spotguard_drain_deadline_timestamp_seconds", "Unix time of the active deadline",
-                              registry=r)
+        self.deadline = Gauge("spotguard_drain_deadline_timestamp_seconds",
+                              "Unix time the VM goes away by the node's deadline (the earliest notice's); "
+                              "0 while no drain is under way", registry=r)
         self.step_duration = Histogram("spotguard_drain_step_duration_seconds", "Drain step duration",
                                        ["step", "outcome"], buckets=_SLOW, registry=r)
         self.drain_slack = Gauge("spotguard_drain_slack_seconds",
-                                 "Seconds between the end of the last drain and its deadline", registry=r)
+                                 "Seconds between the end of the last drain and the VM's deadline", registry=r)
         self.drains = Counter("spotguard_drains_total", "Drains finished, by trigger source and result",
                               ["source", "result"], registry=r)
         self.restores = Counter("spotguard_restores_total", "Undrains that put back what a drain changed "

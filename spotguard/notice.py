@@ -56,18 +56,6 @@ class Notice:
     def seconds_left(self, now: datetime | None = None) -> float:
         return (self.deadline - (now or utcnow())).total_seconds()
 
-    def with_deadline(self, deadline: datetime) -> Notice:
-        return Notice(
-            source=self.source,
-            kind=self.kind,
-            event_id=self.event_id,
-            deadline=deadline,
-            detected_at=self.detected_at,
-            action=self.action,
-            act_at=self.act_at,
-            payload=self.payload,
-        )
-
     def due(self, now: datetime | None = None) -> bool:
         """True once the drain should start."""
         return self.act_at is None or (now or utcnow()) >= self.act_at

@@ -32,8 +32,9 @@ class Services:
     balancers: tuple[LoadBalancer, ...] = ()
     journal: JournalAccess | None = None
     """The gate's journal (in the gate process, reached through ``gate.link``); None when no gate is set."""
-    set_ready: Callable[[bool, float | None], None] = field(default=lambda ready, deadline: None)
-    """Readiness of the gate for new work, and the Unix time the VM goes away (None: serving again)."""
+    refuse_new_work: Callable[[bool], None] = field(default=lambda refuse: None)
+    """Whether the gate refuses new requests (the readiness step: True; an undrain's reopen_gate: False).
+    The daemon declares it to the gate together with the node's deadline (``agent/deadline.py``)."""
     acknowledge: Callable[[str], Awaitable[str]] | None = None
     """Approves the cloud event with this id (Azure StartRequests); None where the cloud has no such call."""
     snapshot: Callable[[DrainContext], Awaitable[str]] | None = None

@@ -131,7 +131,7 @@ def behaviours(measured: Measured, window_s: float, *, sigterm_at_notice: bool, 
                                     0.0, 0.0, 0.0, None)
             continue
         peers = {"peers-zone": "zone", "peers-cross": "cross", "resume": "cross"}.get(policy, "")
-        cut = detect + wait_inflight_budget(left, drain, snapshot=snapshot, peers=bool(peers))
+        cut = detect + wait_inflight_budget(left, drain, snapshot=snapshot)
         out[policy] = Behaviour(policy, window_s, detect, True, min(cut, window_s), min(lb_stop, dead_until),
                                 lb_redispatch, measured.refused_without_peers, peers, measured.handed_ok, measured.migrated_ok,
                                 measured.seam_s, measured.resume_delay_s if policy == "resume" else None)

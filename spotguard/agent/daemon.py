@@ -63,15 +63,15 @@ class Daemon:
                 agent = self.agent = Agent(config=config, cloud=wiring.cloud, metrics=wiring.metrics,
                                            log=logs.get("runner"), store=StateStore(config.agent.state_dir),
                                            sources=[], driver=wiring.driver)
-                readiness = self.readiness = Readiness(config, http, wiring.metrics, state=lambda: agent.state,
+                readiness = self.readiness = Readiness(config, http, wiring.metrics, state=lambda: agent.node.state,
                                                        gate_draining=wiring.gate_draining, gate_alive=wiring.gate_alive,
                                                        log=logs.get("readiness"))
-                agent.status_extras += [lambda: {"readiness": readiness.describe()}, wiring.status]
+                agent.operator.status_extras += [lambda: {"readiness": readiness.describe()}, wiring.status]
                 async with anyio.create_task_group() as tg:
                     await tg.start(agent.run, name="runner")
                     tg.start_soon(self._attach, wiring, agent, name="attach-cloud")
                     host, port = parse_listen(config.http.listen, "[http] listen")
-                    api = HttpApi(agent, wiring.metrics, readiness.verdict, before_metrics=wiring.refresh_gpu)
+                    api = HttpApi(agent.operator, wiring.metrics, readiness.verdict, before_metrics=wiring.refresh_gpu)
                     self.http_bound = await tg.start(asgi.serve_tcp, api, host, port, name="http")
                     await wiring.start_listeners(tg, agent)
                     await tg.start(readiness.run, name="readiness")
@@ -84,10 +84,10 @@ class Daemon:
                         return self.exit_code
                     tg.start_soon(self._watchdog, name="watchdog")
                     self.log.info("started", version=__version__, cloud=wiring.cloud, http=self.http_bound.url,
-                                  sources=[s.name for s in agent.sources], state=agent.state,
+                                  sources=[s.name for s in agent.watcher.sources], state=agent.node.state,
                                   engine=config.server.kind, dry_run=config.agent.dry_run,
                                   ready=readiness.verdict()[0], **wiring.describe())
-                    sdnotify.notify("READY=1", f"STATUS={agent.state} ({wiring.cloud})")
+                    sdnotify.notify("READY=1", f"STATUS={agent.node.state} ({wiring.cloud})")
                     task_status.started(self)
                     await self._handle_signals(tg, agent, signals)
         sdnotify.notify("STOPPING=1")
@@ -129,23 +129,23 @@ class Daemon:
         name = signal.Signals(signum).name
         shutdown = self.config.shutdown
         going_away = signum == signal.SIGTERM and shutdown.enabled and await self._machine_going_away()
-        if going_away and agent.state in ("serving", "restoring"):
+        if going_away and agent.node.state in ("serving", "restoring"):
             self.log.warning("shutdown_notice", signal=name, budget=shutdown.budget)
-            agent.inject(shutdown_notice(shutdown.budget))
+            agent.notices.inject(shutdown_notice(shutdown.budget))
             await self._wait_for_drain(agent, shutdown.budget)
-        elif going_away and agent.state == "draining":
-            agent.shorten_drain(shutdown.budget, why=f"{name} while draining")
+        elif going_away and agent.node.state == "draining":
+            agent.node.shorten_drain(shutdown.budget, why=f"{name} while draining")
             await self._wait_for_drain(agent, shutdown.budget)
-        elif agent.state == "draining":
+        elif agent.node.state == "draining":
             self.log.warning("drain_left_for_restart", signal=name,
                              message="the machine is not shutting down: the restarted daemon resumes this drain")
-        self.log.info("stopping", signal=name, state=agent.state)
+        self.log.info("stopping", signal=name, state=agent.node.state)
         tg.cancel_scope.cancel()
 
     async def _wait_for_drain(self, agent: Agent, budget: float) -> None:
         with anyio.move_on_after(budget + 1) as scope:
-            while agent.state != "drained":
-                await agent.wait_drained()
+            while agent.node.state != "drained":
+                await agent.node.wait_drained()
         if scope.cancelled_caught:
             self.log.error("drain_overran_shutdown_budget", budget=budget)
 

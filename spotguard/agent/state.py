@@ -11,12 +11,14 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 
+from spotguard.deadline import Deadline
+from spotguard.drain.timeline import Timeline, TimelineError
 from spotguard.notice import Notice
 
 NodeState = Literal["serving", "draining", "drained", "restoring"]
@@ -37,9 +39,12 @@ def current_boot_id() -> str:
 class Persisted:
     state: NodeState = "serving"
     notice: Notice | None = None
-    timeline: list[dict[str, Any]] = field(default_factory=list)
+    """The notice the drain runs for (as its source reported it)."""
+    deadline: Deadline | None = None
+    """The node's deadline while draining or drained: the earliest notice's (``agent/deadline.py``)."""
+    timeline: Timeline | None = None
     """The last drain's timeline (kept after an undrain, for status, until the next drain starts)."""
-    restore: list[dict[str, Any]] = field(default_factory=list)
+    restore: Timeline | None = None
     """The last undrain's timeline: what it put back."""
     suppressed: tuple[str, ...] = ()
     """Keys of cloud notices an operator forced away (``undrain --force``); kept across restarts."""
@@ -52,27 +57,51 @@ class Persisted:
         return {
             "state": self.state,
             "notice": self.notice.to_json() if self.notice else None,
-            "timeline": self.timeline,
-            "restore": self.restore,
+            "deadline": self.deadline.to_json() if self.deadline else None,
+            "timeline": self.timeline.to_json() if self.timeline else None,
+            "restore": self.restore.to_json() if self.restore else None,
             "suppressed": list(self.suppressed),
             "boot_id": self.boot_id,
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Persisted:
+    def from_json(cls, data: dict[str, Any]) -> tuple[Persisted, str | None]:
+        """The state, and what could not be read of its timelines (they are then left out: a drain runs its
+        steps again rather than the node coming back into rotation). Anything else unreadable raises."""
         state = data.get("state", "serving")
         if state not in NODE_STATES:
             raise ValueError(f"unknown state {state!r}")
         notice = Notice.from_json(data["notice"]) if data.get("notice") else None
-        timeline = data.get("timeline") or []
-        restore = data.get("restore") or []
-        if not isinstance(timeline, list) or not isinstance(restore, list):
-            raise ValueError("timeline is not a list")
+        deadline = Deadline.from_json(data["deadline"]) if data.get("deadline") else None
         suppressed = data.get("suppressed") or []
         if not isinstance(suppressed, list) or not all(isinstance(k, str) for k in suppressed):
             raise ValueError("suppressed is not a list of notice keys")
-        return cls(state=state, notice=notice, timeline=timeline, restore=restore, suppressed=tuple(suppressed),
-                   boot_id=str(data.get("boot_id", "")))
+        problems = []
+        timelines: dict[str, Timeline | None] = {}
+        for name in ("timeline", "restore"):
+            try:
+                timelines[name] = _timeline(data.get(name))
+            except TimelineError as exc:
+                timelines[name] = None
+                problems.append(f"{name}: {exc}")
+        persisted = cls(state=state, notice=notice, deadline=deadline, timeline=timelines["timeline"],
+                        restore=timelines["restore"], suppressed=tuple(suppressed),
+                        boot_id=str(data.get("boot_id", "")))
+        return persisted, "; ".join(problems) or None
+
+
+def _timeline(doc: object) -> Timeline | None:
+    """A persisted timeline: one document, or the one-document list an older daemon wrote (an upgrade
+    mid-drain resumes it); None when there is none."""
+    if isinstance(doc, list):
+        if len(doc) > 1:
+            raise TimelineError(f"expected one timeline, found {len(doc)}")
+        doc = doc[0] if doc else None
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise TimelineError(f"expected a timeline document, found {type(doc).__name__}")
+    return Timeline.from_json(doc)
 
 
 class StateStore:
@@ -83,7 +112,8 @@ class StateStore:
         self.path = self.dir / STATE_FILE
 
     def load(self) -> tuple[Persisted, str | None]:
-        """The saved state and, when it was unreadable, why (the daemon then starts serving and says so)."""
+        """The saved state and, when some of it was unreadable, what (all of it: the daemon then starts
+        serving; a timeline: it is left out). Either way the daemon says so."""
         try:
             raw = self.path.read_text()
         except FileNotFoundError:
@@ -91,9 +121,10 @@ class StateStore:
         except OSError as exc:
             return Persisted(boot_id=current_boot_id()), f"cannot read {self.path}: {exc}"
         try:
-            return Persisted.from_json(json.loads(raw)), None
+            persisted, problem = Persisted.from_json(json.loads(raw))
         except (ValueError, KeyError, TypeError) as exc:
             return Persisted(boot_id=current_boot_id()), f"corrupt {self.path}: {exc}"
+        return persisted, f"{self.path}: {problem}" if problem else None
 
     def save(self, persisted: Persisted) -> None:
         """Write to a temporary file, fsync, rename: a crash leaves the old or the new file, never half."""

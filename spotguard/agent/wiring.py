@@ -11,7 +11,6 @@ import dataclasses
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +19,14 @@ import httpx
 from anyio.abc import TaskGroup
 
 from spotguard import logs
-from spotguard.agent.runner import Agent, Timeline
+from spotguard.agent.runner import Agent
 from spotguard.clouds.operator import undrain_notice
 from spotguard.config import Config
+from spotguard.deadline import Deadline
 from spotguard.drain.engine import DrainEngine
 from spotguard.drain.plan import plan
-from spotguard.drain.step import DrainContext, drain_deadline
-from spotguard.drain.timeline import Timeline as DrainTimeline
+from spotguard.drain.step import DrainContext
+from spotguard.drain.timeline import Timeline
 from spotguard.drain.undo import undo_plan
 from spotguard.errors import ConfigError, SpotguardError
 from spotguard.gate.link import GateLink
@@ -112,7 +112,7 @@ async def cloud_identity(cloud: str, config: Config, http: httpx.AsyncClient, lo
 
 
 class EngineDriver:
-    """Adapts the drain engine to the runner's ``DrainDriver``: one ``DrainEngine`` per drain or restore."""
+    """Adapts the drain engine to the agent's ``DrainDriver``: one ``DrainEngine`` per drain or restore."""
 
     def __init__(self, config: Config, metrics: Metrics, http: httpx.AsyncClient,
                  services: Callable[[], Services], attached: anyio.Event) -> None:
@@ -122,62 +122,51 @@ class EngineDriver:
         self.services = services
         self.attached = attached
         self._current: DrainEngine | None = None
+        self._deadline: Deadline | None = None
+        """The running drain's deadline: a tighten while it waits for the cloud still reaches its engine."""
 
-    async def _cloud_services(self, notice: Notice) -> Services:
+    async def _cloud_services(self, deadline: Deadline) -> Services:
         """The services once the cloud's identity and balancers are known: a drain right after start-up
         waits a little for them rather than skip deregistration for good."""
         if not self.attached.is_set():
-            with anyio.move_on_after(min(ATTACH_WAIT, max(0.0, notice.seconds_left() / 4))):
+            with anyio.move_on_after(min(ATTACH_WAIT, max(0.0, deadline.seconds_left() / 4))):
                 await self.attached.wait()
         return self.services()
 
-    async def run(self, notice: Notice, timeline: Timeline, *, dry_run: bool,
+    async def run(self, notice: Notice, deadline: Deadline, resumed: Timeline | None, *, dry_run: bool,
                   on_change: Callable[[Timeline], None]) -> Timeline:
-        ctx = DrainContext(config=self.config, notice=notice, deadline=drain_deadline(self.config, notice),
-                           dry_run=dry_run, metrics=self.metrics, log=logs.get("drain"), http=self.http,
-                           services=await self._cloud_services(notice))
-        engine = DrainEngine(plan(self.config), ctx, timeline=_resumed(timeline),
-                             on_change=lambda t: on_change([t.to_json()]))
+        if not dry_run:
+            self._deadline = deadline
+        services = await self._cloud_services(deadline)
+        if not dry_run and self._deadline is not None:
+            deadline = self._deadline  # tightened while the cloud was being waited for
+        ctx = DrainContext(config=self.config, notice=notice, deadline=deadline, dry_run=dry_run,
+                           metrics=self.metrics, log=logs.get("drain"), http=self.http, services=services)
+        engine = DrainEngine(plan(self.config), ctx, timeline=resumed, on_change=on_change)
         if not dry_run:
             self._current = engine
         try:
-            finished = await engine.run()
+            return await engine.run()
         finally:
             if self._current is engine:
-                self._current = None
-        return [finished.to_json()]
+                self._current, self._deadline = None, None
 
-    async def restore(self, drained: Timeline, timeline: Timeline, *,
+    async def restore(self, drained: Timeline | None, resumed: Timeline | None, *,
                       on_change: Callable[[Timeline], None]) -> Timeline:
-        budget = self.config.drain.restore_budget
-        notice = undrain_notice(budget)
-        ctx = DrainContext(config=self.config, notice=notice, deadline=notice.deadline, dry_run=False,
-                           metrics=self.metrics, log=logs.get("undrain"), http=self.http,
-                           services=await self._cloud_services(notice))
-        engine = DrainEngine(undo_plan(_step_records(drained)), ctx, timeline=_resumed(timeline),
-                             on_change=lambda t: on_change([t.to_json()]), background=(), purpose="restore")
-        return [(await engine.run()).to_json()]
+        notice = undrain_notice(self.config.drain.restore_budget)
+        deadline = Deadline.for_notice(notice, 0.0)  # the undo steps work to their own budget: no margin
+        ctx = DrainContext(config=self.config, notice=notice, deadline=deadline, dry_run=False, metrics=self.metrics,
+                           log=logs.get("undrain"), http=self.http, services=await self._cloud_services(deadline))
+        engine = DrainEngine(undo_plan(drained), ctx, timeline=resumed, on_change=on_change, background=(),
+                             purpose="restore")
+        return await engine.run()
 
-    def tighten(self, deadline: datetime) -> None:
-        """``deadline`` is a notice deadline; the engine works to it minus the safety margin."""
+    def tighten(self, deadline: Deadline) -> None:
+        """An earlier deadline for the drain under way (the engine keeps the earlier of the two)."""
+        if self._deadline is not None and deadline.drain < self._deadline.drain:
+            self._deadline = deadline
         if self._current is not None:
-            self._current.tighten(deadline - timedelta(seconds=self.config.drain.safety_margin))
-
-
-def _step_records(timeline: Timeline) -> list[dict[str, Any]]:
-    if len(timeline) == 1 and isinstance(timeline[0].get("steps"), list):
-        return list(timeline[0]["steps"])
-    return list(timeline)
-
-
-def _resumed(timeline: Timeline) -> DrainTimeline | None:
-    """The persisted timeline to resume (the engine persists one document with ``steps``), if readable."""
-    if len(timeline) != 1 or "steps" not in timeline[0]:
-        return None
-    try:
-        return DrainTimeline.from_json(timeline[0])
-    except SpotguardError:
-        return None
+            self._current.tighten(deadline)
 
 
 @dataclass
@@ -189,7 +178,7 @@ class Wiring:
     identity: Identity
     http: httpx.AsyncClient
     gate: GateLink | None = None
-    """The gate process's handle (``alive``, ``set_draining``, ``journal``); None when no gate is set."""
+    """The gate process's handle (``alive``, ``declare``, ``journal``); None when no gate is set."""
     services: Services | None = None
     driver: EngineDriver | None = None
     attached: anyio.Event = field(default_factory=anyio.Event)
@@ -203,10 +192,16 @@ class Wiring:
         if self.snapshotter is not None:
             tg.start_soon(self.snapshotter.stamp_model, logs.get("snapshot"), name="model-hash")
 
-    def set_ready(self, ready: bool, deadline: float | None = None) -> None:
+    def refuse_new_work(self, refuse: bool) -> None:
+        """The gate refuses new requests (the readiness step) or takes them again (an undrain's reopen_gate)."""
         if self.gate is not None:
-            vm = datetime.fromtimestamp(deadline, UTC) if deadline is not None else self.gate.wanted.vm_deadline
-            self.gate.declare(draining=not ready, vm_deadline=vm)
+            self.gate.declare(draining=refuse, deadline=self.gate.deadline)
+
+    def deadline_changed(self, deadline: Deadline | None) -> None:
+        """The node's deadline moved (``DeadlineOwner``): the gate ends what it relays from peers before it,
+        also once the drain is over."""
+        if self.gate is not None:
+            self.gate.declare(draining=self.gate.draining, deadline=deadline)
 
     def gate_draining(self) -> bool:
         return bool(self.gate is not None and self.gate.draining)
@@ -219,9 +214,12 @@ class Wiring:
         from spotguard.control.server import serve_control
         from spotguard.gpu import GpuMonitor
 
-        if self.gate is not None and agent.state != "serving":
-            self.gate.declare(draining=True)  # a node restarted mid-drain refuses new work from the first request
-        await tg.start(lambda task_status: serve_control(self.config.control, agent, log=logs.get("control"),
+        if self.gate is not None:
+            # Declared before the link attaches: a node restarted mid-drain refuses new work from the first
+            # request, and its gate holds the deadline rebuilt from the persisted state.
+            agent.deadline.listen(self.deadline_changed)
+            self.refuse_new_work(agent.node.refuses_new_work())
+        await tg.start(lambda task_status: serve_control(self.config.control, agent.operator, log=logs.get("control"),
                                                          metrics=self.metrics, task_status=task_status),
                        name="control")
         if self.gate is not None:
@@ -253,7 +251,7 @@ class Wiring:
         self.services = dataclasses.replace(self.services, identity=identity, balancers=balancers,
                                             acknowledge=acknowledge)
         self.identity, self.cloud = identity, cloud
-        agent.cloud = cloud
+        agent.operator.cloud = cloud
         self.metrics.cloud_known.set(1)
         agent.add_sources(cloud_sources(cloud, config, http))
         self.attached.set()
@@ -292,7 +290,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
         wiring.gate = GateLink(config, metrics, log=logs.get("gate"))
     gate = wiring.gate
     engine = build_engine(config, http, journal=gate.journal if gate is not None else None,
-                          set_gate_draining=(lambda: wiring.set_ready(False)) if gate is not None else None)
+                          set_gate_draining=(lambda: wiring.refuse_new_work(True)) if gate is not None else None)
     snapshot = None
     if config.snapshot.url:
         from spotguard.storage.snapshot import prepare
@@ -300,7 +298,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
         snapshot = wiring.snapshotter = await prepare(config)
     wiring.services = Services(identity=identity, engine=engine,
                                journal=gate.journal if gate is not None else None,
-                               set_ready=wiring.set_ready, snapshot=snapshot)
+                               refuse_new_work=wiring.refuse_new_work, snapshot=snapshot)
 
     def services() -> Services:
         assert wiring.services is not None

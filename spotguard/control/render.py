@@ -37,15 +37,28 @@ def _clock(moment: datetime | None) -> str:
     return moment.strftime("%H:%M:%S.%f")[:-3] + "Z" if moment else "-"
 
 
-def _notice_lines(notice: Any, now: datetime) -> list[str]:
+def vm_deadline(doc: dict[str, Any]) -> datetime | None:
+    """When the VM goes away: the node's deadline (the earliest notice's), else the notice's own."""
+    deadline, notice = doc.get("deadline"), doc.get("notice")
+    if isinstance(deadline, dict) and _when(deadline.get("vm")) is not None:
+        return _when(deadline.get("vm"))
+    return _when(notice.get("deadline")) if isinstance(notice, dict) else None
+
+
+def _notice_lines(doc: dict[str, Any], now: datetime) -> list[str]:
+    notice = doc.get("notice")
     if not isinstance(notice, dict):
         return ["notice:   none"]
-    deadline = _when(notice.get("deadline"))
+    deadline = vm_deadline(doc)
     detected = _when(notice.get("detected_at"))
     lines = [f"notice:   {notice.get('source', '?')} {notice.get('kind', '?')} (event {notice.get('event_id', '?')})"]
     if deadline is not None:
         left = (deadline - now).total_seconds()
         when = f"in {_span(left)}" if left >= 0 else f"passed {_span(-left)} ago"
+        setter = doc.get("deadline")
+        if isinstance(setter, dict) and (setter.get("source"), setter.get("kind")) != \
+                (notice.get("source"), notice.get("kind")):
+            when += f"; brought forward by a {setter.get('source', '?')} {setter.get('kind', '?')} notice"
         lines.append(f"deadline: {deadline.isoformat().replace('+00:00', 'Z')} ({when})")
     if detected is not None:
         lines.append(f"detected: {detected.isoformat().replace('+00:00', 'Z')}")
@@ -67,14 +80,15 @@ def format_status(doc: dict[str, Any], *, now: datetime | None = None) -> str:
     if isinstance(readiness, dict):
         failing = [str(f) for f in readiness.get("failing") or []]
         lines.append("ready:    " + ("yes" if readiness.get("ready") else "no: " + "; ".join(failing)))
-    lines += _notice_lines(doc.get("notice"), now)
+    lines += _notice_lines(doc, now)
     steps = [s for s in doc.get("steps") or [] if isinstance(s, dict)]
     if not steps:
         lines.append("drain:    " + NO_STEPS.get(str(state), "no drain has run"))
         return "\n".join(lines) + "\n"
-    notice = doc.get("notice")
-    deadline = _when(doc.get("drain_deadline")) or _when(notice.get("deadline") if isinstance(notice, dict) else None)
-    lines += _table(steps, deadline, now)
+    lines += _table(steps, _when(doc.get("drain_deadline")) or vm_deadline(doc), now)
+    result = doc.get("drain_result")
+    if isinstance(result, str) and result != "running":
+        lines.append(f"result:   {result}")
     restore = [s for s in doc.get("restore_steps") or [] if isinstance(s, dict)]
     if restore:
         lines += ["", "undrain: what was put back"] + _table(restore, None, now)
@@ -85,7 +99,7 @@ def _table(steps: list[dict[str, Any]], deadline: datetime | None, now: datetime
     lines: list[str] = []
     width = max(len("STEP"), *(len(str(s.get("name", ""))) for s in steps))
     lines.append("")
-    lines.append(f"{'STEP':<{width}}  {'STATE':<7}  {'OUTCOME':<9}  {'STARTED':<13}  {'DURATION':>8}  "
+    lines.append(f"{'STEP':<{width}}  {'STATE':<7}  {'OUTCOME':<11}  {'STARTED':<13}  {'DURATION':>8}  "
                  f"{'LEFT':>8}  DETAIL")
     for step in steps:
         state_text = str(step.get("state") or "pending")
@@ -104,7 +118,7 @@ def _table(steps: list[dict[str, Any]], deadline: datetime | None, now: datetime
         detail = " ".join(str(step.get("detail") or "").split())
         if len(detail) > DETAIL_WIDTH:
             detail = detail[:DETAIL_WIDTH - 1] + "…"
-        lines.append(f"{str(step.get('name', '?')):<{width}}  {state_text:<7}  {outcome:<9}  "
+        lines.append(f"{str(step.get('name', '?')):<{width}}  {state_text:<7}  {outcome:<11}  "
                      f"{_clock(started):<13}  {took:>8}  {left:>8}  {detail}".rstrip())
     done = [s for s in steps if s.get("state") == "done"]
     lines.append("")

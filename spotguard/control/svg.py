@@ -1,7 +1,7 @@
 """The drain timeline as a picture (``spotguard status --svg FILE``): plain SVG text, no dependency.
 
 One row per step, a bar from its start to its end, drawn against the notice window (detection to the
-notice's deadline). The drain deadline (the notice's minus ``[drain] safety_margin``) and the margin
+VM's deadline). The drain deadline (the VM's minus ``[drain] safety_margin``) and the margin
 itself are marked, so an operator sees at a glance which step took the time and how much was left.
 """
 
@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from xml.sax.saxutils import escape
 
-from spotguard.control.render import _span, _when
+from spotguard.control.render import _span, _when, vm_deadline
 from spotguard.notice import utcnow
 
 WIDTH = 980
@@ -29,6 +29,7 @@ COLOURS = {
     "ok": "#2e9e4f",
     "failed": "#d64541",
     "timed_out": "#e8871e",
+    "handed_over": "#2a9d8f",
     "skipped": "#a7adb4",
     "dry_run": "#4a7bd0",
     "running": "#f2c94c",
@@ -61,7 +62,7 @@ def render_svg(doc: dict[str, Any], *, safety_margin: float | None = None, now: 
     now = now or utcnow()
     steps = [s for s in doc.get("steps") or [] if isinstance(s, dict)]
     notice = doc.get("notice") if isinstance(doc.get("notice"), dict) else None
-    notice_deadline = _when(notice.get("deadline")) if notice else None
+    notice_deadline = vm_deadline(doc) if notice else None
     detected = _when(notice.get("detected_at")) if notice else None
     drain_deadline = _when(doc.get("drain_deadline"))
     if drain_deadline is None and notice_deadline is not None and safety_margin is not None:
@@ -214,8 +215,8 @@ def _row(step: dict[str, Any], start: datetime | None, end: datetime | None, y: 
 
 
 def _legend(y: int) -> str:
-    items = [("ok", "ok"), ("failed", "failed"), ("timed_out", "timed out"), ("skipped", "skipped"),
-             ("dry_run", "dry run"), ("running", "running")]
+    items = [("ok", "ok"), ("handed_over", "handed over"), ("failed", "failed"), ("timed_out", "timed out"),
+             ("skipped", "skipped"), ("dry_run", "dry run"), ("running", "running")]
     parts = ['<g font-size="11" fill="#333">']
     lx = 12
     for key, text in items:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from typing import Literal
 
 import anyio
 
+from spotguard.deadline import Deadline
 from spotguard.drain.balancers import heartbeat
 from spotguard.drain.step import DrainContext, Outcome, Step, StepResult
-from spotguard.drain.timeline import StepRecord, Timeline
+from spotguard.drain.timeline import StepRecord, Timeline, verdict
 from spotguard.notice import utcnow
 
 OnChange = Callable[[Timeline], None]
@@ -75,16 +75,13 @@ class DrainEngine:
         self._running: dict[str, tuple[Step, anyio.CancelScope]] = {}
         self._purpose = purpose
         self._timeline = self._initial_timeline(timeline)
-        if self._timeline.deadline < ctx.deadline:
-            # A resumed drain keeps the earlier of the persisted and the given deadline.
-            self._ctx = dataclasses.replace(self._ctx, deadline=self._timeline.deadline)
 
     @property
     def timeline(self) -> Timeline:
         return self._timeline
 
     @property
-    def deadline(self) -> datetime:
+    def deadline(self) -> Deadline:
         return self._ctx.deadline
 
     def _initial_timeline(self, resumed: Timeline | None) -> Timeline:
@@ -99,10 +96,10 @@ class DrainEngine:
                 record = StepRecord(name=step.name, after=tuple(step.after), attempts=attempts)
             records.append(record)
         if resumed is not None:
-            deadline = min(resumed.deadline, ctx.deadline)
-            return dataclasses.replace(resumed, deadline=deadline, steps=tuple(records),
+            # The deadline is the agent's (persisted with the timeline, tightened since if need be).
+            return dataclasses.replace(resumed, deadline=ctx.deadline.drain, steps=tuple(records),
                                        finished_at=None, result=None)
-        return Timeline(notice_key=ctx.notice.key, deadline=ctx.deadline, started_at=utcnow(),
+        return Timeline(notice_key=ctx.notice.key, deadline=ctx.deadline.drain, started_at=utcnow(),
                         dry_run=ctx.dry_run, steps=tuple(records))
 
     def _publish(self, timeline: Timeline) -> None:
@@ -114,15 +111,15 @@ class DrainEngine:
                 self._ctx.log.error("drain timeline not persisted", error=f"{type(exc).__name__}: {exc}")
                 self._ctx.metrics.config_errors.labels(component="drain", reason="persist").inc()
 
-    def tighten(self, deadline: datetime) -> bool:
+    def tighten(self, deadline: Deadline) -> bool:
         """Move the drain deadline earlier (a second notice); running steps adopt it at once.
 
-        ``deadline`` is a drain deadline (see ``step.drain_deadline``). Each running step's scope ends
-        at the earlier of its current end and ``min(budget, time left)`` worked out anew, so a step
-        that keeps time for the ones after it (wait_inflight for the snapshot) still does. Returns
-        False when ``deadline`` is not earlier than the current one, which is then kept.
+        The steps work to ``deadline.drain``. Each running step's scope ends at the earlier of its current
+        end and ``min(budget, time left)`` worked out anew, so a step that keeps time for the ones after it
+        (wait_inflight for the snapshot) still does. Returns False when ``deadline`` does not end the drain
+        earlier than the current one, which is then kept.
         """
-        if deadline >= self._ctx.deadline:
+        if deadline.drain >= self._ctx.deadline.drain:
             return False
         self._ctx = dataclasses.replace(self._ctx, deadline=deadline)
         now = anyio.current_time()
@@ -131,9 +128,9 @@ class DrainEngine:
             target = now + self._allowed(step, left)
             if target < scope.deadline:
                 scope.deadline = target
-        self._ctx.log.warning("drain deadline tightened", deadline=deadline.isoformat(),
+        self._ctx.log.warning("drain deadline tightened", deadline=deadline.drain.isoformat(),
                               seconds_left=round(self._ctx.seconds_left(), 3))
-        self._publish(dataclasses.replace(self._timeline, deadline=deadline))
+        self._publish(dataclasses.replace(self._timeline, deadline=deadline.drain))
         return True
 
     async def run(self) -> Timeline:
@@ -185,12 +182,13 @@ class DrainEngine:
         ctx.log.info("drain step started", step=step.name, budget=round(budget, 3))
         begin = anyio.current_time()
         outcome: Outcome
+        handed_over = 0
         with anyio.CancelScope(deadline=begin + budget) as scope:
             self._running[step.name] = (step, scope)
             try:
                 result = await step.run(ctx)
                 if isinstance(result, StepResult):
-                    outcome, detail = result.outcome, result.detail
+                    outcome, detail, handed_over = result.outcome, result.detail, result.handed_over
                 else:
                     outcome, detail = "ok", str(result)
             except TimeoutError as exc:
@@ -205,7 +203,7 @@ class DrainEngine:
             detail = f"timed out after {elapsed:.2f}s (budget {budget:.2f}s)"
         if ctx.dry_run and outcome == "ok":
             outcome = "dry_run"  # a step that forgot to say so still did nothing on purpose
-        self._record(step, record, outcome, detail, elapsed)
+        self._record(step, record, outcome, detail, elapsed, handed_over)
 
     def _allowed(self, step: Step, left: float) -> float:
         """The step's budget cut to the time left, but never below its floor (itself capped by the budget)."""
@@ -219,27 +217,21 @@ class DrainEngine:
             self._ctx.log.error("drain step budget failed", step=step.name, error=f"{type(exc).__name__}: {exc}")
             return self._ctx.seconds_left()
 
-    def _record(self, step: Step, record: StepRecord, outcome: Outcome, detail: str, elapsed: float) -> None:
+    def _record(self, step: Step, record: StepRecord, outcome: Outcome, detail: str, elapsed: float,
+                handed_over: int = 0) -> None:
         ctx = self._ctx
         finished = dataclasses.replace(record, state="done", outcome=outcome, finished_at=utcnow(),
-                                       duration=round(elapsed, 3), detail=detail)
+                                       duration=round(elapsed, 3), detail=detail, handed_over=handed_over)
         ctx.metrics.step_duration.labels(step=step.name, outcome=outcome).observe(elapsed)
-        log = ctx.log.info if outcome in ("ok", "skipped", "dry_run") else ctx.log.warning
+        log = ctx.log.info if outcome in ("ok", "handed_over", "skipped", "dry_run") else ctx.log.warning
         log("drain step finished", step=step.name, outcome=outcome, duration=round(elapsed, 3), detail=detail)
         self._publish(self._timeline.with_step(finished))
 
     def _finish(self) -> Timeline:
         ctx = self._ctx
         finished_at = utcnow()
-        outcomes = {record.outcome for record in self._timeline.steps}
-        if outcomes & {"failed", "timed_out"}:
-            result = "failed"
-        elif ctx.dry_run:
-            result = "dry_run"
-        else:
-            result = "ok"
+        result = verdict(self._timeline.steps, dry_run=ctx.dry_run)
         slack = (self._timeline.deadline - finished_at).total_seconds()
-        ctx.metrics.drain_slack.set(slack)
         counter = ctx.metrics.drains if self._purpose == "drain" else ctx.metrics.restores
         counter.labels(source=ctx.notice.source, result=result).inc()
         ctx.log.info("drain finished", result=result, slack=round(slack, 3))

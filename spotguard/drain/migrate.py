@@ -39,5 +39,14 @@ class Migrate:
             return StepResult("failed", f"the gate did not answer: {exc}")
         if not handed:
             return "nothing left in flight to migrate"
-        return (f"{len(handed)} request(s) still running continued on peers "
-                f"({len(peers)} configured; the gate relays their answers)")
+        continued = sum(1 for entry in handed if entry.migrated_to)
+        detail = (f"{continued} request(s) continued on peers: handed over when the drain began (they could not "
+                  f"finish here in time) or when the wait ended ({len(peers)} configured; the gate relays their "
+                  "answers)")
+        if continued < len(handed):
+            # Cut without a continuation (n > 1, a tool call under way, no peer took it): the client got a
+            # retryable error, as it would without peers. The snapshot step saves them.
+            return StepResult("failed", f"{len(handed) - continued} of {len(handed)} request(s) could not be "
+                                        f"continued on a peer and ended with a retryable error; {detail}",
+                              handed_over=continued)
+        return StepResult("ok", detail, handed_over=continued)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 from spotguard.drain.balancers import CORE_STEPS, outcome_of
 from spotguard.drain.fanout import fan_out, summary
 from spotguard.drain.step import DrainContext, StepResult
+from spotguard.drain.timeline import StepRecord, verdict
 from spotguard.drain.webhook import Event, WebhookFields, default_body, deliver, redact, render
 
 REASON_LIMIT = 200
@@ -22,6 +23,18 @@ def reason(ctx: DrainContext) -> str:
     return f"{notice.source} {notice.kind}"
 
 
+def end_state(records: Sequence[StepRecord], *, dry_run: bool) -> str:
+    """What the end webhook says of the node: errors only when a step failed or ran out of time; a drain
+    that handed requests to peers lost nothing, and says how many went."""
+    result = verdict(records, dry_run=dry_run)
+    if result == "failed":
+        return "drained with errors"
+    handed = sum(r.handed_over for r in records)
+    if result == "handed_over":
+        return f"drained, {handed} request{'s' if handed != 1 else ''} handed to peers"
+    return "drained"
+
+
 def fields(ctx: DrainContext, event: Event) -> WebhookFields:
     identity = ctx.services.identity
     outcomes = ""
@@ -31,8 +44,7 @@ def fields(ctx: DrainContext, event: Event) -> WebhookFields:
         if ctx.progress is not None:
             records = [r for r in ctx.progress().steps if r.name in CORE_STEPS]
             outcomes = ", ".join(f"{r.name} {r.outcome or r.state}" for r in records)
-            if any(r.outcome in ("failed", "timed_out") for r in records):
-                state = "drained with errors"
+            state = end_state(records, dry_run=ctx.dry_run)
     return WebhookFields(event=event, state=state, source=ctx.notice.source, kind=ctx.notice.kind,
                          instance=identity.vm_name or identity.instance_id or "this node", reason=reason(ctx),
                          seconds_left=ctx.seconds_left(), dry_run=ctx.dry_run, summary=outcomes)

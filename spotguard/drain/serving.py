@@ -31,8 +31,9 @@ class Readiness:
     async def run(self, ctx: DrainContext) -> str | StepResult:
         if ctx.dry_run:
             return StepResult("dry_run", "would mark this node not ready (/readyz 503)")
-        # The gate also learns when the VM goes away: answers it relays from peers end cleanly before then.
-        ctx.services.set_ready(False, ctx.notice.deadline.timestamp())
+        # Before stop_accepting's first await (steps start in plan order): an engine that cannot refuse
+        # work itself (llama-server) is covered by the gate from here on.
+        ctx.services.refuse_new_work(True)
         return "marked not ready (/readyz answers 503)"
 
 
@@ -88,8 +89,12 @@ async def inflight_count(ctx: DrainContext) -> InflightReading:
     return InflightReading(max(counts) if counts else None, unreadable)
 
 
-def wait_inflight_budget(left: float, drain: DrainConfig, *, snapshot: bool, peers: bool) -> float:
+def wait_inflight_budget(left: float, drain: DrainConfig, *, snapshot: bool) -> float:
     """Seconds wait_inflight may wait when ``left`` seconds remain to the drain deadline.
+
+    With peers no time is kept for them: the gate hands over at once, when the drain begins, every answer
+    that will not finish here by the drain deadline (``gate/estimate.py``); what it keeps is expected to
+    finish, and the migrate step after this wait continues anything that still has not.
 
     A pure function of the plan, so bench/fleetsim.py can tell when a drain cuts what is still running.
     """
@@ -97,11 +102,12 @@ def wait_inflight_budget(left: float, drain: DrainConfig, *, snapshot: bool, pee
     if snapshot:
         # The snapshot saves whatever is still running: never let waiting eat all of its time.
         reserve += min(drain.snapshot_budget, 0.5 * (left - reserve))
-    if peers:
-        # What is still running then is continued on a peer and relayed until the deadline: leave it half
-        # of what is left, so a request that would not finish here in time can finish there.
-        reserve += 0.5 * (left - reserve)
     return max(0.0, min(drain.wait_inflight_budget, left - reserve))
+
+
+def hands_to_peers(ctx: DrainContext) -> bool:
+    """Whether what is still running when the wait ends is continued on peers (migrate) rather than cut."""
+    return bool(ctx.config.gate.peers) and ctx.services.journal is not None
 
 
 class WaitInflight:
@@ -112,8 +118,7 @@ class WaitInflight:
     floor = 0.0
 
     def budget(self, ctx: DrainContext) -> float:
-        return wait_inflight_budget(ctx.seconds_left(), ctx.config.drain, snapshot=ctx.services.snapshot is not None,
-                                    peers=bool(ctx.config.gate.peers) and ctx.services.journal is not None)
+        return wait_inflight_budget(ctx.seconds_left(), ctx.config.drain, snapshot=ctx.services.snapshot is not None)
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
         begin = anyio.current_time()
@@ -136,6 +141,10 @@ class WaitInflight:
                 if reading.count is None:
                     return StepResult("timed_out", f"in-flight count unreadable for {took:.2f}s "
                                                    f"({reading.unreadable}); left for the snapshot")
+                if hands_to_peers(ctx):
+                    # Not a time-out: the budget kept half of what is left for the peers on purpose.
+                    return StepResult("handed_over", f"{reading.count} requests still in flight after "
+                                                     f"{took:.2f}s: handed to migrate, which continues them on peers")
                 return StepResult("timed_out", f"{reading.count} requests still in flight after {took:.2f}s; "
                                                 "left for the snapshot")
             await anyio.sleep(POLL_INTERVAL)

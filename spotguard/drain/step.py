@@ -11,40 +11,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
-
-from spotguard.notice import utcnow
 
 if TYPE_CHECKING:
     import httpx
     import structlog
 
     from spotguard.config import Config
+    from spotguard.deadline import Deadline
     from spotguard.drain.timeline import Timeline
     from spotguard.metrics import Metrics
     from spotguard.notice import Notice
     from spotguard.services import Services
 
-Outcome = Literal["ok", "failed", "timed_out", "skipped", "dry_run", "manual"]
-"""``manual``: the step cannot be done by spotguard for this setup and says what an operator must do."""
+Outcome = Literal["ok", "handed_over", "failed", "timed_out", "skipped", "dry_run", "manual"]
+"""``handed_over``: the step passed what it had not finished to the next one on purpose (wait_inflight: the
+requests still running go to migrate, which continues them on peers); nothing was lost.
+``manual``: the step cannot be done by spotguard for this setup and says what an operator must do."""
 
 
 @dataclass(frozen=True)
 class StepResult:
     outcome: Outcome
     detail: str = ""
+    handed_over: int = 0
+    """Requests the step handed to peers (migrate), for the drain's result."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class DrainContext:
-    """Everything a step may use. ``deadline`` is the notice's deadline minus the safety margin."""
+    """Everything a step may use. Steps work to ``deadline.drain`` (the notice's deadline less the margin)."""
 
     config: Config
     notice: Notice
-    deadline: datetime
+    deadline: Deadline
     dry_run: bool
     metrics: Metrics
     log: structlog.stdlib.BoundLogger
@@ -54,7 +56,8 @@ class DrainContext:
     """The drain's timeline so far; the engine sets it (the end webhook summarises the outcomes)."""
 
     def seconds_left(self) -> float:
-        return (self.deadline - utcnow()).total_seconds()
+        """Seconds until the drain must be over."""
+        return self.deadline.seconds_left()
 
 
 class Step(Protocol):
@@ -77,11 +80,6 @@ class Step(Protocol):
     def budget(self, ctx: DrainContext) -> float: ...
 
     async def run(self, ctx: DrainContext) -> str | StepResult: ...
-
-
-def drain_deadline(config: Config, notice: Notice) -> datetime:
-    """When the drain must be over: the notice's deadline minus ``[drain] safety_margin``."""
-    return notice.deadline - timedelta(seconds=config.drain.safety_margin)
 
 
 def step_time_left() -> float:

@@ -1,14 +1,14 @@
-"""The drain timeline: what each step did and when, as a value the runner persists.
+"""The drain timeline: what each step did and when, as a value the agent persists.
 
-Every transition produces a new ``Timeline``; the engine hands it to ``on_change`` so the runner
-can write it atomically to the state directory. After a crash the runner loads it back with
-``Timeline.from_json`` and the engine skips the steps that were done.
+Every transition produces a new ``Timeline``; the engine hands it to ``on_change`` so the agent can
+write it atomically to the state directory (as JSON there, and on /status only). After a crash the
+agent reads it back with ``Timeline.from_json`` and the engine skips the steps that were done.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -19,7 +19,11 @@ from spotguard.notice import parse_rfc3339, rfc3339
 
 State = Literal["pending", "running", "done"]
 STATES: tuple[State, ...] = ("pending", "running", "done")
-OUTCOMES: tuple[Outcome, ...] = ("ok", "failed", "timed_out", "skipped", "dry_run", "manual")
+OUTCOMES: tuple[Outcome, ...] = ("ok", "handed_over", "failed", "timed_out", "skipped", "dry_run", "manual")
+Result = Literal["ok", "handed_over", "failed", "dry_run"]
+"""A finished drain: ``ok`` lost nothing; ``handed_over`` lost nothing either, and some requests went to peers
+to finish; ``failed``: some step failed or ran out of time; ``dry_run``: nothing was done on purpose."""
+RESULTS: tuple[Result, ...] = ("ok", "handed_over", "failed", "dry_run")
 FORMAT_VERSION = 1
 
 
@@ -40,6 +44,8 @@ class StepRecord:
     detail: str = ""
     attempts: int = 0
     """How often the step was started; more than 1 after a crash left it running."""
+    handed_over: int = 0
+    """Requests the step handed to peers to finish (migrate)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +58,7 @@ class StepRecord:
             "duration": self.duration,
             "detail": self.detail,
             "attempts": self.attempts,
+            "handed_over": self.handed_over,
         }
 
     @classmethod
@@ -73,6 +80,7 @@ class StepRecord:
             duration=float(duration) if duration is not None else None,
             detail=str(data.get("detail", "")),
             attempts=int(data.get("attempts", 0)),
+            handed_over=int(data.get("handed_over", 0)),
         )
 
 
@@ -86,8 +94,8 @@ class Timeline:
     started_at: datetime
     dry_run: bool = False
     finished_at: datetime | None = None
-    result: str | None = None
-    """ok, failed (some step failed or timed out) or dry_run, once finished."""
+    result: Result | None = None
+    """Once finished: see ``Result`` (``verdict`` works it out from the steps)."""
     steps: tuple[StepRecord, ...] = ()
 
     def step(self, name: str) -> StepRecord:
@@ -103,6 +111,23 @@ class Timeline:
     @property
     def done(self) -> bool:
         return self.finished_at is not None
+
+    @property
+    def handed_over(self) -> int:
+        """Requests the drain handed to peers to finish."""
+        return sum(record.handed_over for record in self.steps)
+
+    def summary(self) -> str:
+        """The result in words: "ok", "ok, with 2 requests handed to peers", "failed: deregister timed_out"."""
+        if self.result is None:
+            return "running"
+        if self.result == "handed_over":
+            count = self.handed_over
+            return f"ok, with {count} request{'s' if count != 1 else ''} handed to peers"
+        if self.result == "failed":
+            return "failed: " + ", ".join(f"{r.name} {r.outcome}" for r in self.steps
+                                         if r.outcome in ("failed", "timed_out"))
+        return "dry run" if self.result == "dry_run" else "ok"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,13 +153,31 @@ class Timeline:
                 started_at=parse_rfc3339(str(data["started_at"])),
                 finished_at=_time(data.get("finished_at")),
                 dry_run=bool(data.get("dry_run", False)),
-                result=str(data["result"]) if data.get("result") is not None else None,
+                result=_result(data.get("result")),
                 steps=tuple(StepRecord.from_json(s) for s in data.get("steps", ())),
             )
         except TimelineError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise TimelineError(f"persisted timeline is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def verdict(records: Sequence[StepRecord], *, dry_run: bool) -> Result:
+    """What a drain (or the part of it in ``records``) came to: a failed or timed-out step is a failure; a
+    step that handed requests to peers is not, and is said apart from a drain that had nothing to hand."""
+    if any(record.outcome in ("failed", "timed_out") for record in records):
+        return "failed"
+    if dry_run:
+        return "dry_run"
+    return "handed_over" if any(record.handed_over for record in records) else "ok"
+
+
+def _result(value: object) -> Result | None:
+    if value is None:
+        return None
+    if value not in RESULTS:
+        raise TimelineError(f"unknown drain result {value!r}")
+    return value
 
 
 def _time(value: object) -> datetime | None:

@@ -11,9 +11,9 @@ health-checking load balancers send nothing before the engine can take it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from spotguard.drain.balancers import outcome_of, unique_names
 from spotguard.drain.fanout import REPORT_MARGIN, fan_out, summary
@@ -21,20 +21,21 @@ from spotguard.drain.step import DrainContext, Step, StepResult, step_time_left
 from spotguard.errors import ManualActionRequired
 
 if TYPE_CHECKING:
+    from spotguard.drain.timeline import Timeline
     from spotguard.lb.base import LoadBalancer
 
 UNDO_STEP_NAMES = ("resume_engine", "reopen_gate", "register")
 REOPEN_BUDGET = 1.0
 
 
-def attempted(drained: Sequence[Mapping[str, Any]], name: str) -> bool:
+def attempted(drained: Timeline | None, name: str) -> bool:
     """Did the drain act in step ``name``? Done with a real outcome, or left running (a crash, a forced undrain)."""
-    for record in drained:
-        if record.get("name") != name:
+    for record in drained.steps if drained is not None else ():
+        if record.name != name:
             continue
-        if record.get("state") == "running":
+        if record.state == "running":
             return True
-        return record.get("state") == "done" and record.get("outcome") not in ("skipped", "dry_run")
+        return record.state == "done" and record.outcome not in ("skipped", "dry_run")
     return False
 
 
@@ -73,7 +74,7 @@ class ReopenGate:
         return REOPEN_BUDGET
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
-        ctx.services.set_ready(True, None)
+        ctx.services.refuse_new_work(False)
         if ctx.services.journal is None:
             return StepResult("skipped", "no gate configured")
         return "the gate accepts new requests"
@@ -109,7 +110,7 @@ async def _register(lb: LoadBalancer, dry_run: bool) -> str:
     return await lb.register(budget=max(0.0, step_time_left() - 2 * REPORT_MARGIN), dry_run=dry_run)
 
 
-def undo_plan(drained: Sequence[Mapping[str, Any]]) -> list[Step]:
-    """The undo steps for a drain whose step records are ``drained``."""
+def undo_plan(drained: Timeline | None) -> list[Step]:
+    """The undo steps for the drain whose timeline is ``drained`` (None: no drain was recorded)."""
     return [ResumeEngine(attempted(drained, "stop_accepting")), ReopenGate(),
             Register(attempted(drained, "deregister"))]

@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from spotguard.config import Config, to_dict, to_toml
+from spotguard.deadline import Deadline
 from spotguard.errors import GateError
 from spotguard.gate.control import GateConnection, call, control_path
 from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry, entries_from_wire
@@ -80,6 +80,7 @@ class GateLink:
         self._metrics = metrics
         self._log = log
         self._wanted = DesiredState(generation=0, draining=False, peers=config.gate.peers)
+        self._deadline: Deadline | None = None
         self._legacy = False
         """The gate running predates the declared state (it answers only the old ``draining`` op)."""
         self._seen_seams = 0
@@ -98,12 +99,21 @@ class GateLink:
     def wanted(self) -> DesiredState:
         return self._wanted
 
-    def declare(self, *, draining: bool, vm_deadline: datetime | None = None,
-                drain_deadline: datetime | None = None) -> None:
-        """The state the gate must hold from now on: pushed at once, and again on every (re)attach."""
+    @property
+    def deadline(self) -> Deadline | None:
+        """The node's deadline as last declared."""
+        return self._deadline
+
+    def declare(self, *, draining: bool, deadline: Deadline | None) -> None:
+        """What the gate must hold from now on: refuse new requests (or hand them to peers) or not, and the
+        node's deadline (the VM's, and the drain's). The daemon calls it on every change of either; ``run``
+        pushes it at once, and again whenever it (re)attaches, so the gate always holds the last declared
+        state, whoever restarted."""
+        self._deadline = deadline
         self._wanted = DesiredState(generation=self._wanted.generation + 1, draining=draining,
-                                    vm_deadline=vm_deadline if draining else None,
-                                    drain_deadline=drain_deadline if draining else None, peers=self.config.gate.peers)
+                                    vm_deadline=deadline.vm if deadline is not None else None,
+                                    drain_deadline=deadline.drain if deadline is not None else None,
+                                    peers=self.config.gate.peers)
         self._dirty = True
         self._changed.set()
 

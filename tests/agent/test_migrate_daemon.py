@@ -12,10 +12,10 @@ import anyio
 import httpx
 import pytest
 
-from spotguard.demo.traffic import sse_lines
 from tests.support._daemon import daemon, system_state_env, write_config
 from tests.support.gate import StartGate
 from tests.support.moto import free_port
+from tests.support.openai_upstream import stream_chat
 
 pytestmark = [pytest.mark.anyio, pytest.mark.llama]
 CHAT = "/v1/chat/completions"
@@ -51,15 +51,7 @@ url = "file://{store}"
             await node.readyz(http, 200)
             events: list[Any] = []
             first = anyio.Event()
-
-            async def stream() -> None:
-                async with http.stream("POST", gate + CHAT, json=body) as response:
-                    async for line in sse_lines(response):
-                        if line.startswith("data: "):
-                            events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
-                            first.set()
-
-            tg.start_soon(stream)
+            tg.start_soon(stream_chat, http, gate + CHAT, body, events, first)
             with anyio.fail_after(20):
                 await first.wait()
             drained = await anyio.to_thread.run_sync(lambda: node.control("drain", "--deadline", "30"))

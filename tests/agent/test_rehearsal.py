@@ -147,8 +147,8 @@ def _persisted_step(tmp_path: Path, name: str) -> str:
     """The state of drain step ``name`` as the state file on disk has it ("" before it is there)."""
     try:
         doc = json.loads((tmp_path / "state" / "state.json").read_text())
-        steps = doc["timeline"][0]["steps"]
-    except (OSError, ValueError, KeyError, IndexError):
+        steps = doc["timeline"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
         return ""
     return next((str(s.get("state")) for s in steps if s.get("name") == name), "")
 
@@ -210,13 +210,14 @@ async def test_a_rerun_snapshot_never_replaces_a_manifest_with_an_emptier_one(
         state_file = tmp_path / "state" / "state.json"
         state = json.loads(state_file.read_text())
         state["state"] = "draining"
-        steps = state["timeline"][0]["steps"]
+        steps = state["timeline"]["steps"]
         for step in steps:
             if step["name"] in ("snapshot", "acknowledge", "notify_end"):
                 step.update(state="running", outcome=None, finished_at=None, duration=None)
-        state["timeline"][0]["finished_at"] = state["timeline"][0]["result"] = None
+        state["timeline"]["finished_at"] = state["timeline"]["result"] = None
         later = rfc3339(utcnow() + timedelta(seconds=60))  # time enough for the rerun to really write
-        state["notice"]["deadline"] = state["timeline"][0]["deadline"] = later
+        state["notice"]["deadline"] = state["timeline"]["deadline"] = later
+        state["deadline"].update(vm=later, drain=later)
         state_file.write_text(json.dumps(state))
         with running_node(tmp_path, node_config) as node:
             await node.daemon.until_status(http, lambda d: d["state"] == "drained", timeout=30)

@@ -78,3 +78,19 @@ def test_a_drain_that_has_not_recorded_a_step_is_not_reported_as_none() -> None:
     started = {"state": "draining", "cloud": "none", "notice": doc()["notice"], "steps": []}
     assert "drain:    running; no step has reported yet" in format_status(started, now=NOW)
     assert "no drain has run" not in format_status(started, now=NOW)
+
+
+def test_a_deadline_brought_forward_and_a_drain_that_handed_requests_to_peers() -> None:
+    drained = {**doc(), "state": "drained",
+               "deadline": {"vm": "2026-11-23T06:00:40Z", "drain": "2026-11-23T06:00:35Z", "source": "manual",
+                            "kind": "manual"},
+               "drain_deadline": "2026-11-23T06:00:35Z", "drain_result": "ok, with 1 request handed to peers",
+               "steps": [StepRecord(name="wait_inflight", state="done", outcome="handed_over", attempts=1,
+                                    started_at=_at("2026-11-23T06:00:01Z"), finished_at=_at("2026-11-23T06:00:05Z"),
+                                    duration=4.0, detail="1 requests still in flight after 4.00s").to_json()]}
+    lines = format_status(drained, now=NOW).splitlines()
+    # The VM goes at the node's deadline (an operator's earlier one), not at the notice's own.
+    assert lines[3] == "deadline: 2026-11-23T06:00:40Z (in 10.0s; brought forward by a manual manual notice)"
+    wait = next(line for line in lines if line.startswith("wait_inflight"))
+    assert wait.split()[:6] == ["wait_inflight", "done", "handed_over", "06:00:01.000Z", "4.0s", "30.0s"]
+    assert "result:   ok, with 1 request handed to peers" in lines

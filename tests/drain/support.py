@@ -15,7 +15,8 @@ import structlog
 
 from spotguard.asgi import Receive, Scope, Send, read_body, respond, serve_tcp
 from spotguard.config import Config
-from spotguard.drain.step import DrainContext, drain_deadline
+from spotguard.deadline import Deadline
+from spotguard.drain.step import DrainContext
 from spotguard.errors import EngineError, LoadBalancerError
 from spotguard.gate.journal import JournalAccess
 from spotguard.metrics import Metrics
@@ -160,7 +161,7 @@ def config(*, urls: Sequence[str] = (), margin: float = 0.0, **drain: float) -> 
 
 def context(cfg: Config, the_notice: Notice, services: Services, http: httpx.AsyncClient, *,
             dry_run: bool = False, metrics: Metrics | None = None) -> DrainContext:
-    return DrainContext(config=cfg, notice=the_notice, deadline=drain_deadline(cfg, the_notice), dry_run=dry_run,
+    return DrainContext(config=cfg, notice=the_notice, deadline=Deadline.for_notice(the_notice, cfg.drain.safety_margin), dry_run=dry_run,
                         metrics=metrics or Metrics(), log=structlog.get_logger("test"), http=http,
                         services=services)
 

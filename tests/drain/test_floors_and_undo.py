@@ -10,9 +10,12 @@ import pytest
 from spotguard.drain import DrainEngine
 from spotguard.drain.plan import plan
 from spotguard.drain.serving import WaitInflight
+from spotguard.drain.step import Outcome
+from spotguard.drain.timeline import StepRecord, Timeline
 from spotguard.drain.undo import undo_plan
 from spotguard.errors import EngineError, ManualActionRequired
 from spotguard.gate.journal import EntryJournal
+from spotguard.notice import utcnow
 from tests.drain.support import FakeBalancer, FakeEngine, config, context, notice, services
 from tests.drain.test_steps import Alone
 
@@ -41,15 +44,15 @@ class RestartableEngine(FakeEngine):
 
 async def test_a_notice_already_past_its_deadline_still_takes_the_node_out() -> None:
     engine, lb = FakeEngine(inflight=3, finish_every=0), FakeBalancer()
-    set_ready: list[bool] = []
+    refused: list[bool] = []
     cfg = config(margin=5.0)
-    svc = services(engine, lb, set_ready=lambda flag, _deadline=None: set_ready.append(flag))
+    svc = services(engine, lb, refuse_new_work=refused.append)
     async with httpx.AsyncClient() as http:
         with anyio.fail_after(15):
             timeline = await DrainEngine(plan(cfg), context(cfg, notice(seconds=2), svc, http),
                                          background=()).run()
     outcomes = {step.name: step.outcome for step in timeline.steps}
-    assert outcomes["readiness"] == "ok" and set_ready == [False]
+    assert outcomes["readiness"] == "ok" and refused == [True]
     assert outcomes["stop_accepting"] == "ok" and engine.stopped_at is not None
     assert outcomes["deregister"] == "ok" and lb.deregistered
     assert outcomes["wait_inflight"] == "timed_out"  # only the open-ended steps are cut
@@ -74,14 +77,15 @@ async def test_the_gate_journal_counts_when_the_engine_cannot() -> None:
     assert timeline.step("wait_inflight").outcome == "ok"
 
 
-def _drained(**outcomes: str) -> list[dict[str, object]]:
-    return [{"name": name, "state": "done", "outcome": outcome} for name, outcome in outcomes.items()]
+def _drained(**outcomes: Outcome) -> Timeline:
+    return Timeline(notice_key="aws/spot-interruption/evt-1", deadline=utcnow(), started_at=utcnow(),
+                    steps=tuple(StepRecord(name=name, state="done", outcome=outcome) for name, outcome in outcomes.items()))
 
 
 async def test_the_undo_plan_puts_back_only_what_the_drain_did() -> None:
     engine, lb = RestartableEngine(), FakeBalancer()
-    reopened: list[bool] = []
-    svc = services(engine, lb, set_ready=lambda flag, _deadline=None: reopened.append(flag), journal=EntryJournal())
+    refused: list[bool] = []
+    svc = services(engine, lb, refuse_new_work=refused.append, journal=EntryJournal())
     async with httpx.AsyncClient() as http:
         ctx = context(config(), notice(seconds=30), svc, http)
         with anyio.fail_after(10):
@@ -89,7 +93,7 @@ async def test_the_undo_plan_puts_back_only_what_the_drain_did() -> None:
                                          background=(), purpose="restore").run()
     outcomes = {step.name: step.outcome for step in timeline.steps}
     assert outcomes == {"resume_engine": "ok", "reopen_gate": "ok", "register": "skipped"}
-    assert engine.resumed == [False] and reopened == [True] and not lb.registered
+    assert engine.resumed == [False] and refused == [False] and not lb.registered
     assert ctx.metrics.restores.labels(source="aws", result="ok")._value.get() == 1
 
 

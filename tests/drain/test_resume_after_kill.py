@@ -41,8 +41,7 @@ async def main():
 
     def persist(timeline):
         # What the runner does with each change: the whole node state, through the store.
-        store.save(Persisted(state="draining", notice=notice, timeline=[timeline.to_json()],
-                             boot_id=current_boot_id()))
+        store.save(Persisted(state="draining", notice=notice, timeline=timeline, boot_id=current_boot_id()))
 
     cfg = config()
     async with httpx.AsyncClient() as http:
@@ -56,7 +55,7 @@ anyio.run(main)
 def _timeline(store: StateStore) -> Timeline | None:
     persisted, error = store.load()
     assert error is None, error
-    return Timeline.from_json(persisted.timeline[0]) if persisted.timeline else None
+    return persisted.timeline
 
 
 async def test_kill_9_mid_drain_then_resume(tmp_path: Path) -> None:
@@ -92,17 +91,17 @@ async def test_kill_9_mid_drain_then_resume(tmp_path: Path) -> None:
     saved, error = store.load()  # what a restarted daemon reads
     assert error is None and saved.state == "draining"
     assert saved.notice == Notice.from_json(the_notice.to_json())  # millisecond times, as written
-    persisted = Timeline.from_json(saved.timeline[0])
-    assert persisted.finished_at is None
+    persisted = saved.timeline
+    assert persisted is not None and persisted.finished_at is None
     engine = FakeEngine()
-    ready: list[bool] = []
+    refused: list[bool] = []
     cfg = config()
     notice = saved.notice
     async with httpx.AsyncClient() as http:
-        ctx = context(cfg, notice, services(engine, set_ready=lambda flag, _deadline=None: ready.append(flag)), http)
+        ctx = context(cfg, notice, services(engine, refuse_new_work=refused.append), http)
         with anyio.fail_after(10):
             timeline = await DrainEngine(plan(cfg), ctx, timeline=persisted).run()
-    assert ready == []  # readiness was done before the kill: not repeated
+    assert refused == []  # readiness was done before the kill: not repeated
     assert timeline.step("readiness").attempts == 1
     assert len(engine.stop_calls) == 1 and timeline.step("stop_accepting").attempts == 2
     assert timeline.step("stop_accepting").outcome == "ok"

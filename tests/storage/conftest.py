@@ -15,6 +15,7 @@ import structlog
 
 from spotguard import asgi
 from spotguard.config import Config
+from spotguard.deadline import Deadline
 from spotguard.drain.step import DrainContext
 from spotguard.gate.journal import EntryJournal, JournalAccess
 from spotguard.gate.protocol import JournalEntry
@@ -29,7 +30,7 @@ def make_ctx(config: Config, http: httpx.AsyncClient, journal: JournalAccess | N
     now = utcnow()
     notice = Notice(source="manual", kind="test", event_id=event_id, deadline=now + timedelta(seconds=seconds),
                     detected_at=now)
-    return DrainContext(config=config, notice=notice, deadline=notice.deadline, dry_run=False,
+    return DrainContext(config=config, notice=notice, deadline=Deadline.for_notice(notice, 0.0), dry_run=False,
                         metrics=metrics or Metrics(), log=structlog.get_logger("test"), http=http,
                         services=Services(identity=Identity(cloud="test", instance_id="i-test"), engine=NoEngine(),
                                           journal=journal))

@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from spotguard.asgi import Receive, Scope, Send, read_body, serve
@@ -190,12 +192,39 @@ def _pairs(query: bytes) -> list[tuple[str, str]]:
     return parse_qsl(query.decode())
 
 
-@pytest.fixture
-async def fake_engine() -> AsyncIterator[FakeEngine]:
-    """A FakeEngine served on a free loopback port for one test."""
+async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any], events: list[Any],
+                      first: anyio.Event) -> None:
+    """POST a streamed chat completion to ``url``: each SSE event's data (parsed JSON, or "[DONE]") goes to
+    ``events``; ``first`` is set at the first one."""
+    from spotguard.demo.traffic import sse_lines
+
+    async with http.stream("POST", url, json=body) as response:
+        async for line in sse_lines(response):
+            if line.startswith("data: "):
+                events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+                first.set()
+
+
+@asynccontextmanager
+async def served() -> AsyncIterator[FakeEngine]:
+    """A FakeEngine served on a free loopback port for the duration of the block."""
     engine = FakeEngine()
     async with anyio.create_task_group() as tg:
         bound = await tg.start(serve, engine, nodelay_socket("127.0.0.1", 0))
         engine.url = bound.url
         yield engine
         tg.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def fake_engine() -> AsyncIterator[FakeEngine]:
+    """A FakeEngine served on a free loopback port for one test."""
+    async with served() as engine:
+        yield engine
+
+
+@pytest.fixture
+async def peer_engine() -> AsyncIterator[FakeEngine]:
+    """A second FakeEngine: the peer that continues what a draining node had in flight."""
+    async with served() as engine:
+        yield engine
