@@ -290,8 +290,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         wiring.gate = GateLink(config, metrics, log=logs.get("gate"))
     gate = wiring.gate
-    engine = build_engine(config, http, journal=gate.journal if gate is not None else None,
-                          set_gate_draining=(lambda: gate.set_draining(True)) if gate is not None else None)
+    engine = build_engine(config, http)
     snapshot = None
     if config.snapshot.url:
         from spotguard.storage.snapshot import prepare

@@ -9,11 +9,14 @@ import pytest
 from spotguard.config import Config
 from spotguard.drain import DrainContext, DrainEngine, Step, StepResult, Timeline
 from spotguard.drain.balancers import Acknowledge
-from spotguard.drain.serving import WaitInflight
+from spotguard.drain.serving import WaitInflight, inflight_count
 from spotguard.errors import MetadataUnavailable
+from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.notice import Notice
+from spotguard.servers import build_engine
 from spotguard.services import Services
 from tests.drain.support import FakeBalancer, FakeEngine, config, context, notice, services
+from tests.support.engines import StartEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -100,3 +103,23 @@ async def test_wait_inflight_without_any_count_does_not_wait() -> None:
     step = timeline.step("wait_inflight")
     assert step.outcome == "skipped" and step.duration is not None and step.duration < 0.5
     assert "cannot report in-flight requests" in step.detail
+
+
+async def test_requests_queued_in_llama_server_count_through_the_gate_journal(start_engine: StartEngine) -> None:
+    # llama-server's /slots sees only requests holding a slot; those queued for one are still in flight
+    # through the gate, and wait_inflight must see them too.
+    engine = await start_engine("llamacpp", "--slots", "2")
+    await engine.set_inflight(2)
+    journal = Journal()
+    for _ in range(5):
+        journal.add(InflightRequest(id=journal.new_id(), endpoint="/completion", model="tiny", body=b"{}",
+                                    stream=True))
+    async with httpx.AsyncClient() as http:
+        cfg = Config().replace("server", kind="llamacpp", url=engine.url)
+        svc = services(build_engine(cfg, http), journal=journal)  # type: ignore[arg-type]
+        ctx = context(cfg, notice(), svc, http)
+        with anyio.fail_after(10):
+            assert (await inflight_count(ctx)).count == 5
+            for request in journal.active()[:4]:
+                journal.remove(request.id)
+            assert (await inflight_count(ctx)).count == 2
