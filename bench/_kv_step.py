@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spotguard import asgi  # noqa: E402
 from spotguard.config import Config  # noqa: E402
+from spotguard.drain.snapshot import take_snapshot  # noqa: E402
 from spotguard.drain.step import DrainContext  # noqa: E402
 from spotguard.gate.journal import InflightRequest, Journal  # noqa: E402
 from spotguard.metrics import Metrics  # noqa: E402
@@ -83,7 +84,7 @@ async def main(store_url: str, endpoint: str, key_file: str, master: Path, slot_
                                                  engine=NoEngine(), journal=journal))
             before = status_kib("VmRSS")
             started = time.perf_counter()
-            detail = await snapshotter(ctx)
+            detail = await take_snapshot(ctx, snapshotter)
             seconds = time.perf_counter() - started
         tg.cancel_scope.cancel()
     return {"slot_mb": round(size / 2**20), "rss_before_mb": round(before / 1024, 1),

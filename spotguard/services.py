@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from spotguard.drain.step import DrainContext
     from spotguard.gate.journal import JournalAccess
     from spotguard.lb.base import LoadBalancer
     from spotguard.servers.base import EngineAdapter
+    from spotguard.storage.snapshot import Snapshotter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,5 +36,5 @@ class Services:
     """Readiness of the gate for new work, and the Unix time the VM goes away (None: serving again)."""
     acknowledge: Callable[[str], Awaitable[str]] | None = None
     """Approves the cloud event with this id (Azure StartRequests); None where the cloud has no such call."""
-    snapshot: Callable[[DrainContext], Awaitable[str]] | None = None
-    """Saves in-flight context to the snapshot store within ctx's budget; None when no store is set."""
+    snapshot: Snapshotter | None = None
+    """The snapshot store the snapshot step saves in-flight context to; None when no store is set."""

@@ -21,6 +21,7 @@ from spotguard.gate.journal import Journal
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow, window
 from spotguard.services import Identity, Services
+from spotguard.storage.snapshot import Inflight, SnapshotResult
 
 
 @dataclass
@@ -142,6 +143,31 @@ class FakeBalancer:
     async def complete(self, *, budget: float, dry_run: bool) -> str:
         self.completed.append(dry_run)
         return "no lifecycle hook configured"
+
+
+class FakeSnapshotter:
+    """The snapshot store as the step sees it (``storage.snapshot.Snapshotter.save``): records each call with the
+    seconds it was given, stores every request handed to it; ``hang`` never returns (a stalled bucket);
+    ``refuse`` fails the test (a dry run must never save)."""
+
+    url = "s3://fake-bucket/spotguard"
+
+    def __init__(self, *, hang: bool = False, refuse: bool = False) -> None:
+        self.hang = hang
+        self.refuse = refuse
+        self.calls: list[tuple[Inflight, float]] = []
+        """(what was handed over, seconds until the drain deadline at the call)."""
+        self.started = anyio.Event()
+
+    async def save(self, inflight: Inflight, *, notice: Notice, deadline: float, **_: object) -> SnapshotResult:
+        if self.refuse:
+            raise AssertionError("this drain must not save a snapshot")
+        self.calls.append((inflight, (notice.deadline - utcnow()).total_seconds()))
+        self.started.set()
+        if self.hang:
+            await anyio.sleep_forever()
+        return SnapshotResult(where=f"{self.url}/i-0abc/{notice.event_id}/", requests=inflight.count, kv_slots=0,
+                              stored_request_ids=frozenset(r.id for r in inflight.requests), missing=0)
 
 
 def notice(*, seconds: float = 30.0, source: str = "aws", kind: str = "spot-interruption",

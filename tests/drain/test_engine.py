@@ -16,6 +16,7 @@ from spotguard.notice import utcnow, window
 from tests.drain.support import (
     FakeBalancer,
     FakeEngine,
+    FakeSnapshotter,
     Receiver,
     config,
     context,
@@ -38,15 +39,11 @@ async def test_full_drain_reaches_every_target() -> None:
     lb = FakeBalancer()
     ready: list[bool] = []
     acked: list[str] = []
-    saved: list[float] = []
+    snapshot = FakeSnapshotter()
 
     async def acknowledge(event_id: str) -> str:
         acked.append(event_id)
         return f"approved {event_id}"
-
-    async def snapshot(ctx: DrainContext) -> str:
-        saved.append(ctx.seconds_left())
-        return "saved 0 requests"
 
     persisted: list[str] = []
     async with receivers(Receiver()) as (hook,):
@@ -67,7 +64,7 @@ async def test_full_drain_reaches_every_target() -> None:
     assert ready == [False]
     assert acked == ["C7061BAC"]
     assert lb.completed == [] and lb.heartbeats == 0  # an Azure event holds no ASG lifecycle action
-    assert len(saved) == 1
+    assert len(snapshot.calls) == 1
     assert "no requests in flight" in timeline.step("wait_inflight").detail
     # Start webhook at once, end webhook after the work, both Slack-compatible text.
     assert [d.body["text"].split(":")[0] for d in hook.deliveries] == ["spotguard", "spotguard"]
@@ -105,10 +102,7 @@ async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadli
     hung_lb = FakeBalancer("hung-lb", delay=None)
     ok_lb = FakeBalancer("ok-lb")
 
-    async def hanging_snapshot(ctx: DrainContext) -> str:
-        await anyio.sleep_forever()
-        return "unreachable"
-
+    hanging_snapshot = FakeSnapshotter(hang=True)
     cfg = config(deregister_budget=0.5, wait_inflight_budget=60, snapshot_budget=60)
     the_notice = notice(seconds=4, kind="asg-terminated")  # a notice that holds a lifecycle action
     svc = services(engine, hung_lb, ok_lb, snapshot=hanging_snapshot)
@@ -153,11 +147,7 @@ async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_sna
     request = InflightRequest(id=journal.new_id(), endpoint="/v1/completions", model="m", body=b"{}", stream=True)
     journal.add(request)
     engine = FakeEngine(inflight=0)
-    snap_left: list[float] = []
-
-    async def snapshot(ctx: DrainContext) -> str:
-        snap_left.append(ctx.seconds_left())
-        return "saved 1 request"
+    snapshot = FakeSnapshotter()
 
     cfg = config(wait_inflight_budget=60, snapshot_budget=3)
     async with httpx.AsyncClient() as http:
@@ -169,19 +159,14 @@ async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_sna
     # 6 s left: wait_inflight keeps 2 s for the tail and half of the other 4 s for the snapshot, so it
     # gives up with well over the tail's 2 s still left for the snapshot, which then runs and succeeds.
     assert waited.duration >= 1.0
-    assert snap_left and snap_left[0] > 2.5
+    assert snapshot.calls and snapshot.calls[0][1] > 2.5
     assert timeline.step("snapshot").outcome == "ok"
 
     journal.remove(request.id)
 
 
 async def test_tighten_moves_running_scopes_to_the_earlier_deadline() -> None:
-    started = anyio.Event()
-
-    async def slow_snapshot(ctx: DrainContext) -> str:
-        started.set()
-        await anyio.sleep_forever()
-        return "unreachable"
+    slow_snapshot = FakeSnapshotter(hang=True)
 
     cfg = config(snapshot_budget=60)
     first = notice(seconds=60)
@@ -197,7 +182,7 @@ async def test_tighten_moves_running_scopes_to_the_earlier_deadline() -> None:
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run)
-                await started.wait()
+                await slow_snapshot.started.wait()
                 earlier = window(2.0)
                 assert drain.tighten(earlier) is True
                 assert drain.tighten(window(30.0)) is False  # a later deadline never loosens it
@@ -255,8 +240,7 @@ async def test_dry_run_does_nothing_and_says_what_it_would_do() -> None:
         acked.append(event_id)
         return "approved"
 
-    async def snapshot(ctx: DrainContext) -> str:
-        raise AssertionError("a dry run must not snapshot")
+    snapshot = FakeSnapshotter(refuse=True)
 
     async with receivers(Receiver()) as (hook,):
         cfg = config(urls=[hook.url])

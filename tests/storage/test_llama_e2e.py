@@ -16,9 +16,9 @@ from spotguard.config import Config
 from spotguard.storage.model_hash import sha256_file
 from spotguard.storage.reader import open_snapshot
 from spotguard.storage.resume import resume
-from spotguard.storage.snapshot import prepare, take_snapshot
+from spotguard.storage.snapshot import prepare
 from spotguard.storage.store import StoreOptions
-from tests.storage.conftest import StallWhen, make_ctx
+from tests.storage.conftest import StallWhen, make_ctx, take_snapshot
 from tests.storage.hostile import cli, write_config
 from tests.support.gate import StartGate
 from tests.support.llama import LlamaServer
@@ -59,7 +59,7 @@ async def test_snapshot_then_resume_on_another_server_uses_restored_cache(
             while not (gate.journal.active() and len(gate.journal.active()[0].output_text) > 40):
                 await anyio.sleep(0.02)
         with anyio.fail_after(30):
-            detail = await snapshotter(make_ctx(config, http, gate.journal))
+            detail = await take_snapshot(make_ctx(config, http, gate.journal), snapshotter)
             tg.cancel_scope.cancel()  # the gate ended the stream already; do not wait on the client
     assert "1/1 records, 1 kv slots" in detail, detail
     assert len(gate.journal) == 0, "the snapshot removes the requests it cut once their records are stored"
@@ -154,7 +154,7 @@ async def test_two_requests_without_known_slots_resume_from_their_own_caches(
             while not (len(gate.journal) == 2 and all(len(r.output_text) > 20 for r in gate.journal.active())):
                 await anyio.sleep(0.02)
         with anyio.fail_after(30):
-            detail = await snapshotter(make_ctx(config, http, gate.journal))
+            detail = await take_snapshot(make_ctx(config, http, gate.journal), snapshotter)
         tg.cancel_scope.cancel()
     assert "2/2 records, 2 kv slots, 0 missing" in detail, detail
     url = f"s3://{bucket}/snaps/i-test/evt-1"

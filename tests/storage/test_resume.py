@@ -14,8 +14,7 @@ from spotguard.errors import StoreError
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.storage.reader import open_snapshot
 from spotguard.storage.resume import _restore_slots, resume
-from spotguard.storage.snapshot import take_snapshot
-from tests.storage.conftest import make_ctx
+from tests.storage.conftest import make_ctx, take_snapshot
 from tests.storage.hostile import cli, entry, manifest, record, write_config
 from tests.support.openai_upstream import FakeEngine
 

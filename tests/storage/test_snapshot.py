@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -15,15 +16,19 @@ import httpx
 import pytest
 
 from spotguard.config import Config
+from spotguard.drain.snapshot import Snapshot
+from spotguard.drain.step import StepResult
 from spotguard.errors import ConfigError, StoreError
 from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.servers.llamacpp import SavedSlot
 from spotguard.storage import crypto
 from spotguard.storage.format import Entry, Manifest
-from spotguard.storage.llamacpp import SavedSlot
+from spotguard.storage.kv import order_by_value
 from spotguard.storage.reader import IncompleteSnapshot, list_snapshots, open_snapshot
-from spotguard.storage.snapshot import order_by_value, prepare, put_file, take_snapshot
+from spotguard.storage.snapshot import prepare
 from spotguard.storage.store import MissingObject, StoreOptions, open_store
-from tests.storage.conftest import StallWhen, fill_journal, make_ctx
+from spotguard.storage.upload import put_file
+from tests.storage.conftest import StallWhen, fill_journal, make_ctx, take_snapshot
 from tests.support.azurite import create_container
 
 pytestmark = pytest.mark.anyio
@@ -39,7 +44,7 @@ async def test_records_for_1000_requests_commit_within_a_second(moto_url: str, b
     snapshotter = await prepare(config)
     async with httpx.AsyncClient() as http:
         with anyio.fail_after(30):
-            detail = await snapshotter(make_ctx(config, http, journal))
+            detail = await take_snapshot(make_ctx(config, http, journal), snapshotter)
             snap = await open_snapshot(f"s3://{bucket}/spotguard/i-test/evt-1", StoreOptions(endpoint_url=moto_url))
             records = await snap.records()
             problems = await snap.verify()
@@ -204,13 +209,17 @@ async def test_azurite_snapshot(azurite_url: str) -> None:
 
 async def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     config = Config().replace("snapshot", url=f"file://{tmp_path}/s")
+    snapshotter = await prepare(config)
     async with httpx.AsyncClient() as http:
         ctx = make_ctx(config, http, fill_journal(2))
-        ctx = type(ctx)(**{**ctx.__dict__, "dry_run": True})
+        ctx = dataclasses.replace(ctx, dry_run=True,
+                                  services=dataclasses.replace(ctx.services, snapshot=snapshotter))
         with anyio.fail_after(5):
-            detail = await take_snapshot(ctx)
-    assert detail.startswith("would save 2 in-flight requests")
-    assert not (tmp_path / "s").exists()
+            result = await Snapshot().run(ctx)
+            stored = await list_snapshots(f"file://{tmp_path}/s")
+    assert isinstance(result, StepResult) and result.outcome == "dry_run"
+    assert result.detail.startswith("would save the context of 2 in-flight requests")
+    assert stored == []
 
 
 def test_kv_files_go_up_most_valuable_per_byte_first() -> None:
