@@ -25,6 +25,7 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spotguard import asgi  # noqa: E402
+from spotguard.clouds.identity import Identity  # noqa: E402
 from spotguard.config import Config  # noqa: E402
 from spotguard.drain.snapshot import take_snapshot  # noqa: E402
 from spotguard.drain.step import DrainContext  # noqa: E402
@@ -32,7 +33,7 @@ from spotguard.gate.journal import InflightRequest, Journal  # noqa: E402
 from spotguard.metrics import Metrics  # noqa: E402
 from spotguard.notice import Notice, utcnow  # noqa: E402
 from spotguard.servers.none import NoEngine  # noqa: E402
-from spotguard.services import Identity, Services  # noqa: E402
+from spotguard.services import Services  # noqa: E402
 from spotguard.storage.snapshot import prepare  # noqa: E402
 
 

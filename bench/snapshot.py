@@ -35,6 +35,7 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import start_moto  # noqa: E402
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.drain.snapshot import take_snapshot
 from spotguard.drain.step import DrainContext
@@ -42,7 +43,7 @@ from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow
 from spotguard.servers.none import NoEngine
-from spotguard.services import Identity, Services
+from spotguard.services import Services
 from spotguard.storage.format import Manifest
 from spotguard.storage.snapshot import prepare
 from spotguard.storage.store import Store, StoreOptions, open_store

@@ -309,7 +309,8 @@ def doctor(config: ConfigOpt = None,
     """Check the detected cloud, metadata reachability, configuration, NVML and the install."""
     import anyio
 
-    from spotguard.doctor import format_checks, run_checks
+    from spotguard.checks import format_checks
+    from spotguard.doctor import run_checks
 
     cfg = _load(config)
     checks = anyio.run(run_checks, cfg, backend="asyncio")

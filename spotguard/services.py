@@ -6,23 +6,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from spotguard.clouds.identity import Identity
+
 if TYPE_CHECKING:
     from spotguard.gate.journal import JournalAccess
     from spotguard.lb.base import LoadBalancer
     from spotguard.servers.base import EngineAdapter
     from spotguard.storage.snapshot import Snapshotter
-
-
-@dataclass(frozen=True, kw_only=True)
-class Identity:
-    """Who this VM is, as the cloud knows it (empty strings where unknown)."""
-
-    cloud: str
-    instance_id: str
-    private_ip: str = ""
-    region: str = ""
-    zone: str = ""
-    vm_name: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

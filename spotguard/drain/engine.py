@@ -18,8 +18,8 @@ from typing import Literal
 import anyio
 
 from spotguard.drain.balancers import heartbeat
-from spotguard.drain.step import DrainContext, Outcome, Step, StepResult
-from spotguard.drain.timeline import StepRecord, Timeline
+from spotguard.drain.step import DrainContext, Step, StepResult
+from spotguard.drain.timeline import Outcome, StepRecord, Timeline
 from spotguard.notice import utcnow
 
 OnChange = Callable[[Timeline], None]

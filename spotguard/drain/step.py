@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from spotguard.drain.timeline import Outcome, Timeline
 from spotguard.notice import utcnow
 
 if TYPE_CHECKING:
@@ -23,14 +24,9 @@ if TYPE_CHECKING:
     import structlog
 
     from spotguard.config import Config
-    from spotguard.drain.timeline import Timeline
     from spotguard.metrics import Metrics
     from spotguard.notice import Notice
     from spotguard.services import Services
-
-Outcome = Literal["ok", "failed", "timed_out", "skipped", "dry_run", "manual"]
-"""``manual``: the step cannot be done by spotguard for this setup and says what an operator must do."""
-
 
 @dataclass(frozen=True)
 class StepResult:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from spotguard.drain.step import Outcome
 from spotguard.errors import SpotguardError
 from spotguard.notice import parse_rfc3339, rfc3339
 
+Outcome = Literal["ok", "failed", "timed_out", "skipped", "dry_run", "manual"]
+"""``manual``: the step cannot be done by spotguard for this setup and says what an operator must do."""
 State = Literal["pending", "running", "done"]
 STATES: tuple[State, ...] = ("pending", "running", "done")
 OUTCOMES: tuple[Outcome, ...] = ("ok", "failed", "timed_out", "skipped", "dry_run", "manual")

@@ -14,13 +14,14 @@ import httpx
 import structlog
 
 from spotguard.asgi import Receive, Scope, Send, read_body, respond, serve_tcp
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.drain.step import DrainContext, drain_deadline
 from spotguard.errors import EngineError, LoadBalancerError
 from spotguard.gate.journal import Journal
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow, window
-from spotguard.services import Identity, Services
+from spotguard.services import Services
 from spotguard.storage.snapshot import Inflight, SnapshotResult
 
 

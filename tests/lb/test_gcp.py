@@ -8,11 +8,11 @@ import anyio
 import httpx
 import pytest
 
+from spotguard.clouds.identity import Identity
 from spotguard.config import GcpConfig
 from spotguard.errors import ConfigError, LoadBalancerError
 from spotguard.lb.gcp import GcpBalancer
 from spotguard.metrics import Metrics
-from spotguard.services import Identity
 from tests.lb.fakes import FakeCompute, served
 from tests.support.emulator import RunningEmulator
 

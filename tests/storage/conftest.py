@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from spotguard import asgi
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.drain import snapshot as snapshot_step
 from spotguard.drain.step import DrainContext
@@ -21,7 +22,7 @@ from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow
 from spotguard.servers.none import NoEngine
-from spotguard.services import Identity, Services
+from spotguard.services import Services
 from spotguard.storage.snapshot import Snapshotter, prepare
 
 
