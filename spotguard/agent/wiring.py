@@ -190,15 +190,6 @@ class Wiring:
         log.info("cloud_attached", cloud=cloud, instance_id=identity.instance_id,
                  balancers=[b.name for b in balancers])
 
-    def refresh_gpu(self) -> None:
-        """GPU gauges are refreshed by the monitor task; nothing to do per scrape."""
-
-    def describe(self) -> dict[str, Any]:
-        return {"instance_id": self.identity.instance_id, "gate": self.config.gate.listen or None,
-                "gate_process": self.gate.describe() if self.gate is not None else None,
-                "snapshot": bool(self.config.snapshot.url),
-                "balancers": [b.name for b in (self.services.balancers if self.services else ())]}
-
     def status(self) -> dict[str, Any]:
         """The cloud part of /status: whether the cloud is confirmed, and what went wrong attaching it."""
         return {"cloud_attached": self.attached.is_set(), "cloud_problem": self.problem or None}

@@ -23,7 +23,6 @@ from spotguard.errors import ManualActionRequired
 if TYPE_CHECKING:
     from spotguard.lb.base import LoadBalancer
 
-UNDO_STEP_NAMES = ("resume_engine", "reopen_gate", "register")
 REOPEN_BUDGET = 1.0
 
 
