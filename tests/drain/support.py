@@ -111,38 +111,50 @@ class FakeEngine:
 
 
 class FakeBalancer:
-    """A LoadBalancer as lb/base.py describes it; ``delay`` None = never answers (a hung API)."""
+    """A LoadBalancer as lb/base.py describes it, and no kinder than a real one: ``fail`` refuses every call
+    (a LoadBalancerError naming the permission, as the providers raise), ``hang`` never answers (an API that
+    accepts the connection and stalls), ``delay`` answers late. Dry runs answer at once, as the providers do."""
 
-    def __init__(self, name: str = "fake-lb", *, delay: float | None = 0.0, fail: bool = False) -> None:
+    def __init__(self, name: str = "fake-lb", *, delay: float = 0.0, hang: bool = False, fail: bool = False) -> None:
         self.name = name
         self.delay = delay
+        self.hang = hang
         self.fail = fail
         self.deregistered: list[tuple[float, float, bool]] = []
         self.heartbeats = 0
         self.completed: list[bool] = []
         self.registered: list[bool] = []
 
+    async def _answer(self, call: str) -> None:
+        if self.hang:
+            await anyio.sleep_forever()
+        await anyio.sleep(self.delay)
+        if self.fail:
+            raise LoadBalancerError(f"{call}: AccessDenied; grant elasticloadbalancing:{call}")
+
     async def deregister(self, *, budget: float, dry_run: bool) -> str:
         self.deregistered.append((anyio.current_time(), budget, dry_run))
         if dry_run:
             return "would deregister i-123 from tg-1"
-        if self.delay is None:
-            await anyio.sleep_forever()
-        else:
-            await anyio.sleep(self.delay)
-        if self.fail:
-            raise LoadBalancerError("DeregisterTargets: AccessDenied; grant elasticloadbalancing:DeregisterTargets")
+        await self._answer("DeregisterTargets")
         return "deregistered i-123 from tg-1"
 
     async def register(self, *, budget: float, dry_run: bool) -> str:
         self.registered.append(dry_run)
-        return "would register i-123 in tg-1" if dry_run else "registered i-123 in tg-1"
+        if dry_run:
+            return "would register i-123 in tg-1"
+        await self._answer("RegisterTargets")
+        return "registered i-123 in tg-1"
 
     async def heartbeat(self, *, dry_run: bool) -> None:
         self.heartbeats += 1
+        if not dry_run:
+            await self._answer("RecordLifecycleActionHeartbeat")
 
     async def complete(self, *, budget: float, dry_run: bool) -> str:
         self.completed.append(dry_run)
+        if not dry_run:
+            await self._answer("CompleteLifecycleAction")
         return "no lifecycle hook configured"
 
 

@@ -99,7 +99,7 @@ async def test_stop_accepting_and_deregister_run_concurrently() -> None:
 
 async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadline() -> None:
     engine = FakeEngine(inflight=1, finish_every=0.0)  # a request that never finishes
-    hung_lb = FakeBalancer("hung-lb", delay=None)
+    hung_lb = FakeBalancer("hung-lb", hang=True)
     ok_lb = FakeBalancer("ok-lb")
 
     hanging_snapshot = FakeSnapshotter(hang=True)
@@ -117,8 +117,10 @@ async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadli
     assert timeline.step("wait_inflight").outcome == "timed_out"
     assert "1 requests still in flight" in timeline.step("wait_inflight").detail
     assert timeline.step("snapshot").outcome == "timed_out"
-    # The steps after the hung ones still ran, inside the deadline.
-    assert timeline.step("acknowledge").outcome == "ok"
+    # The steps after the hung ones still ran, inside the deadline: the lifecycle action was completed on
+    # the balancer that answers, and the hung one (which hangs on every call) was cut at the step's budget.
+    assert timeline.step("acknowledge").outcome == "timed_out" and ok_lb.completed == [False]
+    assert "hung-lb: no answer" in timeline.step("acknowledge").detail
     assert timeline.step("notify_end").outcome == "skipped"
     # Generous: the tail reserve ends the drain 2 s before this 4 s deadline.
     assert timeline.finished_at is not None and timeline.finished_at < the_notice.deadline
