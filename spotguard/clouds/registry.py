@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ HYPERVISOR_UUID = Path("/sys/hypervisor/uuid")
 PROBE_BACKOFF_MAX = 60.0
 """Most seconds between re-probes while [agent] cloud = auto is not confirmed."""
 
-_SOURCES: dict[str, Callable[[Config, httpx.AsyncClient], list[Any]]] = {
+_SOURCES: dict[str, Callable[[Config, httpx.AsyncClient], Sequence[NoticeSource]]] = {
     "aws": aws.build_sources, "gcp": gcp.build_sources, "azure": azure.build_sources}
 _IDENTITY: dict[str, Callable[[Config, httpx.AsyncClient], Awaitable[Identity]]] = {
     "aws": aws.identity, "gcp": gcp.identity, "azure": azure.identity}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from spotguard.drain.timeline import Outcome, Timeline
+from spotguard.drain.timeline import Outcome
 from spotguard.notice import utcnow
 
 if TYPE_CHECKING:
@@ -24,9 +24,11 @@ if TYPE_CHECKING:
     import structlog
 
     from spotguard.config import Config
+    from spotguard.drain.timeline import Timeline
     from spotguard.metrics import Metrics
     from spotguard.notice import Notice
     from spotguard.services import Services
+
 
 @dataclass(frozen=True)
 class StepResult:
