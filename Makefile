@@ -1,5 +1,5 @@
 # make demo: set everything up and run a full simulated eviction end to end.
-# make test: set everything up, lint (ruff, mypy), run the test suite, then the tests that exercise the
+# make test: set everything up, lint (ruff, mypy, lint-imports), run the test suite, then the tests that exercise the
 #            direct dependencies again on the LOWEST versions pyproject.toml allows (.venv-lowest).
 # Slow things (pip downloads, the llama-server build, Azurite) are cached outside the repo.
 
@@ -50,6 +50,7 @@ lowest: setup
 lint: setup
 	$(BIN)/ruff check spotguard tests bench tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: tools
 	$(BIN)/python bench/detect.py

@@ -25,14 +25,16 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spotguard import asgi  # noqa: E402
+from spotguard.clouds.identity import Identity  # noqa: E402
 from spotguard.config import Config  # noqa: E402
+from spotguard.drain.snapshot import take_snapshot  # noqa: E402
 from spotguard.drain.step import DrainContext  # noqa: E402
 from spotguard.gate.journal import EntryJournal  # noqa: E402
 from spotguard.gate.protocol import JournalEntry  # noqa: E402
 from spotguard.metrics import Metrics  # noqa: E402
 from spotguard.notice import Notice, utcnow  # noqa: E402
 from spotguard.servers.none import NoEngine  # noqa: E402
-from spotguard.services import Identity, Services  # noqa: E402
+from spotguard.services import Services  # noqa: E402
 from spotguard.storage.snapshot import prepare  # noqa: E402
 
 
@@ -84,7 +86,7 @@ async def main(store_url: str, endpoint: str, key_file: str, master: Path, slot_
                                                  engine=NoEngine(), journal=journal))
             before = status_kib("VmRSS")
             started = time.perf_counter()
-            detail = await snapshotter(ctx)
+            detail = await take_snapshot(ctx, snapshotter)
             seconds = time.perf_counter() - started
         tg.cancel_scope.cancel()
     return {"slot_mb": round(size / 2**20), "rss_before_mb": round(before / 1024, 1),

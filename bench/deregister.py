@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import start_moto, summary  # noqa: E402
 from spotguard import logs  # noqa: E402
+from spotguard.clouds.identity import Identity  # noqa: E402
 from spotguard.config import AwsConfig  # noqa: E402
 from spotguard.emulator import EmulatorApp, EmulatorControl, run_emulator  # noqa: E402
 from spotguard.lb.aws import AwsBalancer, make_clients  # noqa: E402
-from spotguard.services import Identity  # noqa: E402
 
 REGION = "us-east-1"
 TARGET_P99 = 1.5

@@ -35,17 +35,20 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import start_moto  # noqa: E402
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
+from spotguard.drain.snapshot import take_snapshot
 from spotguard.drain.step import DrainContext
 from spotguard.gate.journal import EntryJournal
 from spotguard.gate.protocol import JournalEntry
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow
 from spotguard.servers.none import NoEngine
-from spotguard.services import Identity, Services
+from spotguard.services import Services
 from spotguard.storage.format import Manifest
-from spotguard.storage.snapshot import prepare, seal_and_put
+from spotguard.storage.snapshot import prepare
 from spotguard.storage.store import Store, StoreOptions, open_store
+from spotguard.storage.upload import seal_and_put
 
 
 async def throughput(store: Store, data: bytes, reps: int) -> dict[str, float]:
@@ -103,7 +106,7 @@ async def records_commit(moto_url: str, bucket: str, reps: int) -> dict[str, flo
                                services=Services(identity=Identity(cloud="bench", instance_id="i-bench"),
                                                  engine=NoEngine(), journal=journal))
             started = time.perf_counter()
-            await snapshotter(ctx)
+            await take_snapshot(ctx, snapshotter)
             step_s.append(time.perf_counter() - started)
             manifest = Manifest.from_json(await snapshotter.prepared.store.get(f"i-bench/bench-{rep}/manifest.json"))
             records_s.append(manifest.timings["records_s"])

@@ -32,14 +32,12 @@ Verdict = Callable[[], tuple[bool, list[str]]]
 
 
 class HttpApi:
-    """ASGI app; ``before_metrics`` refreshes gauges (GPU facts) just before a scrape."""
+    """ASGI app of the read-only endpoints; GPU gauges are kept fresh by the daemon's monitor task."""
 
-    def __init__(self, view: StatusView, metrics: Metrics, readiness: Verdict,
-                 before_metrics: Callable[[], None] | None = None) -> None:
+    def __init__(self, view: StatusView, metrics: Metrics, readiness: Verdict) -> None:
         self.view = view
         self.readiness = readiness
         self.metrics = metrics
-        self.before_metrics = before_metrics
 
     async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
         if scope["type"] != "http":
@@ -62,8 +60,6 @@ class HttpApi:
         elif path == "/status":
             await asgi.respond(send, 200, _json(self.view.status()), content_type="application/json")
         elif path == "/metrics":
-            if self.before_metrics:
-                self.before_metrics()
             await asgi.respond(send, 200, self.metrics.render(), content_type=CONTENT_TYPE_LATEST)
         else:
             await asgi.respond(send, 404, "not found: /healthz /readyz /metrics /status\n")

@@ -3,20 +3,21 @@
 Every key lives in a section dataclass below; its ``help`` metadata is the reference documentation
 (``spotguard config show --doc`` and ``docs/operations.md`` are generated from it). A key
 ``[section] name`` is also settable as the environment variable ``SPOTGUARD_SECTION_NAME``.
+Reading, type checks, TOML and reference output are ``config_schema``'s; the rules that tie keys
+together (``_validate``) are here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import tomllib
-import typing
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spotguard import config_schema as schema
+from spotguard.config_schema import option as _opt
 from spotguard.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/spotguard/spotguard.toml")
@@ -24,13 +25,6 @@ ENV_PREFIX = "SPOTGUARD_"
 # Variables under the prefix that are not configuration keys: where the config file is, and the build/test tool
 # cache the Makefile exports. Listed so they do not trip the unknown-variable check, which exists to catch typos.
 ENV_NOT_CONFIG = frozenset({"SPOTGUARD_CONFIG", "SPOTGUARD_CACHE", "SPOTGUARD_LLAMA_SERVER"})
-
-
-def _opt(default: Any, help: str, *, choices: tuple[str, ...] = ()) -> Any:
-    if isinstance(default, (list, tuple)):
-        value = tuple(default)
-        return field(default=value, metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,7 +244,7 @@ class ResumeConfig:
         if not 0 < self.lookup_timeout <= 60:
             raise ConfigError(f"[resume] lookup_timeout: {self.lookup_timeout:g} is not between 0 and 60 seconds")
         if self.advertise:
-            from spotguard.gate.cursor import holder_problem
+            from spotguard.resume_names import holder_problem
 
             why = holder_problem(self.advertise)
             if why:
@@ -288,86 +282,11 @@ class Config:
 
 
 def sections() -> dict[str, type[Any]]:
-    return {f.name: typing.cast(type[Any], f.type if isinstance(f.type, type) else _hints(Config)[f.name])
-            for f in dataclasses.fields(Config)}
-
-
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(section: str, key: str, kind: Any, value: Any, origin: str) -> Any:
-    where = f"[{section}] {key} (from {origin})"
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-            return value.strip().lower() in {"1", "true", "yes", "on"}
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            return int(value, 0) if isinstance(value, str) else int(value) if isinstance(value, int) else _fail()
-        except (ValueError, TypeError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if kind is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value) if isinstance(value, (int, float, str)) else _fail()
-        except (ValueError, TypeError):
-            raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if typing.get_origin(kind) is tuple:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{where}: not a JSON list: {exc}") from None
-            else:
-                value = [part.strip() for part in text.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return tuple(value)
-    raise ConfigError(f"{where}: unsupported type {kind!r}")  # pragma: no cover - a bug in this module
-
-
-def _fail() -> Any:
-    raise TypeError
-
-
-def _check_choice(section: str, key: str, meta: Mapping[str, Any], value: Any) -> None:
-    choices = meta.get("choices", ())
-    if choices and value not in choices:
-        raise ConfigError(f"[{section}] {key}: {value!r} is not one of {', '.join(choices)}")
+    return schema.sections(Config)
 
 
 def _build(data: Mapping[str, Any], origin: str) -> Config:
-    built: dict[str, Any] = {}
-    known = sections()
-    for name, section_data in data.items():
-        if name not in known:
-            raise ConfigError(f"unknown section [{name}] (from {origin}); known: {', '.join(known)}")
-        if not isinstance(section_data, Mapping):
-            raise ConfigError(f"[{name}] must be a table (from {origin})")
-        cls = known[name]
-        hints = _hints(cls)
-        fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in section_data.items():
-            if key not in fields_by_name:
-                raise ConfigError(f"unknown key [{name}] {key} (from {origin}); known: {', '.join(fields_by_name)}")
-            value = _coerce(name, key, hints[key], raw, origin)
-            _check_choice(name, key, fields_by_name[key].metadata, value)
-            values[key] = value
-        built[name] = cls(**values)
-    config = Config(**built)
+    config = schema.build(Config, data, origin)
     _validate(config)
     return config
 
@@ -382,10 +301,7 @@ def _validate(config: Config) -> None:
     if config.drain.safety_margin < 0:
         raise ConfigError("[drain] safety_margin must be >= 0")
     _validate_budgets(config)
-    if config.gate.allow_paths:
-        from spotguard.gate.routes import parse_allow
-
-        parse_allow(config.gate.allow_paths)
+    parse_allow(config.gate.allow_paths)
     for section, key in (("http", "listen"), ("gate", "listen")):
         value = getattr(getattr(config, section), key)
         if value:
@@ -399,7 +315,6 @@ def _validate(config: Config) -> None:
         if name.strip().lower() not in known:
             raise ConfigError(f"[azure] drain_event_types: {name!r} is not an Azure scheduled event type "
                               f"({', '.join(AZURE_EVENT_TYPES)})")
-
 
 def _validate_budgets(config: Config) -> None:
     """Budgets that can never fit are errors here; plans that overrun a cloud's window (which depends on
@@ -425,32 +340,27 @@ def parse_listen(value: str, key: str = "listen") -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+_ALLOW_ENTRY = re.compile(r"(?:([A-Z]{3,10})\s+)?(/[A-Za-z0-9._~!$&'()+,;=:@/-]*?)?(/\*)?")
+
+
+def parse_allow(entries: tuple[str, ...]) -> tuple[tuple[frozenset[str], str], ...]:
+    """``[gate] allow_paths`` entries as (methods, pattern), an empty method set meaning any method;
+    ConfigError naming a bad one. The gate's path policy (``gate/routes.py``) is built from them."""
+    parsed = []
+    for entry in entries:
+        found = _ALLOW_ENTRY.fullmatch(entry.strip())
+        path = (found.group(2) or "") if found else ""
+        if not found or not (path or found.group(3)) or "//" in path or any(s in (".", "..") for s in path.split("/")) or (
+                path.endswith("/") and path != "/"):
+            raise ConfigError(f"[gate] allow_paths: {entry!r} is not \"/path\", \"/prefix/*\" or \"METHOD /path\" "
+                              f"(a normalised path, no escapes)")
+        method = found.group(1)
+        parsed.append((frozenset({method}) if method else frozenset[str](), path + (found.group(3) or "")))
+    return tuple(parsed)
+
+
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
-    return {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(Config)}
-
-
-def _merge(base: dict[str, dict[str, Any]], extra: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    merged = {name: dict(values) for name, values in base.items()}
-    for name, values in extra.items():
-        merged.setdefault(name, {}).update(values)
-    return merged
-
-
-def _from_env(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    known = sections()
-    for var, value in environ.items():
-        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_CONFIG:
-            continue
-        rest = var[len(ENV_PREFIX):].lower()
-        for name in sorted(known, key=len, reverse=True):
-            if rest.startswith(name + "_"):
-                found.setdefault(name, {})[rest[len(name) + 1:]] = value
-                break
-        else:
-            raise ConfigError(f"unknown environment variable {var}: no section matches; "
-                              f"expected SPOTGUARD_<SECTION>_<KEY> with SECTION in {', '.join(known)}")
-    return found
+    return schema.to_dict(config)
 
 
 def load(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None,
@@ -467,59 +377,23 @@ def load(path: Path | str | None = None, *, environ: Mapping[str, str] | None = 
     via = "--config" if path is not None else "$SPOTGUARD_CONFIG"
     candidate = Path(path) if path is not None else Path(named or DEFAULT_CONFIG_PATH)
     if path is not None or named or candidate.exists():
-        try:
-            raw = tomllib.loads(candidate.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {candidate} (named by {via}) does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {candidate} is not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {candidate} cannot be read: {exc}") from None
+        raw = schema.read_toml(candidate, via)
         _build(raw, str(candidate))  # validate the file on its own so errors name the file
         file_data = {k: dict(v) for k, v in raw.items()}
         origin = str(candidate)
-    env_data = _from_env(env)
+    env_data = schema.from_env(Config, env, ENV_PREFIX, ENV_NOT_CONFIG)
     _build(env_data, "environment")
-    merged = _merge(file_data, env_data)
+    merged = schema.merge(file_data, env_data)
     if overrides:
-        merged = _merge(merged, overrides)
+        merged = schema.merge(merged, overrides)
     return _build(merged, origin if not (env_data or overrides) else f"{origin} + environment/flags")
 
 
 def reference() -> list[tuple[str, str, str, str, str]]:
     """(section, key, type, default, help) for every key: the source of the configuration docs."""
-    rows = []
-    for name, cls in sections().items():
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            kind = hints[f.name]
-            type_name = "list of strings" if typing.get_origin(kind) is tuple else getattr(kind, "__name__", str(kind))
-            default = f.default if f.default is not dataclasses.MISSING else ""
-            shown = json.dumps(list(default)) if isinstance(default, tuple) else json.dumps(default)
-            help_text = f.metadata.get("help", "")
-            if f.metadata.get("choices"):
-                help_text += f" One of: {', '.join(f.metadata['choices'])}."
-            rows.append((name, f.name, type_name, shown, help_text))
-    return rows
+    return schema.reference(Config)
 
 
 def to_toml(config: Config) -> str:
     """The effective configuration as TOML text (``spotguard config show``)."""
-    lines: list[str] = []
-    for name, values in to_dict(config).items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value)
-
+    return schema.to_toml(config)

@@ -5,35 +5,21 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import httpx
 
+from spotguard import gpu, preflight
+from spotguard.checks import Check
+from spotguard.clouds.detect import detect_cloud
+from spotguard.clouds.registry import cloud_identity, cloud_sources
 from spotguard.config import Config
-
-Level = Literal["ok", "warning", "error"]
+from spotguard.preflight import UNIT_DIRS
 
 WINDOWS = {"aws": 120.0, "gcp": 30.0, "azure": 30.0, "none": 30.0}
 """The shortest notice each cloud gives for a spot eviction (seconds; see docs/operations.md)."""
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    level: Level
-    detail: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "level": self.level, "detail": self.detail}
-
-
-def format_checks(checks: list[Check]) -> str:
-    marks = {"ok": "ok  ", "warning": "WARN", "error": "FAIL"}
-    width = max((len(c.name) for c in checks), default=0)
-    return "\n".join(f"[{marks[c.level]}] {c.name.ljust(width)}  {c.detail}" for c in checks)
 
 
 def budget_check(config: Config, cloud: str) -> Check:
@@ -74,9 +60,6 @@ def path_check(name: str, path: Path, *, want_dir: bool, max_mode: int) -> Check
     return Check(name, "ok", f"{path} mode {mode:04o}")
 
 
-UNIT_DIRS = (Path("/etc/systemd/system"), Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"))
-
-
 def unit_order_check(config: Config, unit_dirs: tuple[Path, ...] = UNIT_DIRS) -> Check:
     """spotguard must stop (and drain) before the engine: systemd stops units in reverse start order."""
     units = [d / "spotguard.service" for d in unit_dirs if (d / "spotguard.service").exists()]
@@ -109,10 +92,6 @@ async def _timed(name: str, probe: Callable[[], Awaitable[str]], timeout: float)
 
 
 async def run_checks(config: Config) -> list[Check]:
-    from spotguard import gpu, preflight
-    from spotguard.agent.wiring import cloud_identity
-    from spotguard.clouds.detect import detect_cloud
-
     checks: list[Check] = [Check("configuration", "ok", "loaded and valid")]
     async with httpx.AsyncClient(trust_env=False) as http:
         cloud = await detect_cloud(config, http)
@@ -178,8 +157,6 @@ async def gate_check(config: Config) -> Check:
 
 
 async def _probe_sources(config: Config, http: httpx.AsyncClient, cloud: str) -> str:
-    from spotguard.agent.wiring import cloud_sources
-
     sources = cloud_sources(cloud, config, http)
     names = []
     for source in sources:

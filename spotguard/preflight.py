@@ -15,11 +15,13 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
+from spotguard.checks import Check
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config, parse_listen
-from spotguard.doctor import UNIT_DIRS, Check
 from spotguard.errors import SpotguardError
-from spotguard.services import Identity
 
+UNIT_DIRS = (Path("/etc/systemd/system"), Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"))
+"""Where installed systemd units live, in the order systemd looks."""
 SYSTEMD_DEFAULT_STOP = 90.0
 """systemd's DefaultTimeoutStopSec when neither the unit nor system.conf sets one."""
 EXIT_HEADROOM = 5.0

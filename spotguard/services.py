@@ -6,23 +6,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from spotguard.clouds.identity import Identity
+
 if TYPE_CHECKING:
-    from spotguard.drain.step import DrainContext
     from spotguard.gate.journal import JournalAccess
     from spotguard.lb.base import LoadBalancer
     from spotguard.servers.base import EngineAdapter
-
-
-@dataclass(frozen=True, kw_only=True)
-class Identity:
-    """Who this VM is, as the cloud knows it (empty strings where unknown)."""
-
-    cloud: str
-    instance_id: str
-    private_ip: str = ""
-    region: str = ""
-    zone: str = ""
-    vm_name: str = ""
+    from spotguard.storage.snapshot import Snapshotter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,5 +27,5 @@ class Services:
     The daemon declares it to the gate together with the node's deadline (``agent/deadline.py``)."""
     acknowledge: Callable[[str], Awaitable[str]] | None = None
     """Approves the cloud event with this id (Azure StartRequests); None where the cloud has no such call."""
-    snapshot: Callable[[DrainContext], Awaitable[str]] | None = None
-    """Saves in-flight context to the snapshot store within ctx's budget; None when no store is set."""
+    snapshot: Snapshotter | None = None
+    """The snapshot store the snapshot step saves in-flight context to; None when no store is set."""

@@ -31,7 +31,6 @@ from spotguard.clouds.operator import shutdown_notice, system_is_stopping
 from spotguard.config import Config, parse_listen
 from spotguard.errors import ConfigError
 
-GPU_REFRESH_SECONDS = 15.0
 READY_WAIT_FOR_CLOUD = 2.0
 """Seconds start-up waits for the cloud to attach before READY (it goes on in the background after)."""
 
@@ -71,7 +70,7 @@ class Daemon:
                     await tg.start(agent.run, name="runner")
                     tg.start_soon(self._attach, wiring, agent, name="attach-cloud")
                     host, port = parse_listen(config.http.listen, "[http] listen")
-                    api = HttpApi(agent.operator, wiring.metrics, readiness.verdict, before_metrics=wiring.refresh_gpu)
+                    api = HttpApi(agent.operator, wiring.metrics, readiness.verdict)
                     self.http_bound = await tg.start(asgi.serve_tcp, api, host, port, name="http")
                     await wiring.start_listeners(tg, agent)
                     await tg.start(readiness.run, name="readiness")
@@ -86,7 +85,8 @@ class Daemon:
                     self.log.info("started", version=__version__, cloud=wiring.cloud, http=self.http_bound.url,
                                   sources=[s.name for s in agent.watcher.sources], state=agent.node.state,
                                   engine=config.server.kind, dry_run=config.agent.dry_run,
-                                  ready=readiness.verdict()[0], **wiring.describe())
+                                  ready=readiness.verdict()[0], gate=config.gate.listen or None,
+                                  snapshot=bool(config.snapshot.url))
                     sdnotify.notify("READY=1", f"STATUS={agent.node.state} ({wiring.cloud})")
                     task_status.started(self)
                     await self._handle_signals(tg, agent, signals)

@@ -11,7 +11,6 @@ import dataclasses
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -20,7 +19,9 @@ from anyio.abc import TaskGroup
 
 from spotguard import logs
 from spotguard.agent.runner import Agent
+from spotguard.clouds.identity import Identity
 from spotguard.clouds.operator import undrain_notice
+from spotguard.clouds.registry import cloud_identity, cloud_sources, find_cloud
 from spotguard.config import Config
 from spotguard.deadline import Deadline
 from spotguard.drain.engine import DrainEngine
@@ -28,87 +29,17 @@ from spotguard.drain.plan import plan
 from spotguard.drain.step import DrainContext
 from spotguard.drain.timeline import Timeline
 from spotguard.drain.undo import undo_plan
-from spotguard.errors import ConfigError, SpotguardError
+from spotguard.errors import ConfigError
 from spotguard.gate.link import GateLink
 from spotguard.metrics import Metrics
-from spotguard.notice import Notice, NoticeSource
-from spotguard.services import Identity, Services
+from spotguard.notice import Notice
+from spotguard.services import Services
 
 if TYPE_CHECKING:
     from spotguard.storage.snapshot import Snapshotter
 
-IDENTITY_TIMEOUT = 10.0
 ATTACH_WAIT = 5.0
 """Most seconds a drain right after start-up waits for the cloud's identity and balancers."""
-DMI_ROOT = Path("/sys/class/dmi/id")
-HYPERVISOR_UUID = Path("/sys/hypervisor/uuid")
-
-
-PROBE_BACKOFF_MAX = 60.0
-"""Most seconds between re-probes while [agent] cloud = auto is not confirmed."""
-
-
-async def find_cloud(config: Config, http: httpx.AsyncClient, log: Any, metrics: Metrics, *,
-                     dmi_root: Path = DMI_ROOT, hypervisor_uuid: Path = HYPERVISOR_UUID) -> str:
-    """The cloud to watch. With ``auto``, a DMI guess that its metadata server does not confirm is probed
-    again with backoff, forever: a metadata server busy at boot must not leave the node blind for life."""
-    from spotguard.clouds.detect import detect_cloud, dmi_guess, probe
-
-    if config.agent.cloud != "auto":
-        return config.agent.cloud
-    guess = dmi_guess(dmi_root, hypervisor_uuid)
-    if guess == "none":
-        return await detect_cloud(config, http, dmi_root, hypervisor_uuid)  # logs why, says "none"
-    delay = 1.0
-    while not await probe(guess, config, http):
-        metrics.poll_errors.labels(source="detect", reason="probe_failed").inc()
-        log.warning("cloud_unknown", dmi=guess, retry_in=delay,
-                    why=f"DMI says {guess} but its metadata endpoint did not answer like one; probing again "
-                        f"(set [agent] cloud = \"{guess}\" and [{guess}] metadata_url if this is wrong)")
-        await anyio.sleep(delay)
-        delay = min(PROBE_BACKOFF_MAX, delay * 2)
-    log.info("cloud_detected", cloud=guess)
-    return guess
-
-
-def cloud_sources(cloud: str, config: Config, http: httpx.AsyncClient) -> list[NoticeSource]:
-    if cloud == "aws":
-        from spotguard.clouds import aws
-
-        return list(aws.build_sources(config, http))
-    if cloud == "gcp":
-        from spotguard.clouds import gcp
-
-        return list(gcp.build_sources(config, http))
-    if cloud == "azure":
-        from spotguard.clouds import azure
-
-        return list(azure.build_sources(config, http))
-    return []
-
-
-async def cloud_identity(cloud: str, config: Config, http: httpx.AsyncClient, log: Any) -> Identity:
-    """Who this VM is; a failure is logged and falls back to the hostname (the drain still runs)."""
-    fallback = Identity(cloud=cloud, instance_id=config.agent.instance_id or socket.gethostname())
-    if cloud == "none":
-        return fallback
-    module: Any
-    if cloud == "aws":
-        from spotguard.clouds import aws as module
-    elif cloud == "gcp":
-        from spotguard.clouds import gcp as module
-    else:
-        from spotguard.clouds import azure as module
-    try:
-        with anyio.fail_after(IDENTITY_TIMEOUT):
-            found: Identity = await module.identity(config, http)
-    except (SpotguardError, TimeoutError) as exc:
-        log.error("identity_unavailable", cloud=cloud, error=str(exc) or "timeout", fallback=fallback.instance_id)
-        return fallback
-    if config.agent.instance_id:
-        found = Identity(cloud=found.cloud, instance_id=config.agent.instance_id, private_ip=found.private_ip,
-                         region=found.region, zone=found.zone, vm_name=found.vm_name)
-    return found
 
 
 class EngineDriver:
@@ -258,15 +189,6 @@ class Wiring:
         log.info("cloud_attached", cloud=cloud, instance_id=identity.instance_id,
                  balancers=[b.name for b in balancers])
 
-    def refresh_gpu(self) -> None:
-        """GPU gauges are refreshed by the monitor task; nothing to do per scrape."""
-
-    def describe(self) -> dict[str, Any]:
-        return {"instance_id": self.identity.instance_id, "gate": self.config.gate.listen or None,
-                "gate_process": self.gate.describe() if self.gate is not None else None,
-                "snapshot": bool(self.config.snapshot.url),
-                "balancers": [b.name for b in (self.services.balancers if self.services else ())]}
-
     def status(self) -> dict[str, Any]:
         """The cloud part of /status: whether the cloud is confirmed, and what went wrong attaching it."""
         return {"cloud_attached": self.attached.is_set(), "cloud_problem": self.problem or None}
@@ -289,8 +211,7 @@ async def build_wiring(config: Config, http: httpx.AsyncClient) -> Wiring:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         wiring.gate = GateLink(config, metrics, log=logs.get("gate"))
     gate = wiring.gate
-    engine = build_engine(config, http, journal=gate.journal if gate is not None else None,
-                          set_gate_draining=(lambda: wiring.refuse_new_work(True)) if gate is not None else None)
+    engine = build_engine(config, http)
     snapshot = None
     if config.snapshot.url:
         from spotguard.storage.snapshot import prepare

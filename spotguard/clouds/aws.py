@@ -32,10 +32,10 @@ from spotguard.clouds._parse import (
     json_value,
     shift,
 )
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.errors import MalformedMetadata, MetadataUnavailable
 from spotguard.notice import Action, Notice, stable_id
-from spotguard.services import Identity
 
 TOKEN_PATH = "/latest/api/token"
 SPOT_PATH = "/latest/meta-data/spot/instance-action"

@@ -20,10 +20,10 @@ import httpx
 
 from spotguard.clouds import fetch
 from spotguard.clouds._parse import FirstSeen, Seen, field_str, http_time, json_object, shift
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.errors import MalformedMetadata, MetadataUnavailable
 from spotguard.notice import Notice
-from spotguard.services import Identity
 
 EVENTS_PATH = "/metadata/scheduledevents"
 EVENTS_API = "2020-07-01"

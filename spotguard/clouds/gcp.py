@@ -32,10 +32,10 @@ import structlog
 
 from spotguard.clouds import fetch
 from spotguard.clouds._parse import FirstSeen, Seen, header, iso_time, json_object, shift
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.errors import MalformedMetadata, MetadataError, MetadataUnavailable
 from spotguard.notice import Notice, stable_id
-from spotguard.services import Identity
 
 PREEMPTED_PATH = "/computeMetadata/v1/instance/preempted"
 MAINTENANCE_PATH = "/computeMetadata/v1/instance/maintenance-event"

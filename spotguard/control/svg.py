@@ -39,10 +39,6 @@ TEXT_COLOURS = {"running": "#9a7400", "skipped": "#7d838a"}
 FONT = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\""
 
 
-def _attr(value: object) -> str:
-    return escape(str(value), {'"': "&quot;"})
-
-
 def _nice_step(span: float, ticks: int = 6) -> float:
     """A round tick interval (1, 2 or 5 times a power of ten seconds) giving about ``ticks`` ticks."""
     raw = max(span / ticks, 1e-3)

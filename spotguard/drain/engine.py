@@ -18,8 +18,8 @@ import anyio
 
 from spotguard.deadline import Deadline
 from spotguard.drain.balancers import heartbeat
-from spotguard.drain.step import DrainContext, Outcome, Step, StepResult
-from spotguard.drain.timeline import StepRecord, Timeline, verdict
+from spotguard.drain.step import DrainContext, Step, StepResult
+from spotguard.drain.timeline import Outcome, StepRecord, Timeline, verdict
 from spotguard.notice import utcnow
 
 OnChange = Callable[[Timeline], None]

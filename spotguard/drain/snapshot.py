@@ -1,9 +1,29 @@
-"""The snapshot step: save the context of requests still in flight, so another replica can resume them."""
+"""The snapshot step: save the context of requests still in flight, so another replica can resume them.
+
+The step owns what it reads and what it tells the gate: on llama.cpp it lists the busy slots, cuts the
+streams (the gate settles them: output final, slot free, ~50 ms) so the records and the saved KV hold the
+same tokens, hands everything to the store (``storage/snapshot.py``) with a deadline, and tells the gate
+to forget the cut requests whose records were stored.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from dataclasses import dataclass, field
+
+import anyio
+
 from spotguard.drain.serving import inflight_count
-from spotguard.drain.step import DrainContext, StepResult, tail_reserve
+from spotguard.drain.step import DrainContext, StepResult, step_time_left, tail_reserve
+from spotguard.errors import EngineError, GateError, StoreError
+from spotguard.gate.protocol import JournalEntry
+from spotguard.servers.llamacpp import SlotApi
+from spotguard.storage.snapshot import Inflight, SnapshotResult, Snapshotter, manifest_reserve
+
+SAFETY = 0.05
+"""Seconds kept back from the budget so our own scopes end before the engine's."""
+SLOTS_TIMEOUT = 1.0
 
 
 class Snapshot:
@@ -16,12 +36,95 @@ class Snapshot:
         return max(0.0, min(ctx.config.drain.snapshot_budget, left - tail_reserve(left)))
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
-        save = ctx.services.snapshot
-        if save is None:
+        snapshotter = ctx.services.snapshot
+        if snapshotter is None:
             return StepResult("skipped", "no snapshot store configured")
         if ctx.dry_run:
             count = (await inflight_count(ctx)).count
             shown = "an unknown number of" if count is None else str(count)
             return StepResult("dry_run", f"would save the context of {shown} in-flight requests "
                                          f"to {ctx.config.snapshot.url or 'the snapshot store'}")
-        return await save(ctx)
+        return await take_snapshot(ctx, snapshotter)
+
+
+async def take_snapshot(ctx: DrainContext, snapshotter: Snapshotter) -> str:
+    """Save what is in flight within the step's time; returns a one-line detail.
+
+    Raises ``StoreError`` (after a manifest attempt) when records or the manifest could not be stored.
+    """
+    config = ctx.config
+    budget = min(step_time_left(), ctx.seconds_left(), config.drain.snapshot_budget) - SAFETY
+    if budget <= 0:
+        raise StoreError("no time left for a snapshot")
+    deadline = anyio.current_time() + budget
+    server = config.server
+    kv = SlotApi(ctx.http, server.url) if server.kind == "llamacpp" and server.url else None
+    # Reading may take what the store's work would have had, never the manifest's slice.
+    reading = _Reading(ctx)
+    with anyio.move_on_after(budget - manifest_reserve(budget)) as scope:
+        await reading.read(kv, budget)
+    if scope.cancelled_caught:
+        reading.problem("timeout", f"reading the requests in flight took the snapshot's {budget:.1f}s budget")
+    inflight = reading.result()
+    instance = ctx.services.identity.instance_id or config.agent.instance_id or socket.gethostname()
+    result = await snapshotter.save(inflight, kv=kv, notice=ctx.notice, instance=instance, deadline=deadline,
+                                    log=ctx.log, metrics=ctx.metrics)
+    if kv is not None and ctx.services.journal is not None:
+        # The gate keeps the requests it cut until their records are stored; a gate that is gone has
+        # forgotten them anyway.
+        with contextlib.suppress(GateError):
+            await ctx.services.journal.release([r.id for r in inflight.requests if r.id in result.stored_request_ids])
+    return _detail(result)
+
+
+@dataclass
+class _Reading:
+    """What the step read so far: kept when the reading is cut at the budget."""
+
+    ctx: DrainContext
+    count: int = 0
+    busy: list[int] = field(default_factory=list)
+    requests: list[JournalEntry] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, reason: str, message: str) -> None:
+        """Record, log and count a problem; the snapshot then says it is incomplete, and why."""
+        self.problems.append(message)
+        self.ctx.metrics.config_errors.labels(component="snapshot", reason=reason).inc()
+        self.ctx.log.warning("snapshot.problem", reason=reason, error=message)
+
+    async def read(self, kv: SlotApi | None, budget: float) -> None:
+        """The busy slots before the cut (a cut slot is free), then the requests; a part that fails is a
+        problem the snapshot reports, never a reason to skip the rest."""
+        journal = self.ctx.services.journal
+        try:
+            if journal is not None:
+                self.count = await journal.count()
+            if kv is not None:
+                try:
+                    self.busy = [s.id for s in await kv.slots(timeout=SLOTS_TIMEOUT) if s.is_processing]
+                except EngineError as exc:
+                    self.problem("engine", f"engine slots: {exc}")
+            if journal is not None:
+                settle = min(1.0, 0.1 * (budget - manifest_reserve(budget)))
+                self.requests = await journal.interrupt_and_wait(settle) if kv else await journal.entries()
+        except GateError as exc:
+            self.problem("gate", f"gate journal: {exc}")
+            self.requests = []
+
+    def result(self) -> Inflight:
+        requests = self.requests or []
+        return Inflight(requests=requests, count=self.count if self.requests is None else len(requests),
+                        busy_slots=self.busy, problems=self.problems)
+
+
+def _detail(result: SnapshotResult) -> str:
+    if result.kept_earlier:
+        return f"{result.where}: nothing in flight now; kept the manifest an earlier attempt wrote"
+    records = len(result.stored_request_ids)
+    summary = f"{records}/{result.requests} records, {result.kv_slots} kv slots, {result.missing} missing"
+    if result.manifest_error or records < result.requests:
+        problems = "; ".join([*result.errors, *([result.manifest_error] if result.manifest_error else [])])
+        raise StoreError(f"snapshot {result.where} incomplete ({summary}): {problems or 'records not stored'}")
+    complete = not result.missing and not result.errors
+    return f"{result.where}: {summary}" + ("" if complete else f" ({'; '.join(result.errors) or 'see manifest'})")

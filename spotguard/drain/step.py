@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
+
+from spotguard.drain.timeline import Outcome
 
 if TYPE_CHECKING:
     import httpx
@@ -25,11 +27,6 @@ if TYPE_CHECKING:
     from spotguard.metrics import Metrics
     from spotguard.notice import Notice
     from spotguard.services import Services
-
-Outcome = Literal["ok", "handed_over", "failed", "timed_out", "skipped", "dry_run", "manual"]
-"""``handed_over``: the step passed what it had not finished to the next one on purpose (wait_inflight: the
-requests still running go to migrate, which continues them on peers); nothing was lost.
-``manual``: the step cannot be done by spotguard for this setup and says what an operator must do."""
 
 
 @dataclass(frozen=True)

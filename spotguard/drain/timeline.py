@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from spotguard.drain.step import Outcome
 from spotguard.errors import SpotguardError
 from spotguard.notice import parse_rfc3339, rfc3339
 
+Outcome = Literal["ok", "handed_over", "failed", "timed_out", "skipped", "dry_run", "manual"]
+"""``handed_over``: the step passed what it had not finished to the next one on purpose (wait_inflight: the
+requests still running go to migrate, which continues them on peers); nothing was lost.
+``manual``: the step cannot be done by spotguard for this setup and says what an operator must do."""
 State = Literal["pending", "running", "done"]
 STATES: tuple[State, ...] = ("pending", "running", "done")
 OUTCOMES: tuple[Outcome, ...] = ("ok", "handed_over", "failed", "timed_out", "skipped", "dry_run", "manual")

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from spotguard.drain.timeline import Timeline
     from spotguard.lb.base import LoadBalancer
 
-UNDO_STEP_NAMES = ("resume_engine", "reopen_gate", "register")
 REOPEN_BUDGET = 1.0
 
 

@@ -22,7 +22,6 @@ from spotguard.errors import SpotguardError
 from spotguard.metrics import Metrics
 
 Event = Literal["start", "end"]
-PLACEHOLDERS = ("event", "state", "source", "kind", "instance", "reason", "seconds_left", "summary")
 MIN_ATTEMPT_SECONDS = 0.05
 """No new attempt is started with less time than this left in the step."""
 MAX_ATTEMPTS = 50

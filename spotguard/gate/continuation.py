@@ -26,16 +26,6 @@ CONTINUE_FLAGS: dict[str, dict[str, bool]] = {
 }
 """Per engine kind, the flags that make a trailing assistant message be continued, not answered."""
 
-NOT_CONTINUABLE_REASONS = (
-    "several choices (n > 1)",
-    "a tool call was being streamed",
-    "a token-id or batched prompt",
-    "echo or best_of",
-    "no token budget left",
-)
-"""What docs/gate.md lists as ending with a retryable error instead of a migration."""
-
-
 class NotContinuable(ValueError):
     """This request cannot be continued elsewhere; the message says why (for logs and metrics)."""
 

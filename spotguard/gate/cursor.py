@@ -36,22 +36,17 @@ import secrets
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from spotguard.errors import ConfigError, ResumeRefused
+from spotguard.resume_names import ANSWER_ID, holder_problem
 
 VERSION = 1
 MAC_BYTES = 16
 MAX_CURSOR = 512
 """Longest cursor ``verify`` looks at: anything longer is refused unread."""
-MAX_HOLDER = 200
-ANSWER_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
-"""What an answer id looks like (``new_answer_id`` makes 16 of these characters)."""
-FINGERPRINT = re.compile(r"[0-9a-f]{32}")
-"""What ``request_fingerprint`` returns."""
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _OFFSET = re.compile(r"[0-9]{1,12}")
 _HEAD = struct.Struct(">BIB")
@@ -63,22 +58,6 @@ _WILDCARD = ("", "0.0.0.0", "::")
 def new_answer_id() -> str:
     """A fleet-unique answer id: 96 random bits as 16 URL-safe characters."""
     return secrets.token_urlsafe(12)
-
-
-def holder_problem(url: str) -> str:
-    """Why ``url`` cannot name a holder (an ``http(s)://host[:port]`` base URL); empty when it can."""
-    if not url or len(url) > MAX_HOLDER or not url.isascii() or not url.isprintable() or " " in url:
-        return f"is not a printable ASCII URL of at most {MAX_HOLDER} characters"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError:
-        return "is not a URL with a valid port"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be http(s)://host[:port]"
-    if parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
-        return "must be a base URL: no credentials, path, query or fragment"
-    return ""
 
 
 def advertised_holder(advertise: str, gate_listen: str, private_ip: str = "") -> str:

@@ -33,7 +33,7 @@ from spotguard.gate.relay import PeerRelay
 from spotguard.gate.stitch import AnswerIdentity, StreamStitch
 
 if TYPE_CHECKING:
-    from spotguard.gate.proxy import Gate
+    from spotguard.gate.context import GateContext
 
 CUT_MESSAGE = "request interrupted for migration: this replica is being evicted; retry on another replica"
 
@@ -62,7 +62,7 @@ class LocalExchange(Leg):
     __slots__ = ("phase", "flight", "parser", "label", "returned", "readable", "status", "collected", "assembling",
                  "continuable", "cont", "stitch", "prefix")
 
-    def __init__(self, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> None:
+    def __init__(self, gate: GateContext, client: ClientConnection, request: Request, endpoint: str) -> None:
         super().__init__(gate, ClientAnswer(client, request, retry_after=gate.retry_after), endpoint, gate.engine)
         self.phase = Phase.BODY
         self.flight: Flight | None = None

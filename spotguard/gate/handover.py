@@ -27,8 +27,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from spotguard.gate.cursor import FINGERPRINT, CursorKey
+from spotguard.gate.cursor import CursorKey
 from spotguard.gate.stitch import AnswerIdentity
+from spotguard.resume_names import FINGERPRINT
 
 CONTINUES_HEADER = b"spotguard-continues"
 _PURPOSE = b"continues"

@@ -11,14 +11,34 @@ client's answer with a retryable error whose cursor is the last event the client
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from spotguard.gate.holding import HOLDER_HEADER, LAST_EVENT_ID
 from spotguard.gate.http1 import UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
 
 if TYPE_CHECKING:
-    from spotguard.gate.resume import Resumption
+    from spotguard.gate.answer import ClientAnswer
+    from spotguard.gate.context import GateContext
+
+
+class Resuming(Protocol):
+    """What the holder's answer is passed to (``resume.Resumption``)."""
+
+    gate: GateContext
+    answer: ClientAnswer
+    endpoint: str
+    body: bytes
+    stream: bool
+
+    def events(self, data: bytes) -> None:
+        """Events of the answer, in final client form, as they come."""
+
+    def finish(self) -> None:
+        """The whole answer was delivered (or gathered)."""
+
+    def holder_ended(self, message: str) -> None:
+        """The holder failed after its answer began."""
 
 
 class HolderLeg(Leg):
@@ -26,7 +46,7 @@ class HolderLeg(Leg):
 
     __slots__ = ("resumption", "done", "began", "refused", "collected", "head")
 
-    def __init__(self, resumption: Resumption, holder: str, cursor: str) -> None:
+    def __init__(self, resumption: Resuming, holder: str, cursor: str) -> None:
         gate = resumption.gate
         assert gate.holding is not None
         super().__init__(gate, resumption.answer, resumption.endpoint, gate.holding.target(holder))

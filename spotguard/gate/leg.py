@@ -17,7 +17,7 @@ from spotguard.gate.http1 import HOP_BY_HOP, Request, UpstreamConnection
 from spotguard.gate.targets import Target
 
 if TYPE_CHECKING:
-    from spotguard.gate.proxy import Gate
+    from spotguard.gate.context import GateContext
 
 
 _NOT_RETURNED = HOP_BY_HOP | {b"content-length"}
@@ -58,7 +58,7 @@ class Leg(ABC):
     __slots__ = ("gate", "answer", "request", "endpoint", "target", "upstream", "body", "retried", "loop",
                  "extra_headers")
 
-    def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, target: Target) -> None:
+    def __init__(self, gate: GateContext, answer: ClientAnswer, endpoint: str, target: Target) -> None:
         self.gate = gate
         self.answer = answer
         self.request: Request = answer.request

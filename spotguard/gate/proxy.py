@@ -39,13 +39,14 @@ from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
 from spotguard.errors import ConfigError, GateError, StoreError
 from spotguard.gate.answer import error_body, json_error
+from spotguard.gate.context import Tracked
 from spotguard.gate.estimate import finishes_within
 from spotguard.gate.exchange import LocalExchange
 from spotguard.gate.held import Origin
 from spotguard.gate.holding import Holding, retry_signal
 from spotguard.gate.http1 import ClientConnection, Request, status_line
 from spotguard.gate.journal import LocalJournal
-from spotguard.gate.leg import Leg, drop
+from spotguard.gate.leg import drop
 from spotguard.gate.peers import FORWARDED_HEADER, Peers
 from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry
 from spotguard.gate.registry import Registry
@@ -55,10 +56,9 @@ from spotguard.gate.routes import Routes
 from spotguard.gate.stitch import AnswerIdentity
 from spotguard.gate.targets import Target
 from spotguard.metrics import Metrics
-from spotguard.storage.answer_index import IndexEntry, KeptIdentity
 
 if TYPE_CHECKING:
-    from spotguard.storage.answer_index import AnswerIndex
+    from spotguard.storage.answer_index import AnswerIndex, IndexEntry
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 """Paths whose POSTs are journaled, and their label in metrics."""
@@ -118,7 +118,7 @@ class Gate:
         """The VM is about to go: relayed answers were ended, and nothing new is handed to peers."""
         self._counters: dict[tuple[str, str], Counter] = {}
         self._counts: dict[tuple[str, str], int] = {}
-        self.legs: set[Leg] = set()
+        self.legs: set[Tracked] = set()
         """Every request being answered (by the engine or through peers)."""
         self.connections: set[ClientConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -275,7 +275,7 @@ class Gate:
         holding = self.holding
         if holding is None or holding.index is None:
             return
-        from spotguard.storage.answer_index import IndexEntry
+        from spotguard.storage.answer_index import IndexEntry, KeptIdentity
 
         ident = identity or AnswerIdentity()
         now = time.time()
@@ -352,12 +352,12 @@ class Gate:
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
-    def track(self, leg: Leg) -> None:
+    def track(self, leg: Tracked) -> None:
         self.legs.add(leg)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._sweep)
 
-    def untrack(self, leg: Leg) -> None:
+    def untrack(self, leg: Tracked) -> None:
         self.legs.discard(leg)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

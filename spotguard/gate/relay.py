@@ -35,7 +35,7 @@ from spotguard.gate.targets import Target
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from spotguard.gate.proxy import Gate
+    from spotguard.gate.context import GateContext
 
 SEAM_SAMPLES = 1000
 """Seam gaps kept by the gate (the newest) for the daemon's metrics."""
@@ -51,7 +51,7 @@ class PeerRelay(Leg):
     __slots__ = ("flight", "stitch", "order", "peer", "skipping", "again", "tries", "cut_at", "ended", "assemble",
                  "parser", "prefix", "verbatim", "held_by", "fingerprint", "origin", "resumes")
 
-    def __init__(self, gate: Gate, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
+    def __init__(self, gate: GateContext, answer: ClientAnswer, endpoint: str, *, flight: Flight | None = None,
                  stitch: StreamStitch | None = None, assemble: bool = False, prefix: str = "") -> None:
         self.order: Iterator[Target] = gate.peers.order()
         super().__init__(gate, answer, endpoint, gate.engine)
@@ -88,7 +88,7 @@ class PeerRelay(Leg):
         gate.track(self)
 
     @classmethod
-    def hand_off(cls, gate: Gate, client: ClientConnection, request: Request, endpoint: str, *,
+    def hand_off(cls, gate: GateContext, client: ClientConnection, request: Request, endpoint: str, *,
                  resumes: bool = False) -> PeerRelay:
         """A new request while draining: read it whole (a refusing peer means sending it again), then to peers.
         ``resumes``: a retry that a peer resolves (its answer comes back as it is)."""

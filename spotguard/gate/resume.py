@@ -41,8 +41,8 @@ from spotguard.gate.peers import FORWARDED_HEADER
 from spotguard.gate.stitch import AnswerIdentity
 
 if TYPE_CHECKING:
+    from spotguard.gate.context import GateContext
     from spotguard.gate.holding import Holding
-    from spotguard.gate.proxy import Gate
     from spotguard.storage.answer_index import IndexEntry
 
 RESUME_HEADERS = (LAST_EVENT_ID, RESUME_HEADER)
@@ -51,7 +51,7 @@ RESUME_HEADERS = (LAST_EVENT_ID, RESUME_HEADER)
 class Resumption:
     """One retried request, from its body to the end of its answer (or its hand-over to an exchange)."""
 
-    def __init__(self, gate: Gate, client: ClientConnection, request: Request, endpoint: str) -> None:
+    def __init__(self, gate: GateContext, client: ClientConnection, request: Request, endpoint: str) -> None:
         assert gate.holding is not None
         self.gate = gate
         self.holding: Holding = gate.holding

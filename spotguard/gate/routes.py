@@ -4,7 +4,7 @@ Engines serve admin endpoints on the same port as the API: llama.cpp ``/slots/<n
 (replace or wipe another user's KV state), vLLM ``/pause``, ``/sleep``, ``/reset_prefix_cache``, SGLang
 ``/flush_cache``, ``/abort_request``, and more. Any client of the inference API could call them through
 a proxy that forwards everything; the gate forwards only what an inference client needs, plus what
-``[gate] allow_paths`` opens.
+``[gate] allow_paths`` opens (parsed by ``config.parse_allow``).
 
 Matching is on the path as the engine will see it: percent-escapes decoded (``/%73lots/0`` is
 ``/slots/0`` to llama.cpp), then ``.``, ``..`` and empty segments resolved. A path that still holds an
@@ -21,12 +21,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
-from spotguard.errors import ConfigError
+from spotguard.config import parse_allow
 
 _POST = frozenset({"POST"})
 _READ = frozenset({"GET", "HEAD"})
-_ANY: frozenset[str] = frozenset()
-"""An empty method set means: any method."""
 
 DEFAULT_ROUTES: tuple[tuple[frozenset[str], str], ...] = (
     (_POST, "/v1/chat/completions"),
@@ -40,7 +38,6 @@ DEFAULT_ROUTES: tuple[tuple[frozenset[str], str], ...] = (
 )
 """The OpenAI inference paths (responses where the engine has them: others answer 404) and health."""
 
-_ALLOW_ENTRY = re.compile(r"(?:([A-Z]{3,10})\s+)?(/[A-Za-z0-9._~!$&'()+,;=:@/-]*?)?(/\*)?")
 _ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")
 _FORWARD_SAFE = "/:@!$&'()*+,;=-._~"
 
@@ -65,21 +62,6 @@ class _Rule:
         if self.methods and method not in self.methods:
             return False
         return path.startswith(self.path + "/") if self.prefix else path == self.path
-
-
-def parse_allow(entries: tuple[str, ...]) -> tuple[tuple[frozenset[str], str], ...]:
-    """``[gate] allow_paths`` entries as (methods, pattern); ConfigError naming a bad one."""
-    parsed = []
-    for entry in entries:
-        found = _ALLOW_ENTRY.fullmatch(entry.strip())
-        path = (found.group(2) or "") if found else ""
-        if not found or not (path or found.group(3)) or "//" in path or any(s in (".", "..") for s in path.split("/")) or (
-                path.endswith("/") and path != "/"):
-            raise ConfigError(f"[gate] allow_paths: {entry!r} is not \"/path\", \"/prefix/*\" or \"METHOD /path\" "
-                              f"(a normalised path, no escapes)")
-        method = found.group(1)
-        parsed.append((frozenset({method}) if method else _ANY, path + (found.group(3) or "")))
-    return tuple(parsed)
 
 
 def _rules(routes: tuple[tuple[frozenset[str], str], ...]) -> tuple[_Rule, ...]:

@@ -2,8 +2,8 @@
 
 Streaming: every peer event is rewritten to carry the local answer's ``id``, ``model``, ``created`` and
 ``object``; the assistant ``role`` is not sent twice; ``usage`` (only there when the client asked for it)
-counts the tokens delivered before the seam; ``[DONE]`` is sent once. Non-streaming: one JSON answer whose
-text is the output so far plus the continuation.
+counts the tokens delivered before the seam; ``[DONE]`` is sent once. (A non-streaming answer needs no joining: the client has
+had none of it, so the peer's answer is relayed as it is.)
 
 Bytes in, bytes out, no I/O: the gate's data path feeds what the peer sends and writes what comes back.
 """
@@ -148,21 +148,3 @@ class StreamStitch:
         choices = event.get("choices") or []
         return (not event.get("usage") and len(choices) == 1 and isinstance(choices[0], dict)
                 and not choices[0].get("finish_reason") and not (choices[0].get("delta") or {}))
-
-
-def merge_answer(peer_body: bytes, *, identity: AnswerIdentity, chat: bool, output: str, delivered: int) -> bytes:
-    """A non-streaming answer: the peer's JSON with the output so far put in front of its text."""
-    answer = json.loads(peer_body)
-    if not isinstance(answer, dict):
-        raise ValueError("the peer's answer is not a JSON object")
-    identity.apply(answer)
-    choices = answer.get("choices") or []
-    if choices and isinstance(choices[0], dict):
-        first = choices[0]
-        if chat and isinstance(first.get("message"), dict):
-            first["message"]["content"] = output + (first["message"].get("content") or "")
-        elif not chat:
-            first["text"] = output + (first.get("text") or "")
-    if answer.get("usage"):
-        answer["usage"] = add_usage(answer["usage"], delivered)
-    return json.dumps(answer, ensure_ascii=False).encode()

@@ -20,9 +20,9 @@ from spotguard.errors import ConfigError, LoadBalancerError
 from spotguard.lb.retry import Deadline, TransientError, count, with_retries
 
 if TYPE_CHECKING:
+    from spotguard.clouds.identity import Identity
     from spotguard.config import AwsConfig
     from spotguard.metrics import Metrics
-    from spotguard.services import Identity
 
 PROVIDER = "aws"
 NOTICE_WINDOW = 120.0

@@ -40,9 +40,9 @@ from spotguard.lb.retry import (
 )
 
 if TYPE_CHECKING:
+    from spotguard.clouds.identity import Identity
     from spotguard.config import AzureConfig
     from spotguard.metrics import Metrics
-    from spotguard.services import Identity
 
 PROVIDER = "azure"
 TOKEN_PATH = "/metadata/identity/oauth2/token"

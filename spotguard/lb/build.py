@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import httpx
 
 if TYPE_CHECKING:
+    from spotguard.clouds.identity import Identity
     from spotguard.config import Config
     from spotguard.lb.base import LoadBalancer
     from spotguard.metrics import Metrics
-    from spotguard.services import Identity
 
 
 def build_balancers(config: Config, http: httpx.AsyncClient, identity: Identity, *,

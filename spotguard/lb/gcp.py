@@ -26,9 +26,9 @@ from spotguard.errors import ConfigError, LoadBalancerError, MetadataError
 from spotguard.lb.retry import Deadline, Fix, TransientError, count, json_object, send, with_retries
 
 if TYPE_CHECKING:
+    from spotguard.clouds.identity import Identity
     from spotguard.config import GcpConfig
     from spotguard.metrics import Metrics
-    from spotguard.services import Identity
 
 PROVIDER = "gcp"
 TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import httpx
 
 from spotguard.config import Config
@@ -19,14 +16,10 @@ from spotguard.servers.process import ProcessTarget, Signaller, parse_signal
 from spotguard.servers.prom import metrics_url
 from spotguard.servers.triton import TritonAdapter, default_metrics_url
 
-if TYPE_CHECKING:
-    from spotguard.gate.journal import JournalAccess
-
 SIGNALLED = {"vllm": vllm.build, "sglang": sglang.build, "tgi": tgi.build}
 
 
-def build_engine(config: Config, http: httpx.AsyncClient, *, journal: JournalAccess | None = None,
-                 set_gate_draining: Callable[[], None] | None = None) -> EngineAdapter:
+def build_engine(config: Config, http: httpx.AsyncClient) -> EngineAdapter:
     """The adapter for ``[server] kind``; ConfigError naming the key when a setting it needs is missing."""
     server = config.server
     if server.timeout <= 0:
@@ -44,8 +37,7 @@ def build_engine(config: Config, http: httpx.AsyncClient, *, journal: JournalAcc
     if kind == "llamacpp":
         if not server.url:
             raise ConfigError("[server] url must be set for kind = llamacpp (llama-server's base URL)")
-        return LlamaCppAdapter(http=http, url=server.url, timeout=server.timeout, journal=journal,
-                               set_gate_draining=set_gate_draining)
+        return LlamaCppAdapter(http=http, url=server.url, timeout=server.timeout)
     target = ProcessTarget(unit=server.unit, pid_file=server.pid_file, pid=server.pid)
     signaller = Signaller(target=target, signal=parse_signal(server.stop_signal), timeout=server.timeout)
     if kind == "triton":

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from spotguard.errors import ResumeRefused, StoreError
-from spotguard.gate.cursor import ANSWER_ID, FINGERPRINT, holder_problem
+from spotguard.resume_names import ANSWER_ID, FINGERPRINT, holder_problem
 from spotguard.storage import crypto
 from spotguard.storage.format import RECORD_ENDPOINTS
 from spotguard.storage.names import SafeFile

@@ -29,7 +29,8 @@ import anyio
 import httpx
 
 from spotguard.errors import ConfigError, EngineError, SpotguardError, StoreError
-from spotguard.storage import crypto, llamacpp
+from spotguard.servers.llamacpp import SlotApi
+from spotguard.storage import crypto
 from spotguard.storage.format import RECORD_ENDPOINTS, BadRecord, ContinuationRecord, safe_segment
 from spotguard.storage.reader import Snapshot, open_snapshot
 from spotguard.storage.store import StoreOptions
@@ -195,7 +196,8 @@ async def _restore_slots(snapshot: Snapshot, http: httpx.AsyncClient, to_url: st
            else "")
     if why:  # "*": the reason holds for every record, also those whose slot file is not tied to them
         return placed, {**{_owner(e): why for e in kv}, "*": why}
-    props = await llamacpp.props(http, to_url, timeout=timeout)
+    api = SlotApi(http, to_url)
+    props = await api.props(timeout=timeout)
     for index, entry in enumerate(kv):
         owner = _owner(entry)
         if index >= props.total_slots:
@@ -208,7 +210,7 @@ async def _restore_slots(snapshot: Snapshot, http: httpx.AsyncClient, to_url: st
         try:
             # Streamed to disk and published only once its hash and every frame checked out.
             await snapshot.save(entry.name, Path(slot_dir), filename)
-            await llamacpp.restore(http, to_url, index, filename, timeout=timeout)
+            await api.restore(index, filename, timeout=timeout)
             placed[owner] = index
         except (SpotguardError, OSError) as exc:
             skipped[owner] = str(exc)

@@ -14,6 +14,7 @@ import boto3
 import httpx
 import pytest
 
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config, load
 from spotguard.preflight import (
     balancer_checks,
@@ -22,7 +23,6 @@ from spotguard.preflight import (
     peers_check,
     stop_timeout_check,
 )
-from spotguard.services import Identity
 
 REPO = Path(__file__).resolve().parents[2]
 GATED = {"gate": {"listen": "0.0.0.0:8080", "upstream": "http://127.0.0.1:8000"},

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from spotguard import logs
-from spotguard.agent.wiring import find_cloud
+from spotguard.clouds.registry import find_cloud
 from spotguard.config import load
 from spotguard.metrics import Metrics
 from tests.support.emulator import RunningEmulator

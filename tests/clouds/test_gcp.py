@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -32,26 +31,24 @@ async def test_preemption_arrives_through_the_hanging_get(emulator: RunningEmula
     preempted = watches(emulator, http, window=25)["gcp-preempted"]
     assert preempted.hanging is True
     got: list[Sequence[Notice]] = []
-    returned_at = 0.0
 
     async def wait() -> None:
-        nonlocal returned_at
         got.append(await preempted.poll())
-        returned_at = time.perf_counter()
 
-    with anyio.fail_after(10):
+    # The watch returns because the value changed, not at its 5 s hanging timeout; how fast is
+    # bench/detect.py's figure (target ~100 ms), not this test's.
+    with anyio.fail_after(10):  # hang guard
         assert await preempted.poll() == []  # last_etag=0: answers at once with FALSE and its ETag
         async with anyio.create_task_group() as tg:
             tg.start_soon(wait)
             while not [r for r in await emulator.control.requests(gcp.PREEMPTED_PATH)
                        if r["params"].get("last_etag", "0") != "0"]:
                 await anyio.sleep(0.01)  # until the hanging GET is parked on the server
-            changed_at = time.perf_counter()
+            assert got == []  # parked: no answer while nothing changes
             await emulator.control.raise_notice("gcp", "preempted")
     [[notice]] = got
     assert (notice.source, notice.kind, notice.action) == ("gcp", "preemption", "drain")
     assert notice.deadline == notice.detected_at + timedelta(seconds=25)
-    assert returned_at - changed_at < 0.5  # the benchmark's target is ~100 ms; loaded CI gets slack
     [first, hanging] = await emulator.control.requests(gcp.PREEMPTED_PATH)
     assert first["params"] == {"wait_for_change": "true", "last_etag": "0", "timeout_sec": "5"}
     assert hanging["headers"]["metadata-flavor"] == "Google"

@@ -14,6 +14,7 @@ import httpx
 import structlog
 
 from spotguard.asgi import Receive, Scope, Send, read_body, respond, serve_tcp
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.deadline import Deadline
 from spotguard.drain.step import DrainContext
@@ -21,7 +22,8 @@ from spotguard.errors import EngineError, LoadBalancerError
 from spotguard.gate.journal import JournalAccess
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow, window
-from spotguard.services import Identity, Services
+from spotguard.services import Services
+from spotguard.storage.snapshot import Inflight, SnapshotResult
 
 
 @dataclass
@@ -110,39 +112,76 @@ class FakeEngine:
 
 
 class FakeBalancer:
-    """A LoadBalancer as lb/base.py describes it; ``delay`` None = never answers (a hung API)."""
+    """A LoadBalancer as lb/base.py describes it, and no kinder than a real one: ``fail`` refuses every call
+    (a LoadBalancerError naming the permission, as the providers raise), ``hang`` never answers (an API that
+    accepts the connection and stalls), ``delay`` answers late. Dry runs answer at once, as the providers do."""
 
-    def __init__(self, name: str = "fake-lb", *, delay: float | None = 0.0, fail: bool = False) -> None:
+    def __init__(self, name: str = "fake-lb", *, delay: float = 0.0, hang: bool = False, fail: bool = False) -> None:
         self.name = name
         self.delay = delay
+        self.hang = hang
         self.fail = fail
         self.deregistered: list[tuple[float, float, bool]] = []
         self.heartbeats = 0
         self.completed: list[bool] = []
         self.registered: list[bool] = []
 
+    async def _answer(self, call: str) -> None:
+        if self.hang:
+            await anyio.sleep_forever()
+        await anyio.sleep(self.delay)
+        if self.fail:
+            raise LoadBalancerError(f"{call}: AccessDenied; grant elasticloadbalancing:{call}")
+
     async def deregister(self, *, budget: float, dry_run: bool) -> str:
         self.deregistered.append((anyio.current_time(), budget, dry_run))
         if dry_run:
             return "would deregister i-123 from tg-1"
-        if self.delay is None:
-            await anyio.sleep_forever()
-        else:
-            await anyio.sleep(self.delay)
-        if self.fail:
-            raise LoadBalancerError("DeregisterTargets: AccessDenied; grant elasticloadbalancing:DeregisterTargets")
+        await self._answer("DeregisterTargets")
         return "deregistered i-123 from tg-1"
 
     async def register(self, *, budget: float, dry_run: bool) -> str:
         self.registered.append(dry_run)
-        return "would register i-123 in tg-1" if dry_run else "registered i-123 in tg-1"
+        if dry_run:
+            return "would register i-123 in tg-1"
+        await self._answer("RegisterTargets")
+        return "registered i-123 in tg-1"
 
     async def heartbeat(self, *, dry_run: bool) -> None:
         self.heartbeats += 1
+        if not dry_run:
+            await self._answer("RecordLifecycleActionHeartbeat")
 
     async def complete(self, *, budget: float, dry_run: bool) -> str:
         self.completed.append(dry_run)
+        if not dry_run:
+            await self._answer("CompleteLifecycleAction")
         return "no lifecycle hook configured"
+
+
+class FakeSnapshotter:
+    """The snapshot store as the step sees it (``storage.snapshot.Snapshotter.save``): records each call with the
+    seconds it was given, stores every request handed to it; ``hang`` never returns (a stalled bucket);
+    ``refuse`` fails the test (a dry run must never save)."""
+
+    url = "s3://fake-bucket/spotguard"
+
+    def __init__(self, *, hang: bool = False, refuse: bool = False) -> None:
+        self.hang = hang
+        self.refuse = refuse
+        self.calls: list[tuple[Inflight, float]] = []
+        """(what was handed over, seconds until the drain deadline at the call)."""
+        self.started = anyio.Event()
+
+    async def save(self, inflight: Inflight, *, notice: Notice, deadline: float, **_: object) -> SnapshotResult:
+        if self.refuse:
+            raise AssertionError("this drain must not save a snapshot")
+        self.calls.append((inflight, (notice.deadline - utcnow()).total_seconds()))
+        self.started.set()
+        if self.hang:
+            await anyio.sleep_forever()
+        return SnapshotResult(where=f"{self.url}/i-0abc/{notice.event_id}/", requests=inflight.count, kv_slots=0,
+                              stored_request_ids=frozenset(r.id for r in inflight.requests), missing=0)
 
 
 def notice(*, seconds: float = 30.0, source: str = "aws", kind: str = "spot-interruption",

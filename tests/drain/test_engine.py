@@ -18,6 +18,7 @@ from spotguard.notice import utcnow
 from tests.drain.support import (
     FakeBalancer,
     FakeEngine,
+    FakeSnapshotter,
     Receiver,
     config,
     context,
@@ -40,15 +41,11 @@ async def test_full_drain_reaches_every_target() -> None:
     lb = FakeBalancer()
     refused: list[bool] = []
     acked: list[str] = []
-    saved: list[float] = []
+    snapshot = FakeSnapshotter()
 
     async def acknowledge(event_id: str) -> str:
         acked.append(event_id)
         return f"approved {event_id}"
-
-    async def snapshot(ctx: DrainContext) -> str:
-        saved.append(ctx.seconds_left())
-        return "saved 0 requests"
 
     persisted: list[str] = []
     async with receivers(Receiver()) as (hook,):
@@ -69,7 +66,7 @@ async def test_full_drain_reaches_every_target() -> None:
     assert refused == [True]  # the gate refuses new work from the readiness step on
     assert acked == ["C7061BAC"]
     assert lb.completed == [] and lb.heartbeats == 0  # an Azure event holds no ASG lifecycle action
-    assert len(saved) == 1
+    assert len(snapshot.calls) == 1
     assert "no requests in flight" in timeline.step("wait_inflight").detail
     # Start webhook at once, end webhook after the work, both Slack-compatible text.
     assert [d.body["text"].split(":")[0] for d in hook.deliveries] == ["spotguard", "spotguard"]
@@ -103,13 +100,10 @@ async def test_stop_accepting_and_deregister_run_concurrently() -> None:
 
 async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadline() -> None:
     engine = FakeEngine(inflight=1, finish_every=0.0)  # a request that never finishes
-    hung_lb = FakeBalancer("hung-lb", delay=None)
+    hung_lb = FakeBalancer("hung-lb", hang=True)
     ok_lb = FakeBalancer("ok-lb")
 
-    async def hanging_snapshot(ctx: DrainContext) -> str:
-        await anyio.sleep_forever()
-        return "unreachable"
-
+    hanging_snapshot = FakeSnapshotter(hang=True)
     cfg = config(deregister_budget=0.5, wait_inflight_budget=60, snapshot_budget=60)
     the_notice = notice(seconds=4, kind="asg-terminated")  # a notice that holds a lifecycle action
     svc = services(engine, hung_lb, ok_lb, snapshot=hanging_snapshot)
@@ -124,9 +118,12 @@ async def test_hanging_steps_time_out_and_the_drain_still_ends_before_the_deadli
     assert timeline.step("wait_inflight").outcome == "timed_out"
     assert "1 requests still in flight" in timeline.step("wait_inflight").detail
     assert timeline.step("snapshot").outcome == "timed_out"
-    # The steps after the hung ones still ran, inside the deadline.
-    assert timeline.step("acknowledge").outcome == "ok"
+    # The steps after the hung ones still ran, inside the deadline: the lifecycle action was completed on
+    # the balancer that answers, and the hung one (which hangs on every call) was cut at the step's budget.
+    assert timeline.step("acknowledge").outcome == "timed_out" and ok_lb.completed == [False]
+    assert "hung-lb: no answer" in timeline.step("acknowledge").detail
     assert timeline.step("notify_end").outcome == "skipped"
+    # Generous: the tail reserve ends the drain 2 s before this 4 s deadline.
     assert timeline.finished_at is not None and timeline.finished_at < the_notice.deadline
     assert timeline.result == "failed"
 
@@ -154,11 +151,7 @@ async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_sna
     request = JournalEntry(id="req-00000001", endpoint="/v1/completions", model="m", body=b"{}", stream=True)
     journal.add(request)
     engine = FakeEngine(inflight=0)
-    snap_left: list[float] = []
-
-    async def snapshot(ctx: DrainContext) -> str:
-        snap_left.append(ctx.seconds_left())
-        return "saved 1 request"
+    snapshot = FakeSnapshotter()
 
     cfg = config(wait_inflight_budget=60, snapshot_budget=3)
     async with httpx.AsyncClient() as http:
@@ -170,19 +163,14 @@ async def test_wait_inflight_follows_the_gate_journal_and_keeps_time_for_the_sna
     # 6 s left: wait_inflight keeps 2 s for the tail and half of the other 4 s for the snapshot, so it
     # gives up with well over the tail's 2 s still left for the snapshot, which then runs and succeeds.
     assert waited.duration >= 1.0
-    assert snap_left and snap_left[0] > 2.5
+    assert snapshot.calls and snapshot.calls[0][1] > 2.5
     assert timeline.step("snapshot").outcome == "ok"
 
     journal.discard(request.id)
 
 
 async def test_tighten_moves_running_scopes_to_the_earlier_deadline() -> None:
-    started = anyio.Event()
-
-    async def slow_snapshot(ctx: DrainContext) -> str:
-        started.set()
-        await anyio.sleep_forever()
-        return "unreachable"
+    slow_snapshot = FakeSnapshotter(hang=True)
 
     cfg = config(snapshot_budget=60)
     first = notice(seconds=60)
@@ -198,14 +186,15 @@ async def test_tighten_moves_running_scopes_to_the_earlier_deadline() -> None:
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run)
-                await started.wait()
+                await slow_snapshot.started.wait()
                 earlier = Deadline.for_notice(notice(seconds=2.0), cfg.drain.safety_margin)
                 assert drain.tighten(earlier) is True
                 assert drain.tighten(Deadline.for_notice(notice(seconds=30.0), 0.0)) is False  # never loosens
     timeline = result[0]
     assert timeline.deadline == earlier.drain
     snap = timeline.step("snapshot")
-    assert snap.outcome == "timed_out" and snap.duration is not None and snap.duration < 2.0
+    # Cut at the new deadline: with its 60 s budget it would have run into the test's fail_after(10).
+    assert snap.outcome == "timed_out"
     # The snapshot kept the tail's share of the new deadline, so acknowledge and notify_end ran.
     assert timeline.step("acknowledge").outcome == "skipped"
     assert timeline.finished_at is not None and timeline.finished_at <= earlier.drain
@@ -256,8 +245,7 @@ async def test_dry_run_does_nothing_and_says_what_it_would_do() -> None:
         acked.append(event_id)
         return "approved"
 
-    async def snapshot(ctx: DrainContext) -> str:
-        raise AssertionError("a dry run must not snapshot")
+    snapshot = FakeSnapshotter(refuse=True)
 
     async with receivers(Receiver()) as (hook,):
         cfg = config(urls=[hook.url])

@@ -122,9 +122,11 @@ async def test_rebalance_recommendation(emulator: RunningEmulator, client: httpx
     with anyio.fail_after(5):
         tok = await token(client)
         assert (await get(client, "/events/recommendations/rebalance", tok)).status_code == 404
+        before = datetime.now(UTC)
         event_id = await emulator.control.raise_notice("aws", "rebalance")
         notice = (await get(client, "/events/recommendations/rebalance", tok)).json()
-        assert abs((parse_aws_time(notice["noticeTime"]) - datetime.now(UTC)).total_seconds()) < 5
+        # Bracketed by the clock before and after, not a tolerance: the document's time has whole seconds.
+        assert before - timedelta(seconds=1) <= parse_aws_time(notice["noticeTime"]) <= datetime.now(UTC)
         await emulator.control.withdraw("aws", event_id)
         assert (await get(client, "/events/recommendations/rebalance", tok)).status_code == 404
 
@@ -134,9 +136,11 @@ async def test_scheduled_events(emulator: RunningEmulator, client: httpx.AsyncCl
     with anyio.fail_after(5):
         tok = await token(client)
         assert (await get(client, "/events/maintenance/scheduled", tok)).json() == []
+        before = datetime.now(UTC)
         event_id = await emulator.control.raise_notice(
             "aws", "scheduled", code="system-reboot", not_before_in_seconds=600, not_after_in_seconds=4200,
             description="scheduled reboot")
+        after = datetime.now(UTC)
         named = await emulator.control.raise_notice("aws", "scheduled", event_id="instance-event-0d59937288b749b32",
                                                     not_after_in_seconds=None)
         events = (await get(client, "/events/maintenance/scheduled", tok)).json()
@@ -146,7 +150,7 @@ async def test_scheduled_events(emulator: RunningEmulator, client: httpx.AsyncCl
         assert (first["Code"], first["State"], first["Description"]) == ("system-reboot", "active", "scheduled reboot")
         assert AWS_DATE.match(first["NotBefore"]) and AWS_DATE.match(first["NotAfter"])
         not_before = datetime.strptime(first["NotBefore"], "%d %b %Y %H:%M:%S GMT").replace(tzinfo=UTC)
-        assert 595 < (not_before - datetime.now(UTC)).total_seconds() <= 600
+        assert before + timedelta(seconds=599) <= not_before <= after + timedelta(seconds=600)  # whole seconds
         assert events[1]["NotAfter"] == "" and events[1]["Code"] == "system-maintenance"
         await emulator.control.change("aws", event_id, state="canceled")
         events = (await get(client, "/events/maintenance/scheduled", tok)).json()

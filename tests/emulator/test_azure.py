@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -41,7 +41,9 @@ async def test_header_and_api_version_required(client: httpx.AsyncClient) -> Non
 @pytest.mark.anyio
 async def test_event_fields_and_incarnation(emulator: RunningEmulator, client: httpx.AsyncClient) -> None:
     with anyio.fail_after(5):
+        before = datetime.now(UTC)
         event_id = await emulator.control.raise_notice("azure", "event", not_before_in_seconds=30)
+        after = datetime.now(UTC)
         body = await events(client)
         assert body["DocumentIncarnation"] == 2
         [event] = body["Events"]
@@ -52,8 +54,8 @@ async def test_event_fields_and_incarnation(emulator: RunningEmulator, client: h
             "Resources": ["spotguard-vm"], "EventSource": "Platform", "DurationInSeconds": -1}
         assert event["Description"]
         assert event["NotBefore"].endswith(" GMT") and event["NotBefore"][3:5] == ", "
-        seconds = (parsedate_to_datetime(event["NotBefore"]) - datetime.now(UTC)).total_seconds()
-        assert 25 < seconds <= 30
+        not_before = parsedate_to_datetime(event["NotBefore"])  # whole seconds
+        assert before + timedelta(seconds=29) <= not_before <= after + timedelta(seconds=30)
         await emulator.control.change("azure", event_id, status="Started")
         body = await events(client)
         assert body["DocumentIncarnation"] == 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -74,13 +73,21 @@ async def test_hanging_get_with_stale_etag_answers_at_once(client: httpx.AsyncCl
 
 
 @pytest.mark.anyio
-async def test_hanging_get_times_out_with_same_value(client: httpx.AsyncClient) -> None:
+async def test_hanging_get_times_out_with_same_value(emulator: RunningEmulator, client: httpx.AsyncClient) -> None:
     first = await client.get(V1 + "/instance/preempted", headers=FLAVOR)
-    with anyio.fail_after(4):
-        started = time.monotonic()
-        answer = await client.get(V1 + "/instance/preempted", headers=FLAVOR, params={
-            "wait_for_change": "true", "last_etag": first.headers["etag"], "timeout_sec": "1"})
-    assert 0.9 <= time.monotonic() - started
+    answers: list[httpx.Response] = []
+
+    async def hang() -> None:
+        answers.append(await client.get(V1 + "/instance/preempted", headers=FLAVOR, params={
+            "wait_for_change": "true", "last_etag": first.headers["etag"], "timeout_sec": "1"}))
+
+    with anyio.fail_after(4):  # hang guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hang)
+            while len(await emulator.control.requests(V1 + "/instance/preempted")) < 2:
+                await anyio.sleep(0.01)  # until the hanging GET has reached the server
+            assert answers == []  # it hangs: no answer while nothing changes
+    (answer,) = answers
     assert (answer.text, answer.headers["etag"]) == ("FALSE", first.headers["etag"])
     bad = await client.get(V1 + "/instance/preempted", headers=FLAVOR,
                            params={"wait_for_change": "true", "timeout_sec": "soon"})
@@ -92,26 +99,26 @@ async def test_hanging_get_times_out_with_same_value(client: httpx.AsyncClient) 
     ("preempted", "/instance/preempted", "TRUE"),
     ("maintenance", "/instance/maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE"),
 ])
-async def test_hanging_get_wakes_on_change_within_100ms(emulator: RunningEmulator, client: httpx.AsyncClient,
-                                                         kind: str, path: str, value: str) -> None:
+async def test_hanging_get_wakes_on_change(emulator: RunningEmulator, client: httpx.AsyncClient,
+                                           kind: str, path: str, value: str) -> None:
+    # Woken by the change, not by its 30 s timeout (fail_after(5) would end the test first): the answer
+    # carries the new value and ETag. How fast it wakes is bench/detect.py's figure.
     first = await client.get(V1 + path, headers=FLAVOR)
-    answers: list[tuple[httpx.Response, float]] = []
+    answers: list[httpx.Response] = []
 
     async def hang() -> None:
-        answer = await client.get(V1 + path, headers=FLAVOR, params={
-            "wait_for_change": "true", "last_etag": first.headers["etag"], "timeout_sec": "30"})
-        answers.append((answer, time.monotonic()))
+        answers.append(await client.get(V1 + path, headers=FLAVOR, params={
+            "wait_for_change": "true", "last_etag": first.headers["etag"], "timeout_sec": "30"}))
 
-    with anyio.fail_after(5):
+    with anyio.fail_after(5):  # hang guard
         async with anyio.create_task_group() as tg:
             tg.start_soon(hang)
             while len(await emulator.control.requests(V1 + path)) < 2:
                 await anyio.sleep(0.01)  # wait until the hanging GET has reached the server
-            changed_at = time.monotonic()
+            assert answers == []
             await emulator.control.raise_notice("gcp", kind)
-    answer, answered_at = answers[0]
+    (answer,) = answers
     assert answer.text == value and answer.headers["etag"] != first.headers["etag"]
-    assert answered_at - changed_at < 0.1
 
 
 @pytest.mark.anyio
@@ -154,7 +161,8 @@ async def test_shutdown_with_hanging_gets_open_is_prompt() -> None:
             except httpx.TransportError as exc:
                 outcomes.append(type(exc).__name__)
 
-    with anyio.fail_after(5):
+    # The GETs would hang for an hour: that all three end inside fail_after(5) is what stopping does.
+    with anyio.fail_after(5):  # hang guard
         async with anyio.create_task_group() as clients:
             async with anyio.create_task_group() as server:
                 bound: Bound = await server.start(run_emulator, "127.0.0.1", 0, app)
@@ -162,10 +170,8 @@ async def test_shutdown_with_hanging_gets_open_is_prompt() -> None:
                     clients.start_soon(hang, bound.url)
                 while len(app.log) < 3:
                     await anyio.sleep(0.01)  # until all three GETs hang on the server
-                stopping = time.monotonic()
                 server.cancel_scope.cancel()
         assert len(outcomes) == 3
-        assert time.monotonic() - stopping < 1.5
 
 
 @pytest.mark.anyio

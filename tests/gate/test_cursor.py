@@ -16,10 +16,10 @@ from spotguard.gate.cursor import (
     AnswerCursors,
     CursorKey,
     advertised_holder,
-    holder_problem,
     new_answer_id,
     request_fingerprint,
 )
+from spotguard.resume_names import holder_problem
 
 KEY = CursorKey.from_bytes(bytes(range(32)))
 OTHER_KEY = CursorKey.from_bytes(bytes(32))

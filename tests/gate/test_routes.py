@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spotguard.config import parse_allow
 from spotguard.errors import ConfigError
-from spotguard.gate.routes import DEFAULT_ROUTES, Routes, check, parse_allow
+from spotguard.gate.routes import DEFAULT_ROUTES, Routes, check
 
 
 @pytest.mark.parametrize(("method", "raw", "forwarded"), [

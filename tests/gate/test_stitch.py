@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spotguard.gate.continuation import NotContinuable, continuation_body
-from spotguard.gate.stitch import AnswerIdentity, StreamStitch, merge_answer
+from spotguard.gate.stitch import AnswerIdentity, StreamStitch
 
 LOCAL = AnswerIdentity(id="chatcmpl-local", model="tiny", created=111, object="chat.completion.chunk")
 
@@ -65,17 +65,6 @@ def test_a_peer_that_ends_without_done_still_gives_one() -> None:
     stitch = StreamStitch(LOCAL, chat=True, role_sent=False, delivered=0)
     out = events(stitch.feed(chunk(None, role=True) + chunk("hi")) + stitch.finish())
     assert out[-1] == "[DONE]" and out[0]["choices"][0]["delta"]["role"] == "assistant"  # type: ignore[index]
-
-
-def test_a_non_streaming_answer_is_the_output_so_far_plus_the_peers() -> None:
-    peer = {"id": "x", "object": "chat.completion", "created": 5, "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": " there"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}}
-    merged = json.loads(merge_answer(json.dumps(peer).encode(), identity=AnswerIdentity(id="mine", model="tiny"),
-                                     chat=True, output="Hello", delivered=1))
-    assert merged["id"] == "mine" and merged["model"] == "tiny"
-    assert merged["choices"][0]["message"]["content"] == "Hello there"
-    assert merged["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
 
 
 def test_continuation_bodies() -> None:

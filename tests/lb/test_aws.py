@@ -17,11 +17,11 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from spotguard.clouds.identity import Identity
 from spotguard.config import AwsConfig
 from spotguard.errors import ConfigError, LoadBalancerError
 from spotguard.lb.aws import AwsBalancer, AwsClients
 from spotguard.metrics import Metrics
-from spotguard.services import Identity
 
 REGION = "us-east-1"
 

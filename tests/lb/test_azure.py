@@ -9,11 +9,11 @@ import anyio
 import httpx
 import pytest
 
+from spotguard.clouds.identity import Identity
 from spotguard.config import AzureConfig
 from spotguard.errors import LoadBalancerError
 from spotguard.lb.azure import AzureBalancer
 from spotguard.metrics import Metrics
-from spotguard.services import Identity
 from tests.lb.fakes import FakeArm, pools_of, served
 from tests.support.emulator import RunningEmulator
 

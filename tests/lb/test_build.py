@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.errors import ConfigError
 from spotguard.lb.base import Checkable, LoadBalancer
 from spotguard.lb.build import build_balancers
-from spotguard.services import Identity
 
 PROTOCOL_METHODS = ("deregister", "register", "heartbeat", "complete")
 IDENTITY = Identity(cloud="aws", instance_id="i-0123456789abcdef0", region="us-east-1", zone="us-central1-a",

@@ -41,10 +41,9 @@ async def test_a_call_hanging_past_the_budget_is_cut_off() -> None:
     async def hang() -> None:
         await anyio.sleep(60)
 
-    started = anyio.current_time()
+    # Cut by its own 0.3 s budget (that error), not by the test's hang guard (a TimeoutError).
     with anyio.fail_after(5), pytest.raises(LoadBalancerError, match="not done within 0.3s"):
         await with_retries(hang, what="x", budget=0.3, provider="test", metrics=None)
-    assert anyio.current_time() - started < 1
 
 
 @pytest.mark.anyio
@@ -55,7 +54,7 @@ async def test_a_retry_after_beyond_the_budget_stops_at_once() -> None:
         calls.append(1)
         raise TransientError("HTTP 429", retry_after=30)
 
-    started = anyio.current_time()
-    with anyio.fail_after(5), pytest.raises(TransientError):
+    # The 429 itself comes back (no "not done within" from sleeping out the budget), after one call.
+    with anyio.fail_after(5), pytest.raises(TransientError, match="HTTP 429"):
         await with_retries(throttled, what="x", budget=2, provider="test", metrics=None)
-    assert calls == [1] and anyio.current_time() - started < 1
+    assert calls == [1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -61,11 +60,11 @@ async def test_hung_command_and_its_children_are_killed(tmp_path: Path) -> None:
     async with httpx.AsyncClient() as http:
         adapter = build_engine(server_config(kind="command", stop_command=[sys.executable, "-c", script],
                                              timeout=2), http)
-        started = time.monotonic()
+        # Killed at its 2 s timeout (the error says so), not left for the command's 120 s sleep;
+        # fail_after(15) only guards against a hang.
         with anyio.fail_after(15):
             with pytest.raises(EngineError, match=r"did not finish within 2.0s \(killed\)"):
                 await adapter.stop_accepting(dry_run=False)
-            assert time.monotonic() - started < 8
             # The whole process group went, not just the command itself.
             pid = int(child_pid.read_text())
             while process_state(pid) not in (None, "Z"):

@@ -10,8 +10,6 @@ import httpx
 import pytest
 
 from spotguard.errors import EngineError
-from spotguard.gate.journal import EntryJournal
-from spotguard.gate.protocol import JournalEntry
 from spotguard.servers import build_engine
 from tests.servers.helpers import server_config
 from tests.support.engines import StartEngine
@@ -20,22 +18,17 @@ from tests.support.llama import LlamaServer
 pytestmark = pytest.mark.anyio
 
 
-async def test_gate_draining_and_no_signal(start_engine: StartEngine) -> None:
+async def test_never_signalled_and_left_serving(start_engine: StartEngine) -> None:
     engine = await start_engine("llamacpp", "--slots", "4")
     await engine.set_inflight(3)
-    switched: list[bool] = []
     async with httpx.AsyncClient() as http:
-        adapter = build_engine(server_config(kind="llamacpp", url=engine.url, pid=engine.pid), http,
-                               set_gate_draining=lambda: switched.append(True))
+        adapter = build_engine(server_config(kind="llamacpp", url=engine.url, pid=engine.pid), http)
         with anyio.fail_after(10):
             assert adapter.name == "llamacpp"
             assert await adapter.inflight() == 3
-            assert "would switch the gate to draining" in await adapter.stop_accepting(dry_run=True)
-            assert switched == []
+            assert "would leave it serving" in await adapter.stop_accepting(dry_run=True)
             detail = await adapter.stop_accepting(dry_run=False)
-            assert detail == ("llama-server not signalled (SIGTERM would abort running requests); gate switched "
-                              "to draining (new requests get 503)")
-            assert switched == [True]
+            assert detail.startswith("llama-server not signalled (SIGTERM would abort running requests)")
             # The server was left alone: still running, no signal, its slots still busy and countable.
             state = await engine.state()
             assert state["signals"] == [] and not state["draining"]
@@ -44,31 +37,6 @@ async def test_gate_draining_and_no_signal(start_engine: StartEngine) -> None:
             # Nothing to restart on undrain: the server never stopped (the gate is reopened by undrain).
             assert "nothing to restart" in await adapter.resume_accepting(dry_run=False)
             assert (await engine.state())["signals"] == [] and engine.proc.poll() is None
-
-
-async def test_without_gate_says_so(start_engine: StartEngine) -> None:
-    engine = await start_engine("llamacpp")
-    async with httpx.AsyncClient() as http:
-        adapter = build_engine(server_config(kind="llamacpp", url=engine.url), http)
-        with anyio.fail_after(10):
-            assert "no gate in front of it" in await adapter.stop_accepting(dry_run=False)
-            assert (await engine.state())["signals"] == []
-
-
-async def test_journal_counts_requests_queued_outside_slots(start_engine: StartEngine) -> None:
-    engine = await start_engine("llamacpp", "--slots", "2")
-    await engine.set_inflight(2)
-    journal = EntryJournal()
-    for _ in range(5):
-        journal.add(JournalEntry(id=f"req-{len(journal) + 1:08d}", endpoint="/completion", model="tiny", body=b"{}",
-                                    stream=True))
-    async with httpx.AsyncClient() as http:
-        adapter = build_engine(server_config(kind="llamacpp", url=engine.url), http, journal=journal)
-        with anyio.fail_after(10):
-            assert await adapter.inflight() == 5
-            for request in list(journal)[:4]:
-                journal.discard(request.id)
-            assert await adapter.inflight() == 2
 
 
 @pytest.mark.parametrize(("body", "message"), [

@@ -14,15 +14,18 @@ import pytest
 import structlog
 
 from spotguard import asgi
+from spotguard.clouds.identity import Identity
 from spotguard.config import Config
 from spotguard.deadline import Deadline
+from spotguard.drain import snapshot as snapshot_step
 from spotguard.drain.step import DrainContext
 from spotguard.gate.journal import EntryJournal, JournalAccess
 from spotguard.gate.protocol import JournalEntry
 from spotguard.metrics import Metrics
 from spotguard.notice import Notice, utcnow
 from spotguard.servers.none import NoEngine
-from spotguard.services import Identity, Services
+from spotguard.services import Services
+from spotguard.storage.snapshot import Snapshotter, prepare
 
 
 def make_ctx(config: Config, http: httpx.AsyncClient, journal: JournalAccess | None, *, event_id: str = "evt-1",
@@ -34,6 +37,13 @@ def make_ctx(config: Config, http: httpx.AsyncClient, journal: JournalAccess | N
                         metrics=metrics or Metrics(), log=structlog.get_logger("test"), http=http,
                         services=Services(identity=Identity(cloud="test", instance_id="i-test"), engine=NoEngine(),
                                           journal=journal))
+
+
+async def take_snapshot(ctx: DrainContext, snapshotter: Snapshotter | None = None) -> str:
+    """The snapshot step's work, on ``snapshotter`` or on a store opened for this one call (no model digest)."""
+    if snapshotter is None:
+        snapshotter = await prepare(ctx.config.replace("snapshot", model_path=""))
+    return await snapshot_step.take_snapshot(ctx, snapshotter)
 
 
 def fill_journal(count: int, *, body_size: int = 600) -> EntryJournal:

@@ -15,8 +15,7 @@ import pytest
 from spotguard import asgi
 from spotguard.config import Config
 from spotguard.storage import crypto
-from spotguard.storage.snapshot import take_snapshot
-from tests.storage.conftest import fill_journal, make_ctx
+from tests.storage.conftest import fill_journal, make_ctx, take_snapshot
 from tests.storage.hostile import cli, encrypt_v1, entry, manifest, record, s3, write_config
 from tests.support.openai_upstream import FakeEngine
 

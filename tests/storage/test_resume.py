@@ -15,8 +15,7 @@ from spotguard.gate.journal import EntryJournal
 from spotguard.gate.protocol import JournalEntry
 from spotguard.storage.reader import open_snapshot
 from spotguard.storage.resume import _restore_slots, resume
-from spotguard.storage.snapshot import take_snapshot
-from tests.storage.conftest import make_ctx
+from tests.storage.conftest import make_ctx, take_snapshot
 from tests.storage.hostile import cli, entry, manifest, record, write_config
 from tests.support.openai_upstream import FakeEngine
 
