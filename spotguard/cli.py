@@ -104,6 +104,13 @@ def _control_result(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _private_files() -> None:
+    """Files, directories and sockets this process creates are its user's alone (state, logs, file://
+    snapshots hold prompts), whoever started it with whatever umask; modes set on purpose (the control
+    socket's [control] mode) are applied explicitly and are not affected."""
+    os.umask(0o077)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"spotguard {__version__}")
@@ -130,6 +137,8 @@ def run(config: ConfigOpt = None,
                                                   "(auto, aws, gcp, azure or none).")] = None) -> None:
     """Run the daemon."""
     from spotguard import logs
+
+    _private_files()
     from spotguard.agent.daemon import run_daemon
 
     overrides: dict[str, dict[str, Any]] = {}
@@ -163,6 +172,7 @@ def gate(config: ConfigOpt = None,
     """
     from spotguard import logs
 
+    _private_files()
     cfg = _load(config)
     if not cfg.gate.listen:
         # Not a failure: spotguard-gate.service is installed everywhere and stays inactive where the gate is off.

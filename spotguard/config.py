@@ -189,6 +189,28 @@ class GateConfig:
                                         "\"METHOD /path\". Everything else gets 403: admin endpoints (llama.cpp "
                                         "/slots, vLLM /pause, SGLang /flush_cache) let any client of the API erase "
                                         "other users' state or stop the engine. Open only what the clients need.")
+    head_timeout: float = _opt(60.0, "Seconds a client has to send a whole request head, and a new connection its "
+                                     "first request (nginx client_header_timeout): a slow or silent client is "
+                                     "closed (408 when it had begun a head).")
+    body_timeout: float = _opt(60.0, "Seconds a request body may stall between two reads (nginx "
+                                     "client_body_timeout): then 408 and the connection closes. Time the gate "
+                                     "itself holds reading (the engine reads slowly) does not count.")
+    keepalive_timeout: float = _opt(75.0, "Seconds an idle kept-alive client connection stays open "
+                                          "(nginx keepalive_timeout).")
+    max_connections: int = _opt(1024, "Client connections held at once (nginx worker_connections); past it the "
+                                      "oldest idle one is closed, or the new one gets 503 when none is idle. "
+                                      "Lowered at start to fit the file descriptor limit (half of it).")
+    max_headers: int = _opt(100, "Headers one request may have (Apache LimitRequestFields); more: 431.")
+    max_head: int = _opt(32768, "Bytes a request line and headers may take, however they arrive (nginx "
+                                "large_client_header_buffers 4 8k); more: 431 (414 for the line alone).")
+    read_ahead: int = _opt(65536, "Bytes of pipelined requests read while an earlier one on the same connection "
+                                  "is served; then reading pauses until their turn.")
+    max_body: int = _opt(64 << 20, "Largest request body the gate holds in memory (journaled chat/completions, "
+                                   "requests handed to peers); bigger: 413. nginx's 1 MiB client_max_body_size "
+                                   "is too small for LLM APIs: OpenAI's API takes up to 50 MB of image bytes per "
+                                   "request, 66.7 MB as base64 inline (64 MiB is 67.1 MB).")
+    body_memory: int = _opt(256 << 20, "Bytes of request bodies all clients together may have held in memory; "
+                                       "past it new bodies get 503 with Retry-After. At least max_body.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -333,6 +355,9 @@ def _validate(config: Config) -> None:
         from spotguard.gate.routes import parse_allow
 
         parse_allow(config.gate.allow_paths)
+    from spotguard.gate.limits import ClientLimits
+
+    ClientLimits.from_config(config.gate)
     for section, key in (("http", "listen"), ("gate", "listen")):
         value = getattr(getattr(config, section), key)
         if value:

@@ -5,7 +5,8 @@ user, which is the daemon's): one request object per line, one answer per line, 
 connection. Every answer has ``"ok"``; a refused request has ``"error"`` instead of its fields.
 
     {"op": "hello"}                   -> pid, version, listen, upstream, started_at, draining, inflight
-    {"op": "stats"}                   -> draining, inflight, requests [[endpoint, result, count], ...]
+    {"op": "stats"}                   -> draining, inflight, requests [[endpoint, result, count], ...],
+                                         limits [[limit, count], ...]
     {"op": "draining", "on": bool, "deadline": t|null} -> draining  (t: Unix time the VM goes away)
     {"op": "journal"}                 -> requests [entry, ...]   (in flight, output so far)
     {"op": "interrupt", "seconds": s} -> requests [entry, ...]   (cut, settled within timeout)
@@ -94,6 +95,8 @@ class ControlledGate(Protocol):
 
     def request_counts(self) -> list[tuple[str, str, int]]: ...
 
+    def limit_counts(self) -> list[tuple[str, int]]: ...
+
 
 class GateControl:
     """Answers the daemon's requests for one gate process."""
@@ -114,7 +117,8 @@ class GateControl:
             return {**self._hello, "draining": gate.draining, "inflight": len(journal)}
         if op == "stats":
             return {"draining": gate.draining, "inflight": len(journal),
-                    "requests": [list(row) for row in gate.request_counts()], **gate.migration_stats()}
+                    "requests": [list(row) for row in gate.request_counts()],
+                    "limits": [list(row) for row in gate.limit_counts()], **gate.migration_stats()}
         if op == "draining":
             on = request.get("on")
             if not isinstance(on, bool):

@@ -83,36 +83,37 @@ class Exchange:
         """The journal entry of a migrated request (kept for the snapshot step)."""
         client.on_lost = self._client_lost
         client.on_pause = self._client_paused
+        request.on_refused = self.refused
         gate.track(self)
 
     # -- the request -----------------------------------------------------------------------------
 
     def read_body(self) -> None:
-        """Journaled: the body is needed whole before anything is sent."""
+        """Journaled: the body is needed whole before anything is sent (the connection holds it in
+        ``request.body``, within ``[gate] max_body`` and ``body_memory``: see ``refused``)."""
         request = self.request
-        if request.length is not None and request.length > self.gate._max_body:
-            self._too_large()
-        elif request.body_done:
+        if request.body_done:
             self._journal()
         else:
-            request.sink = self._more_body
             request.on_done = self._journal
 
-    def _more_body(self, chunk: bytes) -> None:
-        request = self.request
-        request.body.append(chunk)
-        if request.body_size > self.gate._max_body and not self.ended:
-            request.sink = drop
-            request.on_done = None
-            self._too_large()
-
-    def _too_large(self) -> None:
+    def refused(self, status: int, message: str, limit: str) -> None:
+        """A client-side limit stopped this request's body (http1): answer it if nothing was sent yet."""
+        if self.ended:
+            return
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
         gate = self.gate
-        gate.count(self.endpoint, "too_large")
+        gate.count(self.endpoint, limit)
         self.counted = True
         self._end()
-        gate.answer(self.client, self.request, 413, f"request body larger than {gate._max_body} bytes",
-                    "invalid_request")
+        if self.started:
+            self.client.abort()
+        else:
+            gate.answer(self.client, self.request, status, message,
+                        "unavailable" if status == 503 else "invalid_request", retry_after=status == 503,
+                        dropped=b"")
 
     def _journal(self) -> None:
         request = self.request
@@ -171,10 +172,10 @@ class Exchange:
         target = self.target
         extra = (gate.forwarded_header,) if self.peer_order is not None else ()
         if self.body is not None:
-            connection.write(target.head(request, len(self.body), False, extra) + self.body)
+            connection.finish_request(target.head(request, len(self.body), False, extra) + self.body)
             return
         if not request.has_body:
-            connection.write(target.head(request, None, False, extra))
+            connection.finish_request(target.head(request, None, False, extra))
             return
         chunked = request.length is None
         pending = b"".join(request.body)
@@ -183,12 +184,15 @@ class Exchange:
             head = target.head(request, None, True)
             connection.write(head + (b"%x\r\n%s\r\n" % (len(pending), pending) if pending else b""))
             request.sink = lambda chunk: connection.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            request.on_done = lambda: connection.write(LAST_CHUNK)
+            request.on_done = lambda: connection.finish_request(LAST_CHUNK)
             if request.body_done:
-                connection.write(LAST_CHUNK)
+                connection.finish_request(LAST_CHUNK)
         else:
             connection.write(target.head(request, request.length, False) + pending)
             request.sink = connection.write
+            request.on_done = connection.finish_request
+            if request.body_done:
+                connection.finish_request()
 
     def _client_paused(self, paused: bool) -> None:
         if self.upstream is not None:
@@ -390,7 +394,6 @@ class Exchange:
         if not request.has_body or request.body_done:
             self._take_body_then_peer()
         else:
-            request.sink = self._more_body
             request.on_done = self._take_body_then_peer
 
     def _take_body_then_peer(self) -> None:
@@ -515,7 +518,7 @@ class Exchange:
         request = self.request
         if request.sink is not drop:
             request.sink = drop
-        request.on_done = None
+        request.on_done = request.on_refused = None
         entry, parser = self.entry, self.parser
         if parser is not None:
             parser.flush()  # the output is final now: whatever was relayed is in the entry

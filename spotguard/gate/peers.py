@@ -16,19 +16,27 @@ import time
 from collections.abc import Iterator
 
 from spotguard.gate.targets import Target
+from spotguard.netloc import cleartext
 
 FORWARDED_HEADER = b"spotguard-forwarded"
 DROPPED_REASON_HEADER = b"spotguard-dropped-reason"
 COOLDOWN = 5.0
 """Seconds a peer that failed is passed over (it is still tried when every peer is cooling down)."""
 SKIP_STATUSES = frozenset({429, 503})
+WITHHELD_FROM_PEERS = frozenset({b"cookie"})
+
+
+def cleartext_peers(urls: tuple[str, ...] | list[str]) -> list[str]:
+    """The peers reached over plain http on another machine: requests and their credentials go in clear."""
+    return [url for url in urls if cleartext(url)]
 
 
 class Peers:
     """The configured peers, a rotating starting point, and who failed recently."""
 
     def __init__(self, urls: tuple[str, ...] | list[str], *, connect_timeout: float = 2.0) -> None:
-        self.peers = [Target(url, connect_timeout=connect_timeout, what="[gate] peers") for url in urls]
+        self.peers = [Target(url, connect_timeout=connect_timeout, what="[gate] peers", withheld=WITHHELD_FROM_PEERS)
+                      for url in urls]
         self._start = itertools.count()
         self._failed_at: dict[str, float] = {}
 

@@ -38,6 +38,7 @@ from spotguard.errors import ConfigError, GateError
 from spotguard.gate.exchange import Exchange, drop
 from spotguard.gate.http1 import ClientConnection, Request, status_line
 from spotguard.gate.journal import InflightRequest, Journal
+from spotguard.gate.limits import ClientConnections, ClientLimits, fd_limit
 from spotguard.gate.peers import DROPPED_REASON_HEADER, FORWARDED_HEADER, Peers
 from spotguard.gate.routes import Routes
 from spotguard.gate.targets import Target
@@ -45,9 +46,6 @@ from spotguard.metrics import Metrics
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 """Paths whose POSTs are journaled, and their label in metrics."""
-
-MAX_BODY = 64 << 20
-"""Largest journaled request body (long contexts, inline images); bigger ones get 413."""
 
 PEER_CONNECT_TIMEOUT = 2.0
 """Seconds to connect to a peer before trying the next: a dead peer must not eat the window."""
@@ -67,7 +65,7 @@ class Gate:
     """The data plane: serve it with ``run_gate``; ``aclose()`` it when done."""
 
     def __init__(self, *, upstream: str, journal: Journal, metrics: Metrics, retry_after: int = 5,
-                 read_timeout: float = 600.0, connect_timeout: float = 5.0, max_body: int = MAX_BODY,
+                 read_timeout: float = 600.0, connect_timeout: float = 5.0, limits: ClientLimits | None = None,
                  log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = (),
                  peers: tuple[str, ...] = (), instance_id: str = "", engine_kind: str = "openai") -> None:
         self._routes = Routes(allow_paths)
@@ -87,7 +85,6 @@ class Gate:
         self._retry_after = str(retry_after).encode()
         self._read_timeout = read_timeout
         self._connect_timeout = connect_timeout
-        self._max_body = max_body
         self._log = log if log is not None else structlog.stdlib.get_logger("spotguard.gate")
         self._draining = False
         self._past_deadline = False
@@ -95,7 +92,8 @@ class Gate:
         self._counters: dict[tuple[str, str], Counter] = {}
         self._counts: dict[tuple[str, str], int] = {}
         self.exchanges: set[Exchange] = set()
-        self.connections: set[ClientConnection] = set()
+        self.connections = ClientConnections(limits or ClientLimits(), counter=metrics.gate_limits)
+        """Client connections, and the client-side limits they are held to (limits.py)."""
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._unsubscribe = journal.subscribe(self._on_interrupt)
@@ -108,7 +106,7 @@ class Gate:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         return cls(upstream=config.upstream, journal=journal, metrics=metrics, retry_after=config.retry_after,
                    log=log, allow_paths=config.allow_paths, peers=config.peers, instance_id=instance_id,
-                   engine_kind=engine_kind)
+                   engine_kind=engine_kind, limits=ClientLimits.from_config(config).fitted(fd_limit()))
 
     @property
     def draining(self) -> bool:
@@ -127,6 +125,10 @@ class Gate:
         """Requests answered since start, by (endpoint, result): what the daemon mirrors in its metrics."""
         return [(endpoint, result, n) for (endpoint, result), n in self._counts.items()]
 
+    def limit_counts(self) -> list[tuple[str, int]]:
+        """Times each client-side limit acted since start, by its ``[gate]`` key (mirrored by the daemon)."""
+        return self.connections.counts()
+
     def stop_listening(self) -> None:
         for server in self._servers:
             server.close()
@@ -138,8 +140,7 @@ class Gate:
         for exchange in list(self.exchanges):
             exchange.client.abort()
             exchange.cut("shutdown")
-        for connection in list(self.connections):
-            connection.abort()
+        self.connections.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -202,14 +203,15 @@ class Gate:
                          b"connection: close\r\n\r\n%s" % (len(body), body))
 
     def answer(self, connection: ClientConnection, request: Request, status: int, message: str, kind: str, *,
-               retry_after: bool = False) -> None:
-        """A whole JSON error answer from the gate itself."""
+               retry_after: bool = False, dropped: bytes = b"draining") -> None:
+        """A whole JSON error answer from the gate itself (``dropped``: the Spotguard-Dropped-Reason sent with
+        Retry-After, if any)."""
         body = _error_body(message, kind, status)
         close = not request.keep_alive or not request.body_done
         connection.write(b"".join((
             status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-            b"retry-after: " + self._retry_after + b"\r\n" + DROPPED_REASON_HEADER + b": draining\r\n"
-            if retry_after else b"",
+            b"retry-after: " + self._retry_after + b"\r\n" if retry_after else b"",
+            DROPPED_REASON_HEADER + b": " + dropped + b"\r\n" if retry_after and dropped else b"",
             b"connection: close\r\n" if close else b"", b"\r\n", body)))
         connection.finish(request, close=close)
 

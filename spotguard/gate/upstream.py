@@ -4,6 +4,8 @@ The most recently used idle connection is taken first (its TCP state and the eng
 warm). Idle ones are dropped after ``keepalive`` seconds, before the engine's own keep-alive timeout
 (5 s in llama.cpp and uvicorn), so a connection is not closed under a request we are sending on it;
 when that still happens the exchange retries once on a new connection (``UpstreamConnection.reused``).
+A connection whose request was not written whole, or whose answer was not read whole, is never kept
+(``UpstreamConnection.reusable``): nginx does not keep engine connections alive at all by default.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class UpstreamPool:
         return connection
 
     def give_back(self, connection: UpstreamConnection, now: float) -> None:
-        if connection.closed or not connection.keep_alive or connection.sink is not None:
+        """Keep ``connection`` for the next request, if nothing of the last one is left on it; else close it."""
+        if not connection.reusable:
             connection.abort()
             return
         connection.idle_since = now
