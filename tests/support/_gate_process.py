@@ -58,13 +58,14 @@ class GateProcess:
 
 @contextmanager
 def gate_process(tmp: Path, upstream: str, gate: str = "", *, env: dict[str, str] | None = None,
-                 preexec_fn: Callable[[], None] | None = None, name: str = "gate") -> Iterator[GateProcess]:
+                 preexec_fn: Callable[[], None] | None = None, name: str = "gate",
+                 control: str = "") -> Iterator[GateProcess]:
     """Start ``spotguard gate`` in front of ``upstream``; ``gate`` is more ``[gate]`` TOML (limits, peers)."""
     port = free_port()
     base = tmp / name
     base.mkdir(parents=True, exist_ok=True)
     config = base / "spotguard.toml"
-    control = str(base / "gate.sock")
+    control = control or str(base / "gate.sock")
     config.write_text(f"""
 [agent]
 cloud = "none"
