@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from spotguard.gate.continuation import NotContinuable, continuation_body
-from spotguard.gate.http1 import HOP_BY_HOP, ClientConnection, Request, UpstreamConnection, status_line
+from spotguard.gate.http1 import HOP_BY_HOP, ClientConnection, status_line
 from spotguard.gate.journal import InflightRequest
 from spotguard.gate.output import OutputParser, request_meta
 from spotguard.gate.peers import SKIP_STATUSES
+from spotguard.gate.request import Request
 from spotguard.gate.stitch import AnswerIdentity, StreamStitch
 from spotguard.gate.targets import Target
+from spotguard.gate.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from spotguard.gate.proxy import Gate

@@ -1,4 +1,4 @@
-"""HTTP/1.1 on both sides of the gate: asyncio protocols over httptools (llhttp, Node's parser).
+"""HTTP/1.1 on the clients' side of the gate: an asyncio protocol over httptools (llhttp, Node's parser).
 
 The parsing is httptools'; what is here is the plumbing around it, kept to a few attribute writes per
 callback because it runs for every request and every chunk:
@@ -10,12 +10,10 @@ callback because it runs for every request and every chunk:
   answers back in order (pipelined requests wait their turn, and reading pauses once ``read_ahead``
   bytes of them are in). It holds the client's side of the limits in ``limits.py``: the timeouts (checked
   by the sweep, ``check_timeouts``), and the bodies held in memory (``max_body``, ``body_memory``).
-- ``UpstreamConnection``: one connection to the engine, reused while the engine keeps it alive. Sends a
-  request head + body, parses the answer (interim 1xx answers skipped) and reports it to its current
-  ``ResponseSink``. It is only reused when the whole request went out and the whole answer came in.
 
 Flow control is passed through: a client that reads slowly pauses reading from the engine, an engine
-that reads a large body slowly pauses reading from the client.
+that reads a large body slowly pauses reading from the client. The engine's side (``UpstreamConnection``)
+is in upstream.py, the request itself in request.py.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from typing import Protocol, cast
 import httptools
 
 from spotguard.gate.limits import ClientConnections
+from spotguard.gate.request import Request
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -40,8 +39,6 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 << 20
 """How long, and how much, a closing connection still reads and drops (see ``ClientConnection.close``)."""
 VERSIONS = frozenset({"1.1", "1.0"})
-NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
-"""A body here is refused: an engine that ignores it leaves the bytes to be read as a second, hidden request."""
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -64,75 +61,6 @@ def _discard(_: bytes) -> None:
 
 class _Stop(Exception):
     """Raised from a parser callback to stop parsing a connection that has been refused or is closing."""
-
-
-class Request:
-    """One client request: its head, and its body as it arrives (to ``sink`` once someone takes it)."""
-
-    __slots__ = ("method", "target", "path", "headers", "keep_alive", "http10", "chunked", "length",
-                 "body", "body_done", "body_size", "sink", "on_done", "on_refused", "responded",
-                 "expect_continue", "invalid", "buffered", "ahead", "charged")
-
-    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool,
-                 http10: bool) -> None:
-        self.method = method
-        self.target = target
-        path = target.split(b"?", 1)[0]
-        self.path = path.decode("latin-1")
-        self.headers = headers
-        self.keep_alive = keep_alive
-        self.http10 = http10
-        self.chunked = False
-        self.length: int | None = None
-        self.expect_continue = False
-        hosts = 0
-        coding = b""
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                self.length = int(value) if value.strip().isdigit() else None
-            elif lowered == b"transfer-encoding":
-                coding = value.strip().lower()
-                self.chunked = coding == b"chunked"
-            elif lowered == b"host":
-                hosts += 1
-            elif lowered == b"expect":
-                self.expect_continue = value.strip().lower() == b"100-continue"
-        self.invalid: tuple[int, str] | None = None
-        """Why the HTTP layer refuses it (status, message), if it does."""
-        if hosts > 1 or (hosts == 0 and not http10):
-            self.invalid = (400, "a request needs exactly one Host header" if hosts else
-                            "no Host header (HTTP/1.1 requires one)")
-        elif coding and not self.chunked:
-            self.invalid = (501, f"Transfer-Encoding {coding.decode('latin-1')!r} is not supported (only chunked)")
-        elif method in NO_BODY_METHODS and self.has_body:
-            self.invalid = (400, f"a {method.decode()} request cannot have a body")
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.body_done = False
-        self.buffered = 0
-        """Bytes put in ``body`` by the connection (no sink yet)."""
-        self.ahead = 0
-        """Of those, bytes that came while an earlier request was served (counted against ``read_ahead``)."""
-        self.charged = 0
-        """Bytes held against the process-wide ``body_memory`` budget (given back when the answer is done)."""
-        self.sink: Callable[[bytes], None] | None = None
-        """Takes body chunks as they arrive; until set, they pile up in ``body`` (held, within the limits)."""
-        self.on_done: Callable[[], None] | None = None
-        """Called once the whole body is in. Set without a sink: the body is wanted whole in ``body``."""
-        self.on_refused: Callable[[int, str, str], None] | None = None
-        """Called when a limit stops the body (status, message, the limit's key): whoever serves the request
-        answers it (if nothing was sent yet) and ends; the connection closes after."""
-        self.responded = False
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.length)
-
-    @property
-    def collecting(self) -> bool:
-        """The body is wanted whole in memory (not streamed on)."""
-        return self.sink is None and self.on_done is not None
 
 
 class RequestHandler(Protocol):
@@ -497,164 +425,3 @@ class ClientConnection(asyncio.Protocol):
             return
         self._handler.bad_request(self, status, message)
         self.close()
-
-
-class ResponseSink(Protocol):
-    """What an upstream connection reports to the exchange using it."""
-
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], upstream: UpstreamConnection) -> None: ...
-
-    def on_response_body(self, body: bytes) -> None: ...
-
-    def on_response_done(self) -> None: ...
-
-    def on_upstream_lost(self, error: str) -> None: ...
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One connection to the engine; serves one exchange at a time.
-
-    It may only carry the next request once this one is over on both sides (``reusable``): the whole
-    request written (``finish_request``) and the whole answer read. An engine that answers before it read
-    the body (uvicorn, vLLM with ``--api-key`` answering 401) would otherwise read the next request on
-    this connection as the rest of that body, and its client would wait for an answer that never comes.
-    """
-
-    def __init__(self, on_idle_lost: Callable[[UpstreamConnection], None]) -> None:
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._on_idle_lost = on_idle_lost
-        self._interim = False
-        self.transport: asyncio.Transport | None = None
-        self.sink: ResponseSink | None = None
-        self.closed = False
-        self.reused = False
-        self.received = False
-        """Any byte of the current answer arrived (a reused connection that fails before that may be retried)."""
-        self.request_sent = True
-        self.response_done = True
-        self.idle_since = 0.0
-        self.last_read = 0.0
-        self.keep_alive = True
-        self.head_only = False
-        self.until_close = False
-        self.on_pause: Callable[[bool], None] | None = None
-
-    @property
-    def reusable(self) -> bool:
-        """Nothing of the last exchange is left on the wire, and the engine keeps the connection open."""
-        return (not self.closed and self.keep_alive and self.sink is None and self.request_sent
-                and self.response_done)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def begin(self, sink: ResponseSink, head_only: bool, now: float) -> None:
-        self.sink = sink
-        self.head_only = head_only
-        self.received = False
-        self.until_close = False
-        self.keep_alive = True
-        self.request_sent = self.response_done = self._interim = False
-        self.last_read = now
-
-    def data_received(self, data: bytes) -> None:
-        self.received = True
-        self.last_read = asyncio.get_running_loop().time()
-        if self.sink is None:
-            self.abort()  # the engine spoke out of turn: this connection cannot be trusted for reuse
-            return
-        try:
-            self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            self._lost(f"malformed answer from the engine: {exc}")
-            self.abort()
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        status = parser.get_status_code()
-        if status < 200:
-            if status == 101:
-                self._lost("the engine switched protocols (101): the gate does not proxy upgrades")
-                self.abort()
-                return
-            self._interim = True  # 100 Continue, 103 Early Hints: the answer is still to come
-            return
-        self.keep_alive = parser.should_keep_alive()
-        framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers)
-        self.until_close = not framed and status not in (204, 304) and not self.head_only
-        sink = self.sink
-        if sink is not None:
-            sink.on_response_head(status, self._headers, self)
-        if self.head_only and self.sink is not None:
-            # llhttp cannot be told the answer is to a HEAD; end it here and do not reuse the connection.
-            self.keep_alive = False
-            self._done()
-
-    def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.sink.on_response_body(body)
-
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-        elif not self.head_only:
-            self._done()
-
-    def _done(self) -> None:
-        sink, self.sink = self.sink, None
-        self.on_pause = None
-        self.response_done = True
-        if sink is not None:
-            sink.on_response_done()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.sink is None:
-            self._on_idle_lost(self)
-        elif self.until_close:
-            self._done()  # an answer without framing ends when the engine closes
-        else:
-            self._lost(f"the engine closed the connection{f' ({type(exc).__name__})' if exc else ''}")
-
-    def _lost(self, error: str) -> None:
-        sink, self.sink = self.sink, None
-        if sink is not None:
-            sink.on_upstream_lost(error)
-
-    def pause_writing(self) -> None:
-        if self.on_pause is not None:
-            self.on_pause(True)
-
-    def resume_writing(self) -> None:
-        if self.on_pause is not None:
-            self.on_pause(False)
-
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            assert self.transport is not None
-            self.transport.write(data)
-
-    def finish_request(self, data: bytes = b"") -> None:
-        """Write the last bytes of the request (the whole of it, or the end of its body)."""
-        self.write(data)
-        self.request_sent = True
-
-    def pause_reading(self, paused: bool) -> None:
-        if self.transport is not None and not self.closed:
-            if paused:
-                self.transport.pause_reading()
-            else:
-                self.transport.resume_reading()
-
-    def abort(self) -> None:
-        """Close at once: mid-answer this is how the engine learns to stop (and free its slot)."""
-        self.sink = None
-        if self.transport is not None and not self.closed:
-            self.transport.abort()

@@ -36,10 +36,11 @@ from spotguard.asgi import Bound
 from spotguard.config import GateConfig, parse_listen
 from spotguard.errors import ConfigError, GateError
 from spotguard.gate.exchange import Exchange, drop
-from spotguard.gate.http1 import ClientConnection, Request, status_line
+from spotguard.gate.http1 import ClientConnection, status_line
 from spotguard.gate.journal import InflightRequest, Journal
 from spotguard.gate.limits import ClientConnections, ClientLimits, fd_limit
 from spotguard.gate.peers import DROPPED_REASON_HEADER, FORWARDED_HEADER, Peers
+from spotguard.gate.request import Request
 from spotguard.gate.routes import Routes
 from spotguard.gate.targets import Target
 from spotguard.metrics import Metrics
