@@ -419,8 +419,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail(self, status: int, message: str, limit: str = "invalid_http") -> None:
         """Refuse what was read of the next request (counted under ``limit``) and close."""
+        queue = self._queue
+        if len(queue) == 1 and self._in_body:  # the body of the request being served: its server answers
+            self._refuse(queue[0], status, message, limit)
+            return
         self._connections.count(limit)
-        if self._queue:  # an answer is owed on this connection: a refusal cannot go in the middle of it
+        if queue:  # an answer is owed on this connection: a refusal cannot go in the middle of it
             self.abort()
             return
         self._handler.bad_request(self, status, message)

@@ -28,20 +28,21 @@ START_TIMEOUT = 30.0
 class GateProcess:
     url: str
     port: int
+    pid: int
+    """The gate process's (``proc`` is the process the test started: the gate, or a daemon that started it)."""
     proc: subprocess.Popen[bytes]
     log: Path
     control: str
     """The gate's control socket (stats, draining, interrupt)."""
-    state: Path
 
     def rss_kib(self, field: str = "VmHWM") -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-        raise AssertionError(f"no {field} for pid {self.proc.pid}")
+        raise AssertionError(f"no {field} for pid {self.pid}")
 
     def reset_peak(self) -> None:
-        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")  # VmHWM := current RSS
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # VmHWM := current RSS
 
     async def stats(self) -> dict[str, Any]:
         return await call(self.control, "stats", timeout=5)
@@ -84,18 +85,23 @@ control_socket = "{control}"
         proc = subprocess.Popen([SPOTGUARD, "gate", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, preexec_fn=preexec_fn)  # noqa: PLW1509 - rlimits/umask of the child only
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the gate did not start:\n{log.read_text(errors='replace')[-3000:]}") from None
-                time.sleep(0.05)  # bounded by the deadline above: process start-up, not a test wait
-        yield GateProcess(f"http://127.0.0.1:{port}", port, proc, log, control, base / "state")
+        wait_listening(port, proc, log)
+        yield GateProcess(f"http://127.0.0.1:{port}", port, proc.pid, proc, log, control)
     finally:
         stop(proc)
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until something accepts on ``port``; RuntimeError (with the log) when ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gate did not start:\n{log.read_text(errors='replace')[-3000:]}") from None
+            time.sleep(0.05)  # bounded by the deadline above: process start-up, not a test wait
 
 
 def status_of(answer: bytes) -> int | None:
