@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -29,9 +30,15 @@ SPOTGUARD = str(Path(sys.executable).with_name("spotguard"))
 CHAT = "/v1/chat/completions"
 
 
+@dataclass(frozen=True)
+class DaemonGate(GateProcess):
+    daemon_url: str
+    """The daemon that started the gate: its /metrics mirror the gate's counts."""
+
+
 @pytest.fixture
-async def gate_process(fake_engine: FakeEngine, tmp_path: Path) -> AsyncIterator[GateProcess]:
-    port = free_port()
+async def gate_process(fake_engine: FakeEngine, tmp_path: Path) -> AsyncIterator[DaemonGate]:
+    port, http_port = free_port(), free_port()
     config = tmp_path / "spotguard.toml"
     config.write_text(f"""
 [agent]
@@ -39,7 +46,7 @@ cloud = "none"
 state_dir = "{tmp_path}/state"
 log_format = "json"
 [http]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{http_port}"
 [control]
 socket = "{tmp_path}/control.sock"
 [shutdown]
@@ -56,7 +63,7 @@ upstream = "{fake_engine.url}"
         # The memory measured is the gate's: a process of its own, started by the daemon.
         control = str(tmp_path / "gate.sock")
         pid = int((await call(control, "hello", timeout=5))["pid"])
-        yield GateProcess(f"http://127.0.0.1:{port}", port, pid, proc, log, control)
+        yield DaemonGate(f"http://127.0.0.1:{port}", port, pid, proc, log, control, f"http://127.0.0.1:{http_port}")
     finally:
         stop(proc)
         STARTED_CONFIGS.append(config)  # its gate outlives it by design: the autouse fixture stops it
@@ -70,7 +77,7 @@ async def healthy(gate: GateProcess) -> None:
     assert gate.proc.poll() is None
 
 
-async def test_malformed_and_oversized_http_is_answered_and_memory_stays_bounded(gate_process: GateProcess) -> None:
+async def test_malformed_and_oversized_http_is_answered_and_memory_stays_bounded(gate_process: DaemonGate) -> None:
     gate = gate_process
     with anyio.fail_after(120):
         await healthy(gate)
@@ -104,6 +111,14 @@ async def test_malformed_and_oversized_http_is_answered_and_memory_stays_bounded
             assert seen[name] in expected, (name, answer[:300])
         await healthy(gate)
         peak = gate.rss_kib("VmHWM")
+        # The limits that acted reach the daemon's metrics (mirrored about once a second).
+        wanted = ('spotguard_gate_limits_total{limit="max_head"}', 'spotguard_gate_limits_total{limit="max_body"}',
+                  'spotguard_gate_requests_total{endpoint="chat",result="max_body"}')
+        async with httpx.AsyncClient(timeout=5) as http:
+            metrics = ""
+            while not all(name in metrics for name in wanted):
+                await anyio.sleep(0.1)
+                metrics = (await http.get(gate.daemon_url + "/metrics")).text
     print(f"answers: {seen}; gate RSS {base / 1024:.0f} MiB, peak +{(peak - base) / 1024:.0f} MiB")
     # The oversized journaled body is refused from its Content-Length, unread; nothing else is buffered.
     assert (peak - base) / 1024 < 160, f"peak RSS grew by {(peak - base) / 1024:.0f} MiB: {seen}"
