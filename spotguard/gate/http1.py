@@ -146,8 +146,7 @@ class ClientConnection(asyncio.Protocol):
             # value in pieces is only handed over whole: count the reads, or it would grow unseen).
             self._head_raw += len(data)
             if self._head_raw > self._max_head:
-                self._fail(431, f"request head larger than {self._max_head} bytes ([gate] max_head)",
-                                   "max_head")
+                self._fail(431, f"request head larger than {self._max_head} bytes ([gate] max_head)", "max_head")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -183,8 +182,7 @@ class ClientConnection(asyncio.Protocol):
         self._url += url
         self._head_parsed += len(url)
         if len(self._url) > self._max_head:
-            self._fail(414, f"request target longer than {self._max_head} bytes ([gate] max_head)",
-                               "max_head")
+            self._fail(414, f"request target longer than {self._max_head} bytes ([gate] max_head)", "max_head")
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -195,8 +193,7 @@ class ClientConnection(asyncio.Protocol):
             self._fail(431, f"more than {self._max_headers} headers ([gate] max_headers)", "max_headers")
             raise _Stop
         if self._head_parsed > self._max_head:
-            self._fail(431, f"request head larger than {self._max_head} bytes ([gate] max_head)",
-                               "max_head")
+            self._fail(431, f"request head larger than {self._max_head} bytes ([gate] max_head)", "max_head")
             raise _Stop
 
     def on_headers_complete(self) -> None:
@@ -250,7 +247,8 @@ class ClientConnection(asyncio.Protocol):
         request.body_done = True
         if request.on_done is not None:
             request.on_done()
-        if request.responded and request is self._queue[0]:
+        queue = self._queue
+        if request.responded and queue and request is queue[0]:
             self._next()
 
     # -- the limits ------------------------------------------------------------------------------
@@ -327,7 +325,7 @@ class ClientConnection(asyncio.Protocol):
         if self._in_head:
             if not queue and now - self.since > limits.head_timeout:
                 self._fail(408, f"the request head did not arrive within {limits.head_timeout:g}s "
-                                   "([gate] head_timeout)", "head_timeout")
+                           "([gate] head_timeout)", "head_timeout")
         elif self._in_body:
             if len(queue) == 1 and now - self.since > limits.body_timeout:
                 self._refuse(queue[0], 408, f"the request body stalled for {limits.body_timeout:g}s "
