@@ -42,9 +42,9 @@ VERSIONS = frozenset({"1.1", "1.0"})
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUSY_BODY = b'{"error":{"message":"the gate holds its maximum of connections; retry","type":"unavailable","code":503}}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-         b"connection: close\r\ncontent-length: 101\r\n\r\n"
-         b'{"error":{"message":"the gate holds its maximum of connections; retry","type":"unavailable","code":503}}')
+         b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 _PAUSED_UPSTREAM = 1
 """Reading paused because the engine reads the body slower than the client sends it."""
 _PAUSED_AHEAD = 2

@@ -187,6 +187,27 @@ async def test_past_the_connections_the_fds_allow_the_oldest_idle_ones_go_first(
     assert shed >= 150 + 1 - fitted
 
 
+async def test_with_every_connection_busy_a_new_one_gets_503_and_a_retry_after(fake_engine: FakeEngine,
+                                                                                tmp_path: Path) -> None:
+    """Nothing idle to close: the connection past ``max_connections`` is told so, and those at work carry on."""
+    with gate_process(tmp_path, fake_engine.url, "max_connections = 3") as gate, anyio.fail_after(60):
+        streams = [await anyio.connect_tcp("127.0.0.1", gate.port) for _ in range(3)]
+        for stream in streams:
+            await stream.send(post(CHAT, chat_body(stream=True, max_tokens=3, x_hold_after=1), close=True))
+        while fake_engine.holding < 3:
+            await anyio.sleep(0.02)
+        refused = await exchange(gate.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        fake_engine.release.set()
+        answers = [(await closed_within(stream, 20))[1] for stream in streams]
+        for stream in streams:
+            await stream.aclose()
+        counted = await gate.limit_count("max_connections")
+    assert status_of(refused) == 503 and b"retry-after: 1" in refused, refused
+    assert json.loads(refused.partition(b"\r\n\r\n")[2])["error"]["type"] == "unavailable"
+    assert all(b"data: [DONE]" in answer for answer in answers)
+    assert counted == 1
+
+
 async def test_a_body_pipelined_behind_a_stream_waits_unread(fake_engine: FakeEngine, tmp_path: Path) -> None:
     """nginx reads a pipelined request only after the one before; the gate read a 300 MiB body queued behind a
     held stream at once (RSS +300 MiB). Now it reads ``read_ahead`` bytes, then pauses until its turn."""
