@@ -183,6 +183,28 @@ class GateConfig:
                                         "\"METHOD /path\". Everything else gets 403: admin endpoints (llama.cpp "
                                         "/slots, vLLM /pause, SGLang /flush_cache) let any client of the API erase "
                                         "other users' state or stop the engine. Open only what the clients need.")
+    head_timeout: float = _opt(60.0, "Seconds a client has to send a whole request head, and a new connection its "
+                                     "first request (nginx client_header_timeout): a slow or silent client is "
+                                     "closed (408 when it had begun a head).")
+    body_timeout: float = _opt(60.0, "Seconds a request body may stall between two reads (nginx "
+                                     "client_body_timeout): then 408 and the connection closes. Time the gate "
+                                     "itself holds reading (the engine reads slowly) does not count.")
+    keepalive_timeout: float = _opt(75.0, "Seconds an idle kept-alive client connection stays open "
+                                          "(nginx keepalive_timeout).")
+    max_connections: int = _opt(1024, "Client connections held at once (nginx worker_connections); past it the "
+                                      "oldest idle one is closed, or the new one gets 503 when none is idle. "
+                                      "Lowered at start to fit the file descriptor limit (half of it).")
+    max_headers: int = _opt(100, "Headers one request may have (Apache LimitRequestFields); more: 431.")
+    max_head: int = _opt(32768, "Bytes a request line and headers may take, however they arrive (nginx "
+                                "large_client_header_buffers 4 8k); more: 431 (414 for the line alone).")
+    read_ahead: int = _opt(65536, "Bytes of pipelined requests read while an earlier one on the same connection "
+                                  "is served; then reading pauses until their turn.")
+    max_body: int = _opt(64 << 20, "Largest request body the gate holds in memory (journaled chat/completions, "
+                                   "requests handed to peers); bigger: 413. nginx's 1 MiB client_max_body_size "
+                                   "is too small for LLM APIs: OpenAI's API takes up to 50 MB of image bytes per "
+                                   "request, 66.7 MB as base64 inline (64 MiB is 67.1 MB).")
+    body_memory: int = _opt(256 << 20, "Bytes of request bodies all clients together may have held in memory; "
+                                       "past it new bodies get 503 with Retry-After. At least max_body.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,6 +313,19 @@ def _build(data: Mapping[str, Any], origin: str) -> Config:
     return config
 
 
+def _validate_gate_limits(gate: GateConfig) -> None:
+    """The client limits (``gate/limits.py``) that cannot work."""
+    for key in ("head_timeout", "body_timeout", "keepalive_timeout"):
+        if not getattr(gate, key) > 0:
+            raise ConfigError(f"[gate] {key} must be > 0 seconds")
+    for key in ("max_connections", "max_headers", "max_head", "read_ahead", "max_body"):
+        if getattr(gate, key) < 1:
+            raise ConfigError(f"[gate] {key} must be at least 1")
+    if gate.body_memory < gate.max_body:
+        raise ConfigError(f"[gate] body_memory ({gate.body_memory}) must be at least [gate] max_body "
+                          f"({gate.max_body}): one body of the largest size must fit")
+
+
 def _validate(config: Config) -> None:
     if config.agent.poll_interval <= 0:
         raise ConfigError("[agent] poll_interval must be > 0 seconds")
@@ -302,6 +337,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("[drain] safety_margin must be >= 0")
     _validate_budgets(config)
     parse_allow(config.gate.allow_paths)
+    _validate_gate_limits(config.gate)
     for section, key in (("http", "listen"), ("gate", "listen")):
         value = getattr(getattr(config, section), key)
         if value:

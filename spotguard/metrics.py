@@ -56,6 +56,10 @@ class Metrics:
                                 ["provider", "result"], registry=r)
         self.gate_requests = Counter("spotguard_gate_requests_total", "Requests through the gate by result",
                                      ["endpoint", "result"], registry=r)
+        self.gate_limits = Counter("spotguard_gate_limits_total",
+                                   "Times a client-side limit of the gate acted (a refusal, a close, a pause), by "
+                                   "its [gate] key; invalid_http: a request refused as malformed or unsupported "
+                                   "HTTP", ["limit"], registry=r)
         self.gate_inflight = Gauge("spotguard_gate_inflight_requests", "Requests in flight through the gate",
                                    registry=r)
         self.gate_up = Gauge("spotguard_gate_up", "1 while the gate process answers on its control socket",

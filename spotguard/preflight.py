@@ -174,6 +174,13 @@ def peers_check(config: Config) -> Check | None:
     if not peers:
         return Check("gate peers", "warning", "[gate] peers is empty: requests still running when the window "
                      "closes can only be snapshotted, not moved to another replica; list the other replicas' gates")
+    from spotguard.netloc import cleartext_peers
+
+    clear = cleartext_peers(peers)
+    if clear:
+        return Check("gate peers", "warning", f"{', '.join(clear)}: plain http to another machine: prompts, answers "
+                     "and the clients' Authorization headers cross the network in clear; use https:// peers "
+                     "(a private CA goes in SSL_CERT_FILE of the gate's environment)")
     return Check("gate peers", "ok", f"{len(peers)} peer(s) to move unfinished requests to")
 
 

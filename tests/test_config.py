@@ -37,6 +37,9 @@ def test_a_missing_config_file_named_anywhere_is_an_error_that_names_it(tmp_path
     ("drain", {"manual_deadline": 3.0}, r"manual_deadline 3s is not more than"),
     ("drain", {"snapshot_budget": -1.0}, r"snapshot_budget must be >= 0"),
     ("gate", {"allow_paths": ["/slots/../x"]}, r"allow_paths: '/slots/../x'"),
+    ("gate", {"head_timeout": 0}, r"\[gate\] head_timeout must be > 0 seconds"),
+    ("gate", {"max_headers": 0}, r"\[gate\] max_headers must be at least 1"),
+    ("gate", {"max_body": 100, "body_memory": 99}, r"\[gate\] body_memory \(99\) must be at least \[gate\] max_body"),
 ])
 def test_budgets_and_gate_paths_that_cannot_work_are_errors(section: str, values: dict[str, object],
                                                             message: str) -> None:

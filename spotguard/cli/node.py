@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,13 @@ def _control_result(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _private_files() -> None:
+    """Files, directories and sockets this process creates are its user's alone (state, logs, file://
+    snapshots hold prompts), whoever started it with whatever umask; modes set on purpose (the control
+    socket's [control] mode) are applied explicitly and are not affected."""
+    os.umask(0o077)
+
+
 def run(config: ConfigOpt = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Every drain step logs what it would do and does nothing.")] = False,
         listen: Annotated[str | None, typer.Option(metavar="HOST:PORT", help="Override [http] listen.")] = None,  # noqa: UP007
@@ -44,6 +52,7 @@ def run(config: ConfigOpt = None,
     from spotguard import logs
     from spotguard.agent.daemon import run_daemon
 
+    _private_files()
     overrides: dict[str, dict[str, Any]] = {}
     if dry_run:
         overrides.setdefault("agent", {})["dry_run"] = True
@@ -74,6 +83,7 @@ def gate(config: ConfigOpt = None,
     """
     from spotguard import logs
 
+    _private_files()
     cfg = load_config(config)
     if not cfg.gate.listen:
         # Not a failure: spotguard-gate.service is installed everywhere and stays inactive where the gate is off.

@@ -19,8 +19,9 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from spotguard.gate.http1 import ClientConnection, Request, status_line
+from spotguard.gate.http1 import ClientConnection, status_line
 from spotguard.gate.peers import DROPPED_REASON_HEADER
+from spotguard.gate.request import Request
 
 if TYPE_CHECKING:
     from spotguard.gate.stamp import Stamp
@@ -51,15 +52,15 @@ def json_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
 
 
 def json_error(connection: ClientConnection, request: Request, status: int, message: str, kind: str, *,
-               retry_after: bytes | None = None, resume: str | None = None) -> None:
-    """A whole JSON error answer from the gate itself; ``retry_after`` marks it as a draining refusal,
-    ``resume`` gives the cursor a retry resumes from (``Spotguard-Resume``)."""
+               retry_after: bytes | None = None, dropped: bytes = b"draining", resume: str | None = None) -> None:
+    """A whole JSON error answer from the gate itself; ``retry_after`` (with the ``dropped`` reason, when one)
+    says when to try again, ``resume`` gives the cursor a retry resumes from (``Spotguard-Resume``)."""
     body = error_body(message, kind, status)
     close = not request.keep_alive or not request.body_done
     connection.write(b"".join((
         status_line(status), b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
-        b"retry-after: " + retry_after + b"\r\n" + DROPPED_REASON_HEADER + b": draining\r\n"
-        if retry_after is not None else b"",
+        b"retry-after: " + retry_after + b"\r\n" if retry_after is not None else b"",
+        DROPPED_REASON_HEADER + b": " + dropped + b"\r\n" if retry_after is not None and dropped else b"",
         RESUME_HEADER + b": " + resume.encode() + b"\r\n" if resume is not None else b"",
         b"connection: close\r\n" if close else b"", b"\r\n", body)))
     connection.finish(request, close=close)
@@ -192,15 +193,18 @@ class ClientAnswer:
             self.client.write(LAST_CHUNK)
         self.client.finish(self.request, close=self.close_after)
 
-    def error(self, status: int, message: str, kind: str, *, draining: bool = False) -> None:
-        """A whole JSON error from the gate (nothing of an answer was sent yet)."""
+    def error(self, status: int, message: str, kind: str, *, draining: bool = False,
+              retry_after: bool = False) -> None:
+        """A whole JSON error from the gate (nothing of an answer was sent yet): ``draining`` says it is a
+        draining refusal, ``retry_after`` only that the client may try again (a busy gate)."""
         if self.ended:
             return
         self.ended = True
         self._finish_stamp()
         if not self.detached:
             json_error(self.client, self.request, status, message, kind,
-                       retry_after=self.retry_after if draining else None)
+                       retry_after=self.retry_after if draining or retry_after else None,
+                       dropped=b"draining" if draining else b"")
 
     def interrupted(self, message: str) -> None:
         """End an answer this replica cannot finish so that the client can retry it cleanly: with cursors, a

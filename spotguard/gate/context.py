@@ -17,11 +17,13 @@ if TYPE_CHECKING:
     from spotguard.gate.answer import ClientAnswer
     from spotguard.gate.held import Origin
     from spotguard.gate.holding import Holding
-    from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
+    from spotguard.gate.http1 import ClientConnection
     from spotguard.gate.peers import Peers
     from spotguard.gate.registry import Registry
+    from spotguard.gate.request import Request
     from spotguard.gate.stitch import AnswerIdentity
     from spotguard.gate.targets import Target
+    from spotguard.gate.upstream import UpstreamConnection
 
 
 class Tracked(Protocol):

@@ -12,7 +12,10 @@ internal load balancer (all reached on the OpenAI paths the gate lets through):
 
 What cannot be continued soundly raises ``NotContinuable`` with the reason (the caller ends the client's
 answer with a retryable error instead): several choices (``n`` > 1), a tool call already under way, a
-token-id or batched prompt, ``echo`` (the peer would repeat the prompt), ``best_of``, no budget left.
+token-id or batched prompt, ``echo`` (the peer would repeat the prompt), ``best_of``, no budget left, and
+a count or a token limit that is not a plain integer (``2.0``, ``"3"``, ``true``): the engine may read it
+otherwise than we would (Python's ``2.0 > 1`` is true, a string is compared as nothing), so the peer could
+get several choices or the whole budget again.
 """
 
 from __future__ import annotations
@@ -38,12 +41,26 @@ def _prompt_text(prompt: Any) -> str:
     raise NotContinuable("a token-id or batched prompt")
 
 
+COUNTED_KEYS = ("n", "best_of", "max_completion_tokens", "max_tokens", "n_predict")
+"""Keys whose value must be a plain integer (or absent, or null) for a continuation to be sound."""
+
+
+def _integer(body: dict[str, Any], key: str) -> int | None:
+    """``body[key]`` as a plain integer; None when absent or null; NotContinuable for anything else."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NotContinuable(f"a count or token limit that is not an integer ({key})")
+    return value
+
+
 def remaining_budget(body: dict[str, Any], delivered: int) -> dict[str, int]:
     """The token limits of ``body`` less what was delivered; {} when it set none."""
     limits: dict[str, int] = {}
     for key in ("max_completion_tokens", "max_tokens", "n_predict"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = _integer(body, key)
+        if value is not None and value >= 0:
             left = value - delivered
             if left <= 0:
                 raise NotContinuable("no token budget left")
@@ -54,12 +71,13 @@ def remaining_budget(body: dict[str, Any], delivered: int) -> dict[str, int]:
 def continuation_body(body: dict[str, Any], *, chat: bool, output: str, delivered: int,
                       engine: str = "openai", tool_call_started: bool = False) -> dict[str, Any]:
     """The body to send to the same path on the peer; ``delivered`` is the tokens the client already has."""
-    n = body.get("n", 1)
-    if isinstance(n, int) and n > 1:
+    for key in COUNTED_KEYS:
+        _integer(body, key)
+    if (_integer(body, "n") or 1) > 1:
         raise NotContinuable("several choices (n > 1)")
     if tool_call_started:
         raise NotContinuable("a tool call was being streamed")
-    if body.get("echo") or (isinstance(body.get("best_of"), int) and body["best_of"] > 1):
+    if body.get("echo") or (_integer(body, "best_of") or 1) > 1:
         raise NotContinuable("echo or best_of")
     follow = dict(body)
     follow.update(remaining_budget(body, delivered))

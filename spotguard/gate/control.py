@@ -6,7 +6,8 @@ connection. Every answer has ``"ok"``; a refused request has ``"error"`` instead
 values on the wire are ``gate/protocol.py``'s, shared by both sides.
 
     {"op": "hello"}                       -> pid, version, listen, upstream, started_at, holding
-    {"op": "stats"}                       -> holding, inflight, requests [[endpoint, result, count], ...], seams
+    {"op": "stats"}                       -> holding, inflight, requests [[endpoint, result, count], ...], seams,
+                                             limits [[limit, count], ...]
     {"op": "declare", "state": {...}}     -> holding   (DesiredState in, HeldState out: what the gate now holds)
     {"op": "journal"}                     -> requests [entry, ...]   (JournalEntry: output so far)
     {"op": "interrupt", "seconds": s}     -> requests [entry, ...]   (continued on peers or cut; final)
@@ -76,6 +77,8 @@ class ControlledGate(Protocol):
 
     def request_counts(self) -> list[tuple[str, str, int]]: ...
 
+    def limit_counts(self) -> list[tuple[str, int]]: ...
+
 
 class GateControl:
     """Answers the daemon's requests for one gate process."""
@@ -105,7 +108,8 @@ class GateControl:
             return {**self._hello, "holding": gate.held().to_wire(), "inflight": gate.inflight}
         if op == "stats":
             return {"holding": gate.held().to_wire(), "inflight": gate.inflight,
-                    "requests": [list(row) for row in gate.request_counts()], **gate.migration_stats()}
+                    "requests": [list(row) for row in gate.request_counts()],
+                    "limits": [list(row) for row in gate.limit_counts()], **gate.migration_stats()}
         if op == "declare":
             return self._declare(DesiredState.from_wire(request.get("state")))
         if op == "draining":  # from a daemon older than the declared state (an upgrade restarts the daemon first)

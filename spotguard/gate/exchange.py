@@ -24,13 +24,15 @@ from spotguard.gate.estimate import token_limit
 from spotguard.gate.handover import CONTINUES_HEADER, Continues
 from spotguard.gate.held import Origin
 from spotguard.gate.holding import HOLDER_HEADER, RESUMED_HEADER, header
-from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
+from spotguard.gate.http1 import ClientConnection
 from spotguard.gate.leg import Leg, ReturnedHead
 from spotguard.gate.output import OutputParser, meta_of
 from spotguard.gate.protocol import EntryState
 from spotguard.gate.registry import Flight
 from spotguard.gate.relay import PeerRelay
+from spotguard.gate.request import Request
 from spotguard.gate.stitch import AnswerIdentity, StreamStitch
+from spotguard.gate.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from spotguard.gate.context import GateContext
@@ -86,6 +88,7 @@ class LocalExchange(Leg):
         """With ``cont``: the text the client had before this gate's part."""
         client.on_lost = self._client_lost
         client.on_pause = self.paused
+        request.on_refused = self.refused
         gate.track(self)
 
     @property
@@ -100,25 +103,26 @@ class LocalExchange(Leg):
         self.send()
 
     def read_body(self) -> None:
-        """Journaled: the body is needed whole before anything is sent."""
+        """Journaled: the body is needed whole before anything is sent (the client connection holds it, within
+        ``[gate] max_body`` and ``body_memory``: see ``refused``)."""
         request = self.request
-        if request.length is not None and request.length > self.gate.max_body:
-            self._too_large()
-        elif request.body_done:
+        if request.body_done:
             self._journal()
         else:
-            request.sink = self._more_body
             request.on_done = self._journal
 
-    def _more_body(self, chunk: bytes) -> None:
-        request = self.request
-        request.body.append(chunk)
-        if request.body_size > self.gate.max_body and not self.finished:
-            self._too_large()
-
-    def _too_large(self) -> None:
-        self._end("too_large")
-        self.answer.error(413, f"request body larger than {self.gate.max_body} bytes", "invalid_request")
+    def refused(self, status: int, message: str, limit: str) -> None:
+        """A client-side limit stopped this request's body (``http1``): answered if nothing was sent yet."""
+        if self.finished:
+            return
+        self.close_upstream()
+        started = self.answer.started
+        self._end(limit)
+        if started:
+            self.answer.abort()
+        else:
+            self.answer.error(status, message, "unavailable" if status == 503 else "invalid_request",
+                              retry_after=status == 503)
 
     def _journal(self) -> None:
         request = self.request

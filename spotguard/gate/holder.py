@@ -14,8 +14,8 @@ import asyncio
 from typing import TYPE_CHECKING, Protocol
 
 from spotguard.gate.holding import HOLDER_HEADER, LAST_EVENT_ID
-from spotguard.gate.http1 import UpstreamConnection
 from spotguard.gate.leg import Leg, ReturnedHead
+from spotguard.gate.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from spotguard.gate.answer import ClientAnswer

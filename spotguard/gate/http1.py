@@ -1,16 +1,19 @@
-"""HTTP/1.1 on both sides of the gate: asyncio protocols over httptools (llhttp, Node's parser).
+"""HTTP/1.1 on the clients' side of the gate: an asyncio protocol over httptools (llhttp, Node's parser).
 
 The parsing is httptools'; what is here is the plumbing around it, kept to a few attribute writes per
 callback because it runs for every request and every chunk:
 
-- ``ClientConnection``: one accepted client connection. Parses requests, hands each to the gate's
+- ``ClientConnection``: one accepted client connection. Parses requests, refuses what is not plain
+  HTTP/1.1 (or 1.0) as the gate accepts it (a head over its limits, another version, no Host or two,
+  a transfer coding other than chunked, a GET/HEAD with a body), hands each request to the gate's
   single entry point (``handler.handle(connection, request)``) once its head is in, and writes the
-  answers back in order (pipelined requests wait their turn).
-- ``UpstreamConnection``: one connection to the engine, reused while the engine keeps it alive. Sends a
-  request head + body, parses the answer and reports it to its current ``ResponseSink``.
+  answers back in order (pipelined requests wait their turn, and reading pauses once ``read_ahead``
+  bytes of them are in). It holds the client's side of the limits in ``limits.py``: the timeouts (checked
+  by the sweep, ``check_timeouts``), and the bodies held in memory (``max_body``, ``body_memory``).
 
 Flow control is passed through: a client that reads slowly pauses reading from the engine, an engine
-that reads a large body slowly pauses reading from the client.
+that reads a large body slowly pauses reading from the client. The engine's side (``UpstreamConnection``)
+is in upstream.py, the request itself in request.py.
 """
 
 from __future__ import annotations
@@ -23,65 +26,41 @@ from typing import Protocol, cast
 
 import httptools
 
+from spotguard.gate.limits import ClientConnections
+from spotguard.gate.request import Request
+
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"transfer-encoding", b"upgrade",
 })
 MAX_PIPELINED = 16
+"""Requests queued on one client connection (pipelining) before it is closed."""
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 << 20
 """How long, and how much, a closing connection still reads and drops (see ``ClientConnection.close``)."""
-MAX_HEAD = 64 << 10
-"""Bytes a request line and headers may take (nginx allows 4 x 8 KiB): a bigger head gets 431 and the
-connection closes, once one more read (at most 256 KiB) is past it (a 4 MiB header was buffered whole)."""
-"""Requests queued on one client connection (pipelining) before it is closed."""
+VERSIONS = frozenset({"1.1", "1.0"})
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUSY_BODY = b'{"error":{"message":"the gate holds its maximum of connections; retry","type":"unavailable","code":503}}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+         b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+_PAUSED_UPSTREAM = 1
+"""Reading paused because the engine reads the body slower than the client sends it."""
+_PAUSED_AHEAD = 2
+"""Reading paused because ``read_ahead`` bytes of pipelined requests are waiting."""
 
 
 def status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
 
 
-class Request:
-    """One client request: its head, and its body as it arrives (to ``sink`` once someone takes it)."""
+def _discard(_: bytes) -> None:
+    """The rest of a body that will not be used."""
 
-    __slots__ = ("method", "target", "path", "headers", "keep_alive", "http10", "chunked", "length",
-                 "body", "body_done", "body_size", "sink", "on_done", "responded", "expect_continue")
 
-    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool,
-                 http10: bool) -> None:
-        self.method = method
-        self.target = target
-        path = target.split(b"?", 1)[0]
-        self.path = path.decode("latin-1")
-        self.headers = headers
-        self.keep_alive = keep_alive
-        self.http10 = http10
-        self.chunked = False
-        self.length: int | None = None
-        self.expect_continue = False
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                self.length = int(value) if value.strip().isdigit() else None
-            elif lowered == b"transfer-encoding":
-                self.chunked = b"chunked" in value.lower()
-            elif lowered == b"expect":
-                self.expect_continue = value.strip().lower() == b"100-continue"
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.body_done = False
-        self.sink: Callable[[bytes], None] | None = None
-        """Takes body chunks as they arrive; until set, they pile up in ``body``."""
-        self.on_done: Callable[[], None] | None = None
-        """Called once the whole body is in."""
-        self.responded = False
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.length)
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing a connection that has been refused or is closing."""
 
 
 class RequestHandler(Protocol):
@@ -93,17 +72,32 @@ class RequestHandler(Protocol):
 class ClientConnection(asyncio.Protocol):
     """One client connection: requests in, answers out, in order."""
 
-    def __init__(self, handler: RequestHandler, connections: set[ClientConnection]) -> None:
+    def __init__(self, handler: RequestHandler, connections: ClientConnections) -> None:
         self._handler = handler
         self._connections = connections
+        self._limits = limits = connections.limits
+        self._max_head = limits.max_head
+        self._max_headers = limits.max_headers
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._queue: deque[Request] = deque()
-        self._in_head = True
-        self._head_bytes = 0
+        self._in_head = False
+        self._in_body = False
+        self._head_parsed = 0
+        """Bytes of the current head the parser handed over (the line and whole headers)."""
+        self._head_raw = 0
+        """Bytes of reads that fell wholly inside the current head (a header still arriving)."""
+        self._completed = 0
+        self._ahead = 0
+        self._paused = 0
         self._lingering = False
         self._lingered = 0
+        self.since = 0.0
+        """When the current phase began (idle, head) or the body last moved: what the sweep times."""
+        self.read_seen = False
+        self.served = False
+        """A request was answered: idle now means kept alive (``keepalive_timeout``, not ``head_timeout``)."""
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.on_lost: Callable[[], None] | None = None
@@ -115,7 +109,12 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        self._connections.add(self)
+        if not self._connections.add(self):
+            self.closed = True
+            self.transport.write(_BUSY)
+            self.transport.close()
+            return
+        self.since = self._connections.now
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -125,23 +124,35 @@ class ClientConnection(asyncio.Protocol):
             if self._lingered > LINGER_BYTES and self.transport is not None:
                 self.transport.close()
             return
+        self.read_seen = True
+        completed = self._completed
         try:
             self._parser.feed_data(data)
+        except _Stop:
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Stop) or self._lingering or self.closed:
+                return
+            self._fail(400, f"malformed HTTP request: {exc}")
+            return
         except httptools.HttpParserUpgrade:
             self._fail(403, "upgrades (websockets) are not proxied by the gate")
             return
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
             return
-        if self._in_head:  # the whole chunk went into a head that is still not over
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
-                self._fail(431, f"request head larger than {MAX_HEAD} bytes")
-                self.closed = True
+        if self._in_head and completed == self._completed:
+            # No request ended in this read, so all of it belongs to the head still arriving (a header
+            # value in pieces is only handed over whole: count the reads, or it would grow unseen).
+            self._head_raw += len(data)
+            if self._head_raw > self._max_head:
+                self._fail(431, f"request head larger than {self._max_head} bytes ([gate] max_head)", "max_head")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._connections.discard(self)
+        for request in self._queue:
+            self._release(request)
         callback, self.on_lost = self.on_lost, None
         if callback is not None:
             callback()
@@ -157,22 +168,51 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._lingering or self.closed:
+            raise _Stop  # refused or answered with close: nothing after it is read
         self._url = b""
         self._headers = []
         self._in_head = True
-        self._head_bytes = 0
+        self._head_parsed = self._head_raw = 0
+        self.since = self._connections.now
+        if not self._queue:
+            self._connections.busy(self)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_parsed += len(url)
+        if len(self._url) > self._max_head:
+            self._fail(414, f"request target longer than {self._max_head} bytes ([gate] max_head)", "max_head")
+            raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        headers.append((name, value))
+        self._head_parsed += len(name) + len(value) + 4
+        if len(headers) > self._max_headers:
+            self._fail(431, f"more than {self._max_headers} headers ([gate] max_headers)", "max_headers")
+            raise _Stop
+        if self._head_parsed > self._max_head:
+            self._fail(431, f"request head larger than {self._max_head} bytes ([gate] max_head)", "max_head")
+            raise _Stop
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
+        version = parser.get_http_version()
+        if version not in VERSIONS:
+            self._fail(505, f"HTTP/{version} is not supported: the gate speaks HTTP/1.1 and 1.0")
+            raise _Stop
+        if parser.should_upgrade():
+            self._fail(403, "upgrades (websockets) are not proxied by the gate")
+            raise _Stop
         request = Request(parser.get_method(), self._url, self._headers, parser.should_keep_alive(),
-                          parser.get_http_version() == "1.0")
+                          version == "1.0")
+        if request.invalid is not None:
+            self._fail(*request.invalid)
+            raise _Stop
+        self._in_body = request.has_body
+        self.since = self._connections.now
         queue = self._queue
         queue.append(request)
         if len(queue) > MAX_PIPELINED:
@@ -181,37 +221,156 @@ class ClientConnection(asyncio.Protocol):
             self._start(request)
 
     def on_body(self, body: bytes) -> None:
-        request = self._queue[-1]
-        request.body_size += len(body)
-        if request.sink is not None:
-            request.sink(body)
-        else:
-            request.body.append(body)
+        queue = self._queue
+        request = queue[-1]
+        size = len(body)
+        request.body_size += size
+        sink = request.sink
+        if sink is not None:
+            sink(body)
+            return
+        request.body.append(body)
+        request.buffered += size
+        if request is not queue[0]:  # pipelined behind the one being served: read ahead, up to a point
+            request.ahead += size
+            self._ahead += size
+            if self._ahead > self._limits.read_ahead and not self._paused & _PAUSED_AHEAD:
+                self._connections.count("read_ahead")
+                self._pause(_PAUSED_AHEAD, True)
+        elif not self._hold(request, size):
+            raise _Stop
 
     def on_message_complete(self) -> None:
+        self._completed += 1
+        self._in_body = False
         request = self._queue[-1]
         request.body_done = True
         if request.on_done is not None:
             request.on_done()
-        if request.responded and request is self._queue[0]:
+        queue = self._queue
+        if request.responded and queue and request is queue[0]:
             self._next()
+
+    # -- the limits ------------------------------------------------------------------------------
+
+    def _hold(self, request: Request, size: int) -> bool:
+        """``size`` more bytes of the served request's body are held in memory: within the limits?"""
+        limits = self._limits
+        if request.collecting and request.body_size > limits.max_body:
+            self._refuse(request, 413, f"request body larger than {limits.max_body} bytes ([gate] max_body)",
+                         "max_body")
+            return False
+        if not self._connections.budget.take(size):
+            self._refuse(request, 503, "the gate holds as many request bodies as it may ([gate] body_memory); "
+                         "retry shortly", "body_memory")
+            return False
+        request.charged += size
+        return True
+
+    def _check_declared(self, request: Request) -> bool:
+        """A body wanted whole whose Content-Length cannot fit is refused before it is read."""
+        limits = self._limits
+        length = request.length
+        if length is None or not request.collecting:
+            return True
+        if length > limits.max_body:
+            self._refuse(request, 413, f"request body larger than {limits.max_body} bytes ([gate] max_body)",
+                         "max_body")
+            return False
+        if length - request.buffered > self._connections.budget.free():
+            self._refuse(request, 503, "the gate holds as many request bodies as it may ([gate] body_memory); "
+                         "retry shortly", "body_memory")
+            return False
+        return True
+
+    def _release(self, request: Request) -> None:
+        if request.charged:
+            self._connections.budget.give_back(request.charged)
+            request.charged = 0
+
+    def _refuse(self, request: Request, status: int, message: str, limit: str) -> None:
+        """A limit stops ``request``: whoever serves it answers (or the connection does), then it closes."""
+        self._connections.count(limit)
+        request.sink = _discard
+        request.on_done = None
+        callback, request.on_refused = request.on_refused, None
+        if callback is not None and not request.responded:
+            callback(status, message, limit)
+        elif not request.responded:
+            request.responded = True
+            self._handler.bad_request(self, status, message)
+        self.close()
+
+    def _pause(self, reason: int, paused: bool) -> None:
+        before = self._paused
+        self._paused = after = before | reason if paused else before & ~reason
+        transport = self.transport
+        if transport is None or self.closed or bool(before) == bool(after):
+            return
+        if after:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the sweep: close a connection that has waited too long in its phase."""
+        if self.closed or self._lingering:
+            return
+        if self._paused or self.read_seen and self._in_body:
+            self.read_seen = False
+            self.since = now  # waiting on the engine or our own read-ahead limit is not the client's doing
+            return
+        self.read_seen = False
+        limits, queue = self._limits, self._queue
+        if self._in_head:
+            if not queue and now - self.since > limits.head_timeout:
+                self._fail(408, f"the request head did not arrive within {limits.head_timeout:g}s "
+                           "([gate] head_timeout)", "head_timeout")
+        elif self._in_body:
+            if len(queue) == 1 and now - self.since > limits.body_timeout:
+                self._refuse(queue[0], 408, f"the request body stalled for {limits.body_timeout:g}s "
+                             "([gate] body_timeout)", "body_timeout")
+        elif not queue:
+            timeout, limit = ((limits.keepalive_timeout, "keepalive_timeout") if self.served
+                              else (limits.head_timeout, "head_timeout"))
+            if now - self.since > timeout:
+                self._connections.count(limit)
+                self.shed()
+
+    def shed(self) -> None:
+        """Close an idle connection (no request on it) at once, the way nginx drops idle keep-alives."""
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
 
     # -- answering -------------------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
+        if request.ahead:
+            self._ahead -= request.ahead
+            request.ahead = 0
+            if self._paused & _PAUSED_AHEAD and self._ahead <= self._limits.read_ahead:
+                self._pause(_PAUSED_AHEAD, False)
+        self._handler.handle(self, request)
+        if request.responded or request.body_done and not request.buffered:
+            return
+        if request.sink is None:  # what came already is held now (wanted whole, or until the engine is reached)
+            if not self._check_declared(request) or not self._hold(request, request.buffered):
+                return
         if request.expect_continue and not request.body_done:
             self.write(_CONTINUE)
-        self._handler.handle(self, request)
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        if not self.closed and not self._lingering:
             assert self.transport is not None
             self.transport.write(data)
 
     def finish(self, request: Request, *, close: bool = False) -> None:
         """The answer to ``request`` (the oldest one) is complete; the next one may start."""
         request.responded = True
+        self._release(request)
         self.on_lost = self.on_pause = None
+        self._pause(_PAUSED_UPSTREAM, False)
         if close or not request.keep_alive:
             self.close()
         elif request.body_done:
@@ -221,8 +380,14 @@ class ClientConnection(asyncio.Protocol):
     def _next(self) -> None:
         queue = self._queue
         queue.popleft()
-        if queue and not self.closed:
+        self.served = True
+        if self.closed or self._lingering:
+            return
+        if queue:
             self._start(queue[0])
+        elif not self._in_head:
+            self.since = self._connections.now
+            self._connections.idle(self)
 
     def close(self) -> None:
         """Close after what was written, lingering like nginx: a client still sending a body it will never
@@ -234,6 +399,10 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         self._lingering = True
+        self._connections.busy(self)
+        if self._paused:
+            self._paused = 0
+            transport.resume_reading()  # read (and drop) what the client still sends
         transport.write_eof()
         asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
 
@@ -243,142 +412,18 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def pause_reading(self, paused: bool) -> None:
-        if self.transport is not None and not self.closed:
-            if paused:
-                self.transport.pause_reading()
-            else:
-                self.transport.resume_reading()
+        """The engine's side is full (True) or drained (False): stop or resume reading the client."""
+        self._pause(_PAUSED_UPSTREAM, paused)
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, limit: str = "invalid_http") -> None:
+        """Refuse what was read of the next request (counted under ``limit``) and close."""
+        queue = self._queue
+        if len(queue) == 1 and self._in_body:  # the body of the request being served: its server answers
+            self._refuse(queue[0], status, message, limit)
+            return
+        self._connections.count(limit)
+        if queue:  # an answer is owed on this connection: a refusal cannot go in the middle of it
+            self.abort()
+            return
         self._handler.bad_request(self, status, message)
         self.close()
-
-
-class ResponseSink(Protocol):
-    """What an upstream connection reports to the exchange using it."""
-
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], upstream: UpstreamConnection) -> None: ...
-
-    def on_response_body(self, body: bytes) -> None: ...
-
-    def on_response_done(self) -> None: ...
-
-    def on_upstream_lost(self, error: str) -> None: ...
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One connection to the engine; serves one exchange at a time."""
-
-    def __init__(self, on_idle_lost: Callable[[UpstreamConnection], None]) -> None:
-        self._parser = httptools.HttpResponseParser(self)
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._on_idle_lost = on_idle_lost
-        self.transport: asyncio.Transport | None = None
-        self.sink: ResponseSink | None = None
-        self.closed = False
-        self.reused = False
-        self.received = False
-        """Any byte of the current answer arrived (a reused connection that fails before that may be retried)."""
-        self.idle_since = 0.0
-        self.last_read = 0.0
-        self.keep_alive = True
-        self.head_only = False
-        self.until_close = False
-        self.on_pause: Callable[[bool], None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def begin(self, sink: ResponseSink, head_only: bool, now: float) -> None:
-        self.sink = sink
-        self.head_only = head_only
-        self.received = False
-        self.until_close = False
-        self.keep_alive = True
-        self.last_read = now
-
-    def data_received(self, data: bytes) -> None:
-        self.received = True
-        self.last_read = asyncio.get_running_loop().time()
-        if self.sink is None:
-            self.abort()  # the engine spoke out of turn: this connection cannot be trusted for reuse
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._lost(f"malformed answer from the engine: {exc}")
-            self.abort()
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        self.keep_alive = parser.should_keep_alive()
-        framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers)
-        status = parser.get_status_code()
-        self.until_close = not framed and status not in (204, 304) and not self.head_only
-        sink = self.sink
-        if sink is not None:
-            sink.on_response_head(status, self._headers, self)
-        if self.head_only and self.sink is not None:
-            # llhttp cannot be told the answer is to a HEAD; end it here and do not reuse the connection.
-            self.keep_alive = False
-            self._done()
-
-    def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.sink.on_response_body(body)
-
-    def on_message_complete(self) -> None:
-        if not self.head_only:
-            self._done()
-
-    def _done(self) -> None:
-        sink, self.sink = self.sink, None
-        self.on_pause = None
-        if sink is not None:
-            sink.on_response_done()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.sink is None:
-            self._on_idle_lost(self)
-        elif self.until_close:
-            self._done()  # an answer without framing ends when the engine closes
-        else:
-            self._lost(f"the engine closed the connection{f' ({type(exc).__name__})' if exc else ''}")
-
-    def _lost(self, error: str) -> None:
-        sink, self.sink = self.sink, None
-        if sink is not None:
-            sink.on_upstream_lost(error)
-
-    def pause_writing(self) -> None:
-        if self.on_pause is not None:
-            self.on_pause(True)
-
-    def resume_writing(self) -> None:
-        if self.on_pause is not None:
-            self.on_pause(False)
-
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            assert self.transport is not None
-            self.transport.write(data)
-
-    def pause_reading(self, paused: bool) -> None:
-        if self.transport is not None and not self.closed:
-            if paused:
-                self.transport.pause_reading()
-            else:
-                self.transport.resume_reading()
-
-    def abort(self) -> None:
-        """Close at once: mid-answer this is how the engine learns to stop (and free its slot)."""
-        self.sink = None
-        if self.transport is not None and not self.closed:
-            self.transport.abort()

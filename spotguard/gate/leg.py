@@ -13,8 +13,10 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from spotguard.gate.answer import LAST_CHUNK, ClientAnswer
-from spotguard.gate.http1 import HOP_BY_HOP, Request, UpstreamConnection
+from spotguard.gate.http1 import HOP_BY_HOP
+from spotguard.gate.request import Request
 from spotguard.gate.targets import Target
+from spotguard.gate.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from spotguard.gate.context import GateContext
@@ -99,11 +101,13 @@ class Leg(ABC):
         connection.begin(self, request.method == b"HEAD", self.loop.time())
         connection.on_pause = self.answer.client.pause_reading
         target, extra = self.target, self.extra_headers
+        # The request's last bytes go through finish_request: only a connection whose request was written
+        # whole (and whose answer was read whole) is kept alive for the next one.
         if self.body is not None:
-            connection.write(target.head(request, len(self.body), False, extra) + self.body)
+            connection.finish_request(target.head(request, len(self.body), False, extra) + self.body)
             return
         if not request.has_body:
-            connection.write(target.head(request, None, False, extra))
+            connection.finish_request(target.head(request, None, False, extra))
             return
         pending = b"".join(request.body)
         request.body.clear()
@@ -111,12 +115,15 @@ class Leg(ABC):
             connection.write(target.head(request, None, True, extra)
                              + (b"%x\r\n%s\r\n" % (len(pending), pending) if pending else b""))
             request.sink = lambda chunk: connection.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            request.on_done = lambda: connection.write(LAST_CHUNK)
+            request.on_done = lambda: connection.finish_request(LAST_CHUNK)
             if request.body_done:
-                connection.write(LAST_CHUNK)
+                connection.finish_request(LAST_CHUNK)
         else:
             connection.write(target.head(request, request.length, False, extra) + pending)
             request.sink = connection.write
+            request.on_done = connection.finish_request
+            if request.body_done:
+                connection.finish_request()
 
     def can_resend(self, upstream: UpstreamConnection | None) -> bool:
         """A kept-alive connection closed by the target just as we reused it: nothing reached it, send again."""
@@ -144,7 +151,7 @@ class Leg(ABC):
         """Whatever is left of the request body is read and dropped."""
         request = self.request
         request.sink = drop
-        request.on_done = None
+        request.on_done = request.on_refused = None
 
     # -- what subclasses decide (the ResponseSink callbacks among them) ----------------------------
 

@@ -90,6 +90,7 @@ class GateLink:
         self._changed = anyio.Event()
         self._child: subprocess.Popen[bytes] | None = None
         self._seen: dict[tuple[str, str], int] = {}
+        self._seen_limits: dict[str, int] = {}
 
     @property
     def draining(self) -> bool:
@@ -215,6 +216,7 @@ class GateLink:
             raise
         self.pid = int(hello.get("pid", 0)) or None
         self._seen = {}
+        self._seen_limits = {}
         self._seen_seams = self._seen_tokens = 0  # a gate (re)attached counts from its own start
         mine = (self.config.gate.listen, self.config.gate.upstream)
         if (hello.get("listen"), hello.get("upstream")) != mine:
@@ -249,6 +251,15 @@ class GateLink:
             if delta > 0:
                 self._metrics.gate_requests.labels(endpoint=endpoint, result=result).inc(delta)
             self._seen[(endpoint, result)] = count
+        for row in stats.get("limits", ()):
+            try:
+                limit, count = str(row[0]), int(row[1])
+            except (IndexError, TypeError, ValueError):
+                continue
+            delta = count - self._seen_limits.get(limit, 0)
+            if delta > 0:
+                self._metrics.gate_limits.labels(limit=limit).inc(delta)
+            self._seen_limits[limit] = count
 
     def _mirror_migrations(self, stats: dict[str, Any]) -> None:
         seams, gaps, tokens = stats.get("seams"), stats.get("seam_gaps"), stats.get("reprefilled_tokens")

@@ -22,13 +22,15 @@ DROPPED_REASON_HEADER = b"spotguard-dropped-reason"
 COOLDOWN = 5.0
 """Seconds a peer that failed is passed over (it is still tried when every peer is cooling down)."""
 SKIP_STATUSES = frozenset({429, 503})
+WITHHELD_FROM_PEERS = frozenset({b"cookie"})
 
 
 class Peers:
     """The configured peers, a rotating starting point, and who failed recently."""
 
     def __init__(self, urls: tuple[str, ...] | list[str], *, connect_timeout: float = 2.0) -> None:
-        self.peers = [Target(url, connect_timeout=connect_timeout, what="[gate] peers") for url in urls]
+        self.peers = [Target(url, connect_timeout=connect_timeout, what="[gate] peers", withheld=WITHHELD_FROM_PEERS)
+                      for url in urls]
         self._start = itertools.count()
         self._failed_at: dict[str, float] = {}
 

@@ -44,13 +44,15 @@ from spotguard.gate.estimate import finishes_within
 from spotguard.gate.exchange import LocalExchange
 from spotguard.gate.held import Origin
 from spotguard.gate.holding import Holding, retry_signal
-from spotguard.gate.http1 import ClientConnection, Request, status_line
+from spotguard.gate.http1 import ClientConnection, status_line
 from spotguard.gate.journal import LocalJournal
 from spotguard.gate.leg import drop
+from spotguard.gate.limits import ClientConnections, ClientLimits, fd_limit
 from spotguard.gate.peers import FORWARDED_HEADER, Peers
 from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry
 from spotguard.gate.registry import Registry
 from spotguard.gate.relay import PeerRelay
+from spotguard.gate.request import Request
 from spotguard.gate.resume import Resumption
 from spotguard.gate.routes import Routes
 from spotguard.gate.stitch import AnswerIdentity
@@ -62,9 +64,6 @@ if TYPE_CHECKING:
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 """Paths whose POSTs are journaled, and their label in metrics."""
-
-MAX_BODY = 64 << 20
-"""Largest journaled request body (long contexts, inline images); bigger ones get 413."""
 
 PEER_CONNECT_TIMEOUT = 2.0
 """Seconds to connect to a peer before trying the next: a dead peer must not eat the window."""
@@ -84,7 +83,7 @@ class Gate:
     """The data plane: serve it with ``run_gate``; ``aclose()`` it when done."""
 
     def __init__(self, *, upstream: str, metrics: Metrics, retry_after: int = 5, read_timeout: float = 600.0,
-                 connect_timeout: float = 5.0, max_body: int = MAX_BODY,
+                 connect_timeout: float = 5.0, limits: ClientLimits | None = None,
                  log: structlog.stdlib.BoundLogger | None = None, allow_paths: tuple[str, ...] = (),
                  peers: tuple[str, ...] = (), instance_id: str = "", engine_kind: str = "openai",
                  holding: Holding | None = None) -> None:
@@ -109,7 +108,8 @@ class Gate:
         self.metrics = metrics
         self.log = log if log is not None else structlog.stdlib.get_logger("spotguard.gate")
         self.retry_after = str(retry_after).encode()
-        self.max_body = max_body
+        limits = limits or ClientLimits()
+        self.max_body = limits.max_body
         self._read_timeout = read_timeout
         self._state = DesiredState(generation=0, draining=False, peers=tuple(peers))
         self._vm_timer: asyncio.TimerHandle | None = None
@@ -120,7 +120,8 @@ class Gate:
         self._counts: dict[tuple[str, str], int] = {}
         self.legs: set[Tracked] = set()
         """Every request being answered (by the engine or through peers)."""
-        self.connections: set[ClientConnection] = set()
+        self.connections = ClientConnections(limits, counter=metrics.gate_limits)
+        """Client connections, and the client-side limits they are held to (limits.py)."""
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -132,7 +133,8 @@ class Gate:
             raise ConfigError("[gate] upstream: set the engine's base URL (e.g. http://127.0.0.1:8080)")
         return cls(upstream=config.upstream, metrics=metrics, retry_after=config.retry_after, log=log,
                    allow_paths=config.allow_paths, peers=config.peers, instance_id=instance_id,
-                   engine_kind=engine_kind, holding=holding)
+                   engine_kind=engine_kind, holding=holding,
+                   limits=ClientLimits.from_config(config).fitted(fd_limit()))
 
     def _peers(self, urls: tuple[str, ...]) -> Peers:
         return Peers(urls, connect_timeout=min(self._connect_timeout, PEER_CONNECT_TIMEOUT))
@@ -259,6 +261,10 @@ class Gate:
     def request_counts(self) -> list[tuple[str, str, int]]:
         """Requests answered since start, by (endpoint, result): what the daemon mirrors in its metrics."""
         return [(endpoint, result, n) for (endpoint, result), n in self._counts.items()]
+
+    def limit_counts(self) -> list[tuple[str, int]]:
+        """Times each client-side limit acted since start, by its ``[gate]`` key (mirrored by the daemon)."""
+        return self.connections.counts()
 
     def count(self, endpoint: str, result: str) -> None:
         key = (endpoint, result)
@@ -393,8 +399,7 @@ class Gate:
             leg.answer.abort()
             leg.close_upstream()
             self.legs.discard(leg)
-        for connection in list(self.connections):
-            connection.abort()
+        self.connections.close()
         for task in list(self._tasks):
             task.cancel()
         if self._sweeper is not None:

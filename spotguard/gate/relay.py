@@ -24,13 +24,15 @@ from spotguard.gate.assemble import answer_json, streamable, streaming_body
 from spotguard.gate.handover import CONTINUES_HEADER, Continues
 from spotguard.gate.held import Origin
 from spotguard.gate.holding import HOLDER_HEADER, RESUMED_HEADER, header
-from spotguard.gate.http1 import ClientConnection, Request, UpstreamConnection
+from spotguard.gate.http1 import ClientConnection
 from spotguard.gate.leg import Leg, ReturnedHead
 from spotguard.gate.output import OutputParser
 from spotguard.gate.peers import DROPPED_REASON_HEADER, SKIP_STATUSES
 from spotguard.gate.registry import Flight
+from spotguard.gate.request import Request
 from spotguard.gate.stitch import AnswerIdentity, StreamStitch
 from spotguard.gate.targets import Target
+from spotguard.gate.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -94,11 +96,11 @@ class PeerRelay(Leg):
         ``resumes``: a retry that a peer resolves (its answer comes back as it is)."""
         relay = cls(gate, ClientAnswer(client, request, retry_after=gate.retry_after), endpoint)
         relay.resumes = resumes
+        request.on_refused = relay.refused
         if not request.has_body or request.body_done:
             relay._body_in()
         else:
-            request.sink = relay._more_body
-            request.on_done = relay._body_in
+            request.on_done = relay._body_in  # the client connection holds the body (``[gate] max_body``)
         return relay
 
     @property
@@ -109,12 +111,13 @@ class PeerRelay(Leg):
     def migrating(self) -> bool:
         return self.flight is not None
 
-    def _more_body(self, chunk: bytes) -> None:
-        request = self.request
-        request.body.append(chunk)
-        if request.body_size > self.gate.max_body and not self.ended:
-            self._end("too_large")
-            self.answer.error(413, f"request body larger than {self.gate.max_body} bytes", "invalid_request")
+    def refused(self, status: int, message: str, limit: str) -> None:
+        """A client-side limit stopped the request's body before it went anywhere."""
+        if self.ended:
+            return
+        self._end(limit)
+        self.answer.error(status, message, "unavailable" if status == 503 else "invalid_request",
+                          retry_after=status == 503)
 
     def _body_in(self) -> None:
         request = self.request

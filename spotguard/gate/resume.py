@@ -34,10 +34,11 @@ from spotguard.gate.handover import Continues
 from spotguard.gate.held import HeldAnswer
 from spotguard.gate.holder import HolderLeg
 from spotguard.gate.holding import HOLDER_HEADER, LAST_EVENT_ID, RESUME_HEADER, RESUMED_HEADER, header
-from spotguard.gate.http1 import ClientConnection, Request
+from spotguard.gate.http1 import ClientConnection
 from spotguard.gate.leg import drop
 from spotguard.gate.output import OutputParser
 from spotguard.gate.peers import FORWARDED_HEADER
+from spotguard.gate.request import Request
 from spotguard.gate.stitch import AnswerIdentity
 
 if TYPE_CHECKING:
@@ -86,22 +87,17 @@ class Resumption:
 
     def read_body(self) -> None:
         request = self.request
-        if request.length is not None and request.length > self.gate.max_body:
-            self._refuse(413, "too_large", f"request body larger than {self.gate.max_body} bytes", "invalid_request")
-        elif request.body_done:
+        request.on_refused = self._refused
+        if request.body_done:
             self._body_in()
         else:
-            request.sink = self._more_body
-            request.on_done = self._body_in
+            request.on_done = self._body_in  # the client connection holds the body (``[gate] max_body``)
 
-    def _more_body(self, chunk: bytes) -> None:
-        request = self.request
-        request.body.append(chunk)
-        if request.body_size > self.gate.max_body:
-            request.sink, request.on_done = drop, None
-            self._refuse(413, "too_large", f"request body larger than {self.gate.max_body} bytes", "invalid_request")
+    def _refused(self, status: int, message: str, limit: str) -> None:
+        self._refuse(status, limit, message, "unavailable" if status == 503 else "invalid_request")
 
     def _body_in(self) -> None:
+        self.request.on_refused = None
         self.body = b"".join(self.request.body)
         self.request.body.clear()
         try:
@@ -309,7 +305,7 @@ class Resumption:
         self.gate.count(self.endpoint, "resume_failed")
 
     def _refuse(self, status: int, result: str, message: str, kind: str) -> None:
-        self.request.sink, self.request.on_done = drop, None
+        self.request.sink, self.request.on_done, self.request.on_refused = drop, None, None
         self.gate.count(self.endpoint, result)
         self.answer.error(status, message, kind)
 

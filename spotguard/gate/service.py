@@ -20,8 +20,10 @@ from spotguard.config import Config
 from spotguard.errors import GateError
 from spotguard.gate.control import GateControl, control_path, listen_unix, serve_control
 from spotguard.gate.holding import Holding
+from spotguard.gate.limits import raise_fd_limit
 from spotguard.gate.proxy import Gate, listen_socket, run_gate
 from spotguard.metrics import Metrics
+from spotguard.netloc import cleartext_peers
 
 STOP_POLL = 0.05
 """Seconds between checks of the requests left while stopping."""
@@ -32,8 +34,13 @@ async def run_gate_process(config: Config) -> int:
     log = logs.get("gate")
     metrics = Metrics()
     holding = Holding.from_config(config, metrics, log)
+    fds_before, fds = raise_fd_limit()  # before the limits are fitted to it (from_config)
     gate = Gate.from_config(config.gate, metrics=metrics, log=log, instance_id=config.agent.instance_id,
                             engine_kind=config.server.kind, holding=holding)
+    log.info("gate_fd_limit", before=fds_before, now=fds, max_connections=gate.connections.limits.max_connections)
+    for url in cleartext_peers(config.gate.peers):
+        log.warning("gate_peer_cleartext", peer=url, why="plain http to another machine: prompts, answers and "
+                    "Authorization headers cross the network in clear; use https")
     path = control_path(config)
     # Both sockets before anything runs: a gate already running (or the port taken) is a plain error.
     control_sock = listen_unix(path)

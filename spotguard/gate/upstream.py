@@ -1,22 +1,190 @@
-"""Kept-alive connections from the gate to the engine.
+"""Connections from the gate to the engine (or a peer): one connection, and the pool that keeps them alive.
+
+``UpstreamConnection`` is an asyncio protocol over httptools: it sends a request head + body, parses the
+answer (interim 1xx answers skipped) and reports it to its current ``ResponseSink``.
 
 The most recently used idle connection is taken first (its TCP state and the engine's buffers are
 warm). Idle ones are dropped after ``keepalive`` seconds, before the engine's own keep-alive timeout
 (5 s in llama.cpp and uvicorn), so a connection is not closed under a request we are sending on it;
 when that still happens the exchange retries once on a new connection (``UpstreamConnection.reused``).
+A connection whose request was not written whole, or whose answer was not read whole, is never kept
+(``UpstreamConnection.reusable``): nginx does not keep engine connections alive at all by default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
+from typing import Protocol, cast
 
-from spotguard.gate.http1 import UpstreamConnection
+import httptools
 
 KEEPALIVE = 4.0
 """Seconds an idle connection to the engine is kept."""
 MAX_IDLE = 256
 """Idle connections kept at most; more are closed when released."""
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to the exchange using it."""
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], upstream: UpstreamConnection) -> None: ...
+
+    def on_response_body(self, body: bytes) -> None: ...
+
+    def on_response_done(self) -> None: ...
+
+    def on_upstream_lost(self, error: str) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the engine; serves one exchange at a time.
+
+    It may only carry the next request once this one is over on both sides (``reusable``): the whole
+    request written (``finish_request``) and the whole answer read. An engine that answers before it read
+    the body (uvicorn, vLLM with ``--api-key`` answering 401) would otherwise read the next request on
+    this connection as the rest of that body, and its client would wait for an answer that never comes.
+    """
+
+    def __init__(self, on_idle_lost: Callable[[UpstreamConnection], None]) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._on_idle_lost = on_idle_lost
+        self._interim = False
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.closed = False
+        self.reused = False
+        self.received = False
+        """Any byte of the current answer arrived (a reused connection that fails before that may be retried)."""
+        self.request_sent = True
+        self.response_done = True
+        self.idle_since = 0.0
+        self.last_read = 0.0
+        self.keep_alive = True
+        self.head_only = False
+        self.until_close = False
+        self.on_pause: Callable[[bool], None] | None = None
+
+    @property
+    def reusable(self) -> bool:
+        """Nothing of the last exchange is left on the wire, and the engine keeps the connection open."""
+        return (not self.closed and self.keep_alive and self.sink is None and self.request_sent
+                and self.response_done)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def begin(self, sink: ResponseSink, head_only: bool, now: float) -> None:
+        self.sink = sink
+        self.head_only = head_only
+        self.received = False
+        self.until_close = False
+        self.keep_alive = True
+        self.request_sent = self.response_done = self._interim = False
+        self.last_read = now
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        self.last_read = asyncio.get_running_loop().time()
+        if self.sink is None:
+            self.abort()  # the engine spoke out of turn: this connection cannot be trusted for reuse
+            return
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._lost(f"malformed answer from the engine: {exc}")
+            self.abort()
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                self._lost("the engine switched protocols (101): the gate does not proxy upgrades")
+                self.abort()
+                return
+            self._interim = True  # 100 Continue, 103 Early Hints: the answer is still to come
+            return
+        self.keep_alive = parser.should_keep_alive()
+        framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self._headers)
+        self.until_close = not framed and status not in (204, 304) and not self.head_only
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_head(status, self._headers, self)
+        if self.head_only and self.sink is not None:
+            # llhttp cannot be told the answer is to a HEAD; end it here and do not reuse the connection.
+            self.keep_alive = False
+            self._done()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        elif not self.head_only:
+            self._done()
+
+    def _done(self) -> None:
+        sink, self.sink = self.sink, None
+        self.on_pause = None
+        self.response_done = True
+        if sink is not None:
+            sink.on_response_done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.sink is None:
+            self._on_idle_lost(self)
+        elif self.until_close:
+            self._done()  # an answer without framing ends when the engine closes
+        else:
+            self._lost(f"the engine closed the connection{f' ({type(exc).__name__})' if exc else ''}")
+
+    def _lost(self, error: str) -> None:
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.on_upstream_lost(error)
+
+    def pause_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause(True)
+
+    def resume_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause(False)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def finish_request(self, data: bytes = b"") -> None:
+        """Write the last bytes of the request (the whole of it, or the end of its body)."""
+        self.write(data)
+        self.request_sent = True
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is not None and not self.closed:
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Close at once: mid-answer this is how the engine learns to stop (and free its slot)."""
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
 
 
 class UpstreamPool:
@@ -51,7 +219,8 @@ class UpstreamPool:
         return connection
 
     def give_back(self, connection: UpstreamConnection, now: float) -> None:
-        if connection.closed or not connection.keep_alive or connection.sink is not None:
+        """Keep ``connection`` for the next request, if nothing of the last one is left on it; else close it."""
+        if not connection.reusable:
             connection.abort()
             return
         connection.idle_since = now

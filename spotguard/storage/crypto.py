@@ -3,22 +3,27 @@
 Two keys are derived from ``[snapshot] encryption_key_file`` with HKDF-SHA256 (different ``info``), so
 the object key and the manifest key are never the same bytes:
 
-- **objects** (format version 2): a framed AES-256-GCM stream, so a multi-GB KV file is sealed and
-  opened a frame at a time in bounded memory::
+- **objects** (format version 3): a framed AES-256-GCM stream, so a multi-GB KV file is sealed and
+  opened a frame at a time in bounded memory, under a key of its own::
 
-      header = b"SGE2" + frame size (u32, big endian) + nonce prefix (7 random bytes)
+      header = b"SGE3" + frame size (u32, big endian) + salt (32 random bytes)
+      key    = HKDF-SHA256(object key, salt, info="spotguard snapshot v3: object")
       frames = seal(frame_0) + seal(frame_1) + ... ; every frame holds ``frame size`` plaintext bytes but
                the last, which holds 0..frame size
-      nonce  = nonce prefix + frame index (u32, big endian) + last-frame flag (1 byte)
+      nonce  = 7 zero bytes + frame index (u32, big endian) + last-frame flag (1 byte)
       associated data = header + binding(instance_id, event_id, object name)
 
-  The index stops frames being reordered or dropped, the flag stops truncation at a frame boundary,
-  and the binding stops an object being moved to another snapshot or renamed within one.
+  Every object has its own key, so a nonce is never used twice under one key: format version 2 drew a
+  7-byte random nonce prefix per object under the one fleet-wide key, and two objects with the same
+  prefix (odds about n^2 / 2^57 after n objects) reused GCM nonces. The index stops frames being
+  reordered or dropped, the flag stops truncation at a frame boundary, and the binding stops an object
+  being moved to another snapshot or renamed within one.
 - **the manifest**: HMAC-SHA256 over its canonical JSON (sorted keys, no spaces, ASCII), so a reader
   with the key refuses a manifest anyone else changed.
 
-Format version 1 objects (``b"SGE1" + nonce + ciphertext + tag``, the raw key, the object name as
-associated data) are still opened, for snapshots written by older versions.
+Older objects are still opened: version 2 (``b"SGE2" + frame size + 7-byte nonce prefix``, the object key
+itself, nonce = prefix + index + flag) and version 1 (``b"SGE1" + nonce + ciphertext + tag``, the raw key,
+the object name as associated data).
 """
 
 from __future__ import annotations
@@ -38,11 +43,18 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spotguard.errors import ConfigError, StoreError
 
 MAGIC_V1 = b"SGE1"
-MAGIC = b"SGE2"
+MAGIC_V2 = b"SGE2"
+MAGIC = b"SGE3"
+"""What objects are written with; every magic here is read."""
 NONCE_BYTES = 12
 PREFIX_BYTES = 7
+"""Version 2: random nonce prefix per object."""
+SALT_BYTES = 32
+"""Version 3: random HKDF salt per object (a 256-bit salt: two objects never share a key)."""
 TAG_BYTES = 16
-HEADER_BYTES = len(MAGIC) + 4 + PREFIX_BYTES
+HEADER_BYTES = len(MAGIC) + 4 + SALT_BYTES
+HEADER_BYTES_V2 = len(MAGIC_V2) + 4 + PREFIX_BYTES
+_ZERO_PREFIX = bytes(PREFIX_BYTES)
 FRAME_BYTES = 1 << 20
 """Plaintext bytes per frame: small enough to keep memory flat, big enough that the tags cost nothing."""
 MAX_FRAME_BYTES = 16 << 20
@@ -69,11 +81,17 @@ class Key:
     def object_key(self) -> bytes:
         return _derive(self.raw, b"object encryption")
 
+    def key_for_object(self, salt: bytes) -> bytes:
+        """The key of one format version 3 object, from its salt."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt,
+                    info=b"spotguard snapshot v3: object").derive(self.object_key())
+
     def manifest_key(self) -> bytes:
         return _derive(self.raw, b"manifest authentication")
 
     def describe(self) -> dict[str, str]:
-        return {"algorithm": ALGORITHM, "key_id": self.key_id, "framing": f"SGE2, {FRAME_BYTES} byte frames"}
+        return {"algorithm": ALGORITHM, "key_id": self.key_id,
+                "framing": f"SGE3, {FRAME_BYTES} byte frames, a key per object"}
 
 
 def load_key(path: str) -> Key:
@@ -105,9 +123,10 @@ class Sealer:
 
     def __init__(self, key: Key, bound_to: bytes, frame_bytes: int = FRAME_BYTES) -> None:
         self.frame_bytes = frame_bytes
-        self._aead = AESGCM(key.object_key())
-        self._prefix = os.urandom(PREFIX_BYTES)
-        self.header = MAGIC + struct.pack(">I", frame_bytes) + self._prefix
+        salt = os.urandom(SALT_BYTES)
+        self._aead = AESGCM(key.key_for_object(salt))
+        self._prefix = _ZERO_PREFIX  # the key is this object's alone: the frame index makes every nonce unique
+        self.header = MAGIC + struct.pack(">I", frame_bytes) + salt
         self._ad = self.header + bound_to
         self._index = 0
         self._done = False
@@ -137,7 +156,7 @@ def seal(key: Key, bound_to: bytes, plaintext: bytes) -> bytes:
 
 
 class Opener:
-    """Decrypts a stored version 2 object as its bytes arrive; memory stays within about two frames.
+    """Decrypts a stored version 3 (or 2) object as its bytes arrive; memory stays within about two frames.
 
     ``feed`` returns the plaintext of every frame completed so far; ``finish`` the last frame's. Every
     frame is authenticated before its plaintext is returned; a stream cut short fails in ``finish``.
@@ -167,22 +186,35 @@ class Opener:
             raise self._fail("authentication failed (wrong key, or the object was altered, truncated, "
                              "renamed or moved from another snapshot)") from None
 
+    def _read_header(self) -> bool:
+        """Parse the header once it is all in; False while more bytes are needed."""
+        magic = bytes(self._buffer[:len(MAGIC)])
+        if len(magic) < len(MAGIC):
+            return False
+        if magic not in (MAGIC, MAGIC_V2):
+            raise self._fail("not a spotguard-encrypted object (format version 2 or 3)")
+        size = HEADER_BYTES if magic == MAGIC else HEADER_BYTES_V2
+        if len(self._buffer) < size:
+            return False
+        header = bytes(self._buffer[:size])
+        (frame,) = struct.unpack(">I", header[len(MAGIC):len(MAGIC) + 4])
+        if not 0 < frame <= MAX_FRAME_BYTES:
+            raise self._fail(f"frame size {frame} in its header is out of range")
+        self._frame = frame
+        self._ad = header + self._bound_to
+        if magic == MAGIC:
+            self._prefix = _ZERO_PREFIX
+            self._aead = AESGCM(self._key.key_for_object(header[len(MAGIC) + 4:]))
+        else:
+            self._prefix = header[len(MAGIC) + 4:]
+            self._aead = AESGCM(self._key.object_key())
+        del self._buffer[:size]
+        return True
+
     def feed(self, data: bytes) -> bytes:
         self._buffer += data
-        if self._aead is None:
-            if len(self._buffer) < HEADER_BYTES:
-                return b""
-            header = bytes(self._buffer[:HEADER_BYTES])
-            if not header.startswith(MAGIC):
-                raise self._fail("not a spotguard-encrypted object (format version 2)")
-            (frame,) = struct.unpack(">I", header[len(MAGIC):len(MAGIC) + 4])
-            if not 0 < frame <= MAX_FRAME_BYTES:
-                raise self._fail(f"frame size {frame} in its header is out of range")
-            self._frame = frame
-            self._prefix = header[len(MAGIC) + 4:]
-            self._ad = header + self._bound_to
-            self._aead = AESGCM(self._key.object_key())
-            del self._buffer[:HEADER_BYTES]
+        if self._aead is None and not self._read_header():
+            return b""
         out = []
         sealed = self._frame + TAG_BYTES
         # A full frame is known not to be the last only once a byte after it has arrived.
@@ -202,7 +234,7 @@ class Opener:
 
 
 def open_sealed(key: Key, bound_to: bytes, name: str, stored: bytes) -> bytes:
-    """A whole version 2 object opened at once."""
+    """A whole version 3 (or 2) object opened at once."""
     opener = Opener(key, bound_to, name)
     return opener.feed(stored) + opener.finish()
 

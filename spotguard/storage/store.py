@@ -12,7 +12,6 @@ URL forms: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``az://container/pref
 from __future__ import annotations
 
 import builtins
-import ipaddress
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +24,7 @@ from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import AzureStore, GCSStore, LocalStore, S3Store
 
 from spotguard.errors import ConfigError, StoreError
+from spotguard.netloc import is_loopback
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, ObjectStore, RetryConfig, S3Config
@@ -73,16 +73,6 @@ class StoreOptions:
 class ObjectInfo:
     path: str
     size: int
-
-
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _client_options(options: StoreOptions) -> ClientConfig:

@@ -163,8 +163,11 @@ def test_any_request_body_gives_meta_or_none(body: bytes) -> None:
     assert meta is None or (isinstance(meta[0], str) and isinstance(meta[1], bool))
 
 
-def test_a_huge_frame_size_in_a_header_is_refused_before_buffering() -> None:
-    header = crypto.MAGIC + (1 << 31).to_bytes(4, "big") + os.urandom(crypto.PREFIX_BYTES)
+@pytest.mark.parametrize("header", [
+    crypto.MAGIC + (1 << 31).to_bytes(4, "big") + os.urandom(crypto.SALT_BYTES),
+    crypto.MAGIC_V2 + (1 << 31).to_bytes(4, "big") + os.urandom(crypto.PREFIX_BYTES),
+], ids=["v3", "v2"])
+def test_a_huge_frame_size_in_a_header_is_refused_before_buffering(header: bytes) -> None:
     opener = crypto.Opener(KEY, b"", "kv/slot-0.bin")
     with pytest.raises(StoreError, match="frame size"):
         opener.feed(header)
@@ -172,7 +175,7 @@ def test_a_huge_frame_size_in_a_header_is_refused_before_buffering() -> None:
 
 @given(st.data())
 @settings(max_examples=50, deadline=None)
-def test_v2_objects_are_bound_to_instance_event_and_name(data: st.DataObject) -> None:
+def test_objects_are_bound_to_instance_event_and_name(data: st.DataObject) -> None:
     parts = data.draw(st.tuples(st.text(max_size=10), st.text(max_size=10), st.text(max_size=10)))
     other = data.draw(st.tuples(st.text(max_size=10), st.text(max_size=10), st.text(max_size=10)))
     assume(parts != other)

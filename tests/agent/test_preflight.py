@@ -93,8 +93,14 @@ def test_the_load_balancer_must_target_the_gate_not_the_engine() -> None:
 def test_peers_are_checked_where_the_gate_is_on() -> None:
     lonely = peers_check(config(**GATED))
     assert lonely is not None and lonely.level == "warning" and "peers is empty" in lonely.detail
-    paired = peers_check(config(gate={**GATED["gate"], "peers": ["http://10.0.0.2:8080"]}))
+    paired = peers_check(config(gate={**GATED["gate"], "peers": ["https://10.0.0.2:8080", "http://127.0.0.1:8081",
+                                                                 "http://localhost:8082", "http://[::1]:8083"]}))
     assert paired is not None and paired.level == "ok"
+    clear = peers_check(config(gate={**GATED["gate"], "peers": ["https://10.0.0.2:8080", "http://10.0.0.3:8080",
+                                                                "http://llm-internal.example"]}))
+    assert clear is not None and clear.level == "warning"
+    assert "http://10.0.0.3:8080, http://llm-internal.example: plain http" in clear.detail
+    assert "https://10.0.0.2" not in clear.detail
     assert peers_check(config()) is None  # no gate: nothing to move requests with
 
 

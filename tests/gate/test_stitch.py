@@ -85,6 +85,23 @@ def test_continuation_bodies() -> None:
         continuation_body(chat, chat=True, output="", delivered=0, tool_call_started=True)
 
 
+@pytest.mark.parametrize("key", ["n", "best_of", "max_tokens", "max_completion_tokens", "n_predict"])
+@pytest.mark.parametrize("value", [2.0, 10.0, "3", True, [1], {"n": 1}])
+def test_a_count_or_limit_that_is_not_an_integer_is_not_continued(key: str, value: object) -> None:
+    """vLLM reads n: 2.0 as two choices and a string max_tokens as whatever its validator makes of it: a
+    continuation would then get several choices, or the whole budget again."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, key: value}
+    with pytest.raises(NotContinuable, match=f"not an integer \\({key}\\)"):
+        continuation_body(chat, chat=True, output="x", delivered=2)
+
+
+def test_null_counts_are_absent() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": None, "n": None,
+            "best_of": None}
+    body = continuation_body(chat, chat=True, output="x", delivered=2)
+    assert body["max_tokens"] is None and body["messages"][-1] == {"role": "assistant", "content": "x"}
+
+
 def test_peers_rotate_and_a_failed_one_goes_last() -> None:
     from spotguard.errors import ConfigError
     from spotguard.gate.peers import Peers
