@@ -96,6 +96,10 @@ class Behaviour:
     peer_miss: float = 0.0
     """Chance that a hand-off or migration lands back on this node while the balancer still routes to it
     (when the peer is the balancer itself, as in bench/fleet.py); it fails then."""
+    drain_deadline_s: float = 0.0
+    """When the drain must be over (the window less the safety margin): with peers, a request that would
+    still be running then is handed over when the drain begins (``refuses_at_s``), not at ``cut_at_s``
+    (the gate's estimate, gate/estimate.py, taken as exact here)."""
 
     @property
     def label(self) -> str:
@@ -131,8 +135,9 @@ def behaviours(measured: Measured, window_s: float, *, sigterm_at_notice: bool, 
                                     0.0, 0.0, 0.0, None)
             continue
         peers = {"peers-zone": "zone", "peers-cross": "cross", "resume": "cross"}.get(policy, "")
-        cut = detect + wait_inflight_budget(left, drain, snapshot=snapshot)
+        cut = detect + wait_inflight_budget(left, drain, snapshot=snapshot, peers=bool(peers))
         out[policy] = Behaviour(policy, window_s, detect, True, min(cut, window_s), min(lb_stop, dead_until),
                                 lb_redispatch, measured.refused_without_peers, peers, measured.handed_ok, measured.migrated_ok,
-                                measured.seam_s, measured.resume_delay_s if policy == "resume" else None)
+                                measured.seam_s, measured.resume_delay_s if policy == "resume" else None,
+                                drain_deadline_s=detect + left)
     return out

@@ -118,6 +118,8 @@ def outcome(req: Request, behaviour: Behaviour, engine: Engine, client: Client, 
                             generated_before=0, reprefill=0, busy_s=0.0, rng=rng)
     end = t0 + service_s
     cut = behaviour.cut_at_s
+    if behaviour.peers and peer_alive and end > behaviour.drain_deadline_s:
+        cut = max(behaviour.refuses_at_s, t0)  # handed over as the drain begins: it would not finish here
     if end <= cut:
         return Outcome(False, req.output_tokens, req.output_tokens, 0, 0.0, False, max(0.0, end - max(t0, 0.0)))
     busy = max(0.0, cut - max(t0, 0.0))

@@ -89,19 +89,25 @@ async def inflight_count(ctx: DrainContext) -> InflightReading:
     return InflightReading(max(counts) if counts else None, unreadable)
 
 
-def wait_inflight_budget(left: float, drain: DrainConfig, *, snapshot: bool) -> float:
+RECORDS_RESERVE = 1.0
+"""Seconds kept for the snapshot after the wait when peers take what is left: it only writes small records
+of answers already continued elsewhere (their KV is not needed: the peer prefills again)."""
+
+
+def wait_inflight_budget(left: float, drain: DrainConfig, *, snapshot: bool, peers: bool) -> float:
     """Seconds wait_inflight may wait when ``left`` seconds remain to the drain deadline.
 
-    With peers no time is kept for them: the gate hands over at once, when the drain begins, every answer
-    that will not finish here by the drain deadline (``gate/estimate.py``); what it keeps is expected to
-    finish, and the migrate step after this wait continues anything that still has not.
+    With peers the wait lasts almost to the drain deadline: the gate hands over at once, when the drain
+    begins, every answer that will not finish here by then (``gate/estimate.py``), so what runs here is
+    expected to finish; the migrate step after this wait continues anything that still has not. Without
+    peers the snapshot saves whatever is still running, so waiting never eats all of its time.
 
     A pure function of the plan, so bench/fleetsim.py can tell when a drain cuts what is still running.
     """
     reserve = tail_reserve(left)
     if snapshot:
-        # The snapshot saves whatever is still running: never let waiting eat all of its time.
-        reserve += min(drain.snapshot_budget, 0.5 * (left - reserve))
+        share = RECORDS_RESERVE if peers else 0.5 * (left - reserve)
+        reserve += min(drain.snapshot_budget, share)
     return max(0.0, min(drain.wait_inflight_budget, left - reserve))
 
 
@@ -118,7 +124,8 @@ class WaitInflight:
     floor = 0.0
 
     def budget(self, ctx: DrainContext) -> float:
-        return wait_inflight_budget(ctx.seconds_left(), ctx.config.drain, snapshot=ctx.services.snapshot is not None)
+        return wait_inflight_budget(ctx.seconds_left(), ctx.config.drain, snapshot=ctx.services.snapshot is not None,
+                                    peers=hands_to_peers(ctx))
 
     async def run(self, ctx: DrainContext) -> str | StepResult:
         begin = anyio.current_time()

@@ -1,8 +1,11 @@
 """A ``bench/fleet.py --json`` document written by hand, in that bench's schema and design, for the simulator's
 tests until a measured one is committed as ``bench/data/fleet.json``.
 
-Its counts are the ones the fleet issue quoted from an early measurement (with spotguard lost 0/85, 1/2,
-1/2, 0/26; without 0/81, 0/2, 1/2, 0/26); its requests follow bench/fleet.py's design: 3 nodes, a 12 s window,
+Its baseline counts are the ones the fleet issue quoted from an early measurement (without spotguard lost 0/81,
+0/2, 1/2, 0/26); spotguard's are today's product without the resumable client (0/85, 0/2, 1/2, 0/26: a
+request that cannot finish locally is handed over when the drain begins, and a peer that is the balancer is
+tried again when it routes the request back, so only the stream relayed until the VM goes is lost without
+resume); its requests follow bench/fleet.py's design: 3 nodes, a 12 s window,
 engines at 50 tokens/s, the long requests sent 1.5 s before the notice (375 tokens "finishable", 975
 "outlasting", a stream and a plain call each), 20-token background requests from 3 clients, HAProxy
 checks 1 s apart, DOWN after 3.
@@ -57,7 +60,7 @@ def document(*, spotguard_during_lost: int = 0, resumed_after_s: float | None = 
     lost (a measurement the model must NOT match); ``resumed_after_s``: spotguard's streams went through the
     resumable client and its outlasting stream completed that many seconds late."""
     base_lost = {"finishable": [False, False], "outlasting": [True, False]}
-    guard_lost = {"finishable": [True, False], "outlasting": [True, False]}
+    guard_lost = {"finishable": [False, False], "outlasting": [True, False]}
     baseline = [_round(during=81, others_before=20, others_after=6, lost=base_lost, generated=5185, lb_down=14.7,
                        spotguard=False),
                 _round(during=79, others_before=20, others_after=6, lost=base_lost, generated=5160, lb_down=14.6,
