@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._harness import free_port, proc_cpu_seconds, proc_rss_mb  # noqa: E402
 from spotguard.asgi import Receive, Scope, Send, read_body, serve  # noqa: E402
-from spotguard.gate.proxy import nodelay_socket  # noqa: E402
+from spotguard.gate.listen import nodelay_socket  # noqa: E402
 
 CONCURRENCY = (1, 50, 200)
 RATE = 150.0
@@ -100,7 +100,8 @@ def serve_role(role: str, port: int, upstream: str) -> None:
     if role == "engine":
         anyio.run(serve, engine_app(), nodelay_socket("127.0.0.1", port))  # type: ignore[arg-type]
         return
-    from spotguard.gate.proxy import Gate, run_gate
+    from spotguard.gate.listen import run_gate
+    from spotguard.gate.proxy import Gate
     from spotguard.metrics import Metrics
 
     async def gate() -> None:

@@ -19,9 +19,9 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from spotguard.gate.http1 import ClientConnection, status_line
+from spotguard.gate.http1 import ClientConnection
 from spotguard.gate.peers import DROPPED_REASON_HEADER
-from spotguard.gate.request import Request
+from spotguard.gate.request import Request, status_line
 
 if TYPE_CHECKING:
     from spotguard.gate.stamp import Stamp

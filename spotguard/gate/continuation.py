@@ -98,3 +98,12 @@ def continuation_body(body: dict[str, Any], *, chat: bool, output: str, delivere
     else:
         follow["prompt"] = _prompt_text(body.get("prompt")) + output
     return follow
+
+
+def continuable(body: dict[str, Any], *, chat: bool) -> bool:
+    """The request itself allows a continuation elsewhere (what its answer so far will say is not known yet)."""
+    try:
+        continuation_body(body, chat=chat, output="", delivered=0)
+    except NotContinuable:
+        return False
+    return True

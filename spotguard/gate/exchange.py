@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from spotguard.gate.answer import ClientAnswer, json_headers
 from spotguard.gate.assemble import answer_json, streamable, streaming_body
-from spotguard.gate.continuation import NotContinuable, continuation_body
+from spotguard.gate.continuation import NotContinuable, continuable, continuation_body
 from spotguard.gate.estimate import token_limit
 from spotguard.gate.handover import CONTINUES_HEADER, Continues
 from spotguard.gate.held import Origin
@@ -153,7 +153,7 @@ class LocalExchange(Leg):
             self.body = json.dumps(streaming_body(original), ensure_ascii=False).encode()
             self.assembling = True
         self.parser = OutputParser(chat=chat, slot_id=slot)
-        self.continuable = _continuable(original, chat=chat)
+        self.continuable = continuable(original, chat=chat)
         self.flight = Flight(id=gate.registry.new_id(), endpoint=request.path, model=model, body=body, stream=stream,
                              parser=self.parser, owner=self, limit=token_limit(original))
         gate.registry.add(self.flight)
@@ -374,12 +374,7 @@ class LocalExchange(Leg):
         relay.body = json.dumps(body, ensure_ascii=False).encode()
         holding, stamp = self.gate.holding, answer.stamp
         if holding is not None and stamp is not None:
-            identity = parser.identity or (self.cont.identity if self.cont is not None else AnswerIdentity())
-            handover = Continues(fingerprint=stamp.answer.fingerprint, base=stamp.offset,
-                                 tokens=(self.cont.tokens if self.cont is not None else 0) + parser.content_events,
-                                 prefix_chars=len(self.prefix + parser.text), stream=stamp.answer.origin.stream,
-                                 chat=self.endpoint == "chat", identity=identity,
-                                 role_sent=parser.role_sent or (self.cont is not None and self.cont.role_sent))
+            handover = Continues.of(stamp, parser, before=self.cont, prefix=self.prefix, chat=self.endpoint == "chat")
             relay.extra_headers += ((CONTINUES_HEADER, handover.to_header(holding.key)),)
         relay.next_peer()
 
@@ -404,10 +399,3 @@ class LocalExchange(Leg):
         if parser is not None and parser.errors:
             gate.log.warning("gate_malformed_upstream", endpoint=self.endpoint, errors=parser.errors)
 
-
-def _continuable(body: dict[str, object], *, chat: bool) -> bool:
-    try:
-        continuation_body(body, chat=chat, output="", delivered=0)
-    except NotContinuable:
-        return False
-    return True

@@ -25,11 +25,15 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spotguard.gate.cursor import CursorKey
 from spotguard.gate.stitch import AnswerIdentity
 from spotguard.resume_names import FINGERPRINT
+
+if TYPE_CHECKING:
+    from spotguard.gate.output import OutputParser
+    from spotguard.gate.stamp import Stamp
 
 CONTINUES_HEADER = b"spotguard-continues"
 _PURPOSE = b"continues"
@@ -49,6 +53,17 @@ class Continues:
     chat: bool
     identity: AnswerIdentity
     role_sent: bool
+
+    @classmethod
+    def of(cls, stamp: Stamp, parser: OutputParser, *, before: Continues | None, prefix: str,
+           chat: bool) -> Continues:
+        """Where the client of the answer ``stamp`` holds is, to hand it over: what this gate produced
+        (``parser``), on top of what it was handed itself (``before``, ``prefix``) if it continued it."""
+        return cls(fingerprint=stamp.answer.fingerprint, base=stamp.offset,
+                   tokens=(before.tokens if before is not None else 0) + parser.content_events,
+                   prefix_chars=len(prefix + parser.text), stream=stamp.answer.origin.stream, chat=chat,
+                   identity=parser.identity or (before.identity if before is not None else AnswerIdentity()),
+                   role_sent=parser.role_sent or (before is not None and before.role_sent))
 
     def prefix_of(self, body: dict[str, Any]) -> str:
         """The output so far, as the continuation ``body`` carries it (the end of its last message or prompt)."""

@@ -20,8 +20,10 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+import anyio
 import structlog
 
+from spotguard.errors import StoreError
 from spotguard.gate.cursor import AnswerCursors, CursorKey, advertised_holder, new_answer_id
 from spotguard.gate.held import HeldBook, Origin
 from spotguard.gate.stamp import Stamp
@@ -29,8 +31,9 @@ from spotguard.gate.targets import Target
 
 if TYPE_CHECKING:
     from spotguard.config import Config
+    from spotguard.gate.stitch import AnswerIdentity
     from spotguard.metrics import Metrics
-    from spotguard.storage.answer_index import AnswerIndex
+    from spotguard.storage.answer_index import AnswerIndex, IndexEntry
 
 LAST_EVENT_ID = b"last-event-id"
 RESUME_HEADER = b"spotguard-resume"
@@ -144,6 +147,28 @@ class Holding:
         for target in self.targets.values():
             target.pool.close()
         self.targets.clear()
+
+    def index_entry(self, *, answer_id: str, holder: str, fingerprint: str, origin: Origin, output: str, tokens: int,
+                    delivered: int, identity: AnswerIdentity, role_sent: bool, prefix: str) -> IndexEntry:
+        """The index entry of an answer cut here: who holds it now, and what its client has."""
+        from spotguard.storage.answer_index import IndexEntry, KeptIdentity
+
+        now = time.time()
+        return IndexEntry(answer_id=answer_id, fingerprint=fingerprint, holder=holder, endpoint=origin.endpoint,
+                          model=origin.model, stream=origin.stream, body=origin.body, output=output,
+                          delivered=delivered, tokens=tokens, prefix=prefix,
+                          identity=KeptIdentity(id=identity.id, created=identity.created, model=identity.model,
+                                                object=identity.object, role_sent=role_sent),
+                          created=now, expires=now + self.ttl)
+
+    async def write_index(self, entry: IndexEntry, seconds: float, log: structlog.stdlib.BoundLogger) -> None:
+        """Write ``entry`` within ``seconds``; a store that fails is logged (ids only), never raised."""
+        if self.index is None:
+            return
+        try:
+            await self.index.write(entry, deadline=anyio.current_time() + seconds)
+        except StoreError as exc:
+            log.warning("resume_index_write_failed", answer=entry.answer_id, error=str(exc))
 
     def moved_to(self, answer_id: str, token: str, base: int) -> None:
         self.moved[answer_id] = (token, base, time.time() + self.ttl)

@@ -19,7 +19,6 @@ is in upstream.py, the request itself in request.py.
 from __future__ import annotations
 
 import asyncio
-import http
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -27,20 +26,13 @@ from typing import Protocol, cast
 import httptools
 
 from spotguard.gate.limits import ClientConnections
-from spotguard.gate.request import Request
+from spotguard.gate.request import VERSIONS, Request
 
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade",
-})
 MAX_PIPELINED = 16
 """Requests queued on one client connection (pipelining) before it is closed."""
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 256 << 20
 """How long, and how much, a closing connection still reads and drops (see ``ClientConnection.close``)."""
-VERSIONS = frozenset({"1.1", "1.0"})
-
-_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUSY_BODY = b'{"error":{"message":"the gate holds its maximum of connections; retry","type":"unavailable","code":503}}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
@@ -49,10 +41,6 @@ _PAUSED_UPSTREAM = 1
 """Reading paused because the engine reads the body slower than the client sends it."""
 _PAUSED_AHEAD = 2
 """Reading paused because ``read_ahead`` bytes of pipelined requests are waiting."""
-
-
-def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
 
 
 def _discard(_: bytes) -> None:

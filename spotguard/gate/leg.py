@@ -13,8 +13,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from spotguard.gate.answer import LAST_CHUNK, ClientAnswer
-from spotguard.gate.http1 import HOP_BY_HOP
-from spotguard.gate.request import Request
+from spotguard.gate.request import HOP_BY_HOP, Request
 from spotguard.gate.targets import Target
 from spotguard.gate.upstream import UpstreamConnection
 

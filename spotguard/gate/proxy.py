@@ -28,23 +28,20 @@ import dataclasses
 import socket
 import time
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import anyio
 import structlog
-from anyio.abc import TaskStatus
 from prometheus_client import Counter
 
-from spotguard.asgi import Bound
-from spotguard.config import GateConfig, parse_listen
-from spotguard.errors import ConfigError, GateError, StoreError
+from spotguard.config import GateConfig
+from spotguard.errors import ConfigError
 from spotguard.gate.answer import error_body, json_error
 from spotguard.gate.context import Tracked
 from spotguard.gate.estimate import finishes_within
 from spotguard.gate.exchange import LocalExchange
 from spotguard.gate.held import Origin
 from spotguard.gate.holding import Holding, retry_signal
-from spotguard.gate.http1 import ClientConnection, status_line
+from spotguard.gate.http1 import ClientConnection
 from spotguard.gate.journal import LocalJournal
 from spotguard.gate.leg import drop
 from spotguard.gate.limits import ClientConnections, ClientLimits, fd_limit
@@ -52,15 +49,12 @@ from spotguard.gate.peers import FORWARDED_HEADER, Peers
 from spotguard.gate.protocol import DesiredState, HeldState, JournalEntry
 from spotguard.gate.registry import Registry
 from spotguard.gate.relay import PeerRelay
-from spotguard.gate.request import Request
+from spotguard.gate.request import Request, status_line
 from spotguard.gate.resume import Resumption
 from spotguard.gate.routes import Routes
 from spotguard.gate.stitch import AnswerIdentity
 from spotguard.gate.targets import Target
 from spotguard.metrics import Metrics
-
-if TYPE_CHECKING:
-    from spotguard.storage.answer_index import AnswerIndex, IndexEntry
 
 JOURNALED = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 """Paths whose POSTs are journaled, and their label in metrics."""
@@ -281,25 +275,12 @@ class Gate:
         holding = self.holding
         if holding is None or holding.index is None:
             return
-        from spotguard.storage.answer_index import IndexEntry, KeptIdentity
-
-        ident = identity or AnswerIdentity()
-        now = time.time()
-        entry = IndexEntry(answer_id=answer_id, fingerprint=fingerprint, holder=holder, endpoint=origin.endpoint,
-                           model=origin.model, stream=origin.stream, body=origin.body, output=output,
-                           delivered=delivered, tokens=tokens, prefix=prefix,
-                           identity=KeptIdentity(id=ident.id, created=ident.created, model=ident.model,
-                                                 object=ident.object, role_sent=role_sent),
-                           created=now, expires=now + holding.ttl)
+        entry = holding.index_entry(answer_id=answer_id, holder=holder, fingerprint=fingerprint, origin=origin,
+                                    output=output, tokens=tokens, delivered=delivered,
+                                    identity=identity or AnswerIdentity(), role_sent=role_sent, prefix=prefix)
         vm = self._state.vm_deadline
-        seconds = max(0.5, min(INDEX_WRITE_TIMEOUT, vm.timestamp() - now if vm is not None else INDEX_WRITE_TIMEOUT))
-        self.spawn(self._write_index(holding.index, entry, seconds))
-
-    async def _write_index(self, index: AnswerIndex, entry: IndexEntry, seconds: float) -> None:
-        try:
-            await index.write(entry, deadline=anyio.current_time() + seconds)
-        except StoreError as exc:
-            self.log.warning("resume_index_write_failed", answer=entry.answer_id, error=str(exc))
+        left = vm.timestamp() - time.time() if vm is not None else INDEX_WRITE_TIMEOUT
+        self.spawn(holding.write_index(entry, max(0.5, min(INDEX_WRITE_TIMEOUT, left)), self.log))
 
     def migration_stats(self) -> dict[str, Any]:
         """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled, and
@@ -388,6 +369,10 @@ class Gate:
         if self.legs or (holding is not None and (len(holding.book) or holding.moved)):
             self._sweeper = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._sweep)
 
+    def listening(self, server: asyncio.AbstractServer) -> None:
+        """A server accepting this gate's clients (``listen.run_gate``): closed with the gate."""
+        self._servers.append(server)
+
     def stop_listening(self) -> None:
         for server in self._servers:
             server.close()
@@ -413,41 +398,3 @@ class Gate:
         self.peers.close()
         if self.holding is not None:
             self.holding.close()
-
-
-def nodelay_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket whose accepted connections have Nagle off (Linux copies the option to them);
-    without it a client that writes headers and body separately waits ~40 ms for delayed ACKs."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-def listen_socket(listen: str) -> socket.socket:
-    """The gate's listening socket for ``[gate] listen``; a clear GateError when it cannot be had."""
-    host, port = parse_listen(listen, "[gate] listen")
-    try:
-        return nodelay_socket(host, port)
-    except OSError as exc:
-        raise GateError(f"the gate cannot listen on {listen} ([gate] listen): {exc.strerror or exc}") from None
-
-
-async def run_gate(gate: Gate, listen: str, sock: socket.socket | None = None, *,
-                   task_status: TaskStatus[Bound] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``gate`` on ``sock`` (else a new socket for ``listen``) until cancelled, then close it."""
-    if sock is None:
-        sock = listen_socket(listen)
-    loop = asyncio.get_running_loop()
-    try:
-        server = await loop.create_server(lambda: ClientConnection(gate, gate.connections), sock=sock, backlog=2048)
-        gate._servers.append(server)
-        name = sock.getsockname()
-        task_status.started(Bound(str(name[0]), int(name[1])))
-        await anyio.sleep_forever()
-    finally:
-        await gate.aclose()

@@ -3,7 +3,22 @@ arrives. ``ClientConnection`` (http1.py) fills it; whoever serves the request ta
 
 from __future__ import annotations
 
+import http
 from collections.abc import Callable
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade",
+})
+"""Headers that concern one connection, never passed on by a proxy (RFC 9110 section 7.6.1)."""
+VERSIONS = frozenset({"1.1", "1.0"})
+"""The HTTP versions the gate speaks (another gets 505)."""
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+
+
+def status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+
 
 NO_BODY_METHODS = frozenset({b"GET", b"HEAD"})
 """A body here is refused: an engine that ignores it leaves the bytes to be read as a second, hidden request."""

@@ -21,7 +21,8 @@ from spotguard.errors import GateError
 from spotguard.gate.control import GateControl, control_path, listen_unix, serve_control
 from spotguard.gate.holding import Holding
 from spotguard.gate.limits import raise_fd_limit
-from spotguard.gate.proxy import Gate, listen_socket, run_gate
+from spotguard.gate.listen import listen_socket, run_gate
+from spotguard.gate.proxy import Gate
 from spotguard.metrics import Metrics
 from spotguard.netloc import cleartext_peers
 

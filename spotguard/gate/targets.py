@@ -13,8 +13,7 @@ import ssl
 from urllib.parse import urlsplit
 
 from spotguard.errors import ConfigError
-from spotguard.gate.http1 import HOP_BY_HOP
-from spotguard.gate.request import Request
+from spotguard.gate.request import HOP_BY_HOP, Request
 from spotguard.gate.upstream import UpstreamPool
 
 NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}

@@ -13,7 +13,7 @@ import pytest
 
 from spotguard.asgi import serve
 from spotguard.gate.control import call
-from spotguard.gate.proxy import nodelay_socket
+from spotguard.gate.listen import nodelay_socket
 from tests.support._gate_process import gate_process
 from tests.support.openai_upstream import FakeEngine
 

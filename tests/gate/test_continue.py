@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from spotguard.asgi import Receive, Scope, Send, read_body, serve
+from spotguard.gate.listen import nodelay_socket
 from spotguard.gate.protocol import DesiredState, EntryState
-from spotguard.gate.proxy import nodelay_socket
 from tests.support.gate import StartGate
 from tests.support.openai_upstream import FakeEngine, token
 

@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from spotguard.asgi import serve
+from spotguard.gate.listen import nodelay_socket
 from spotguard.gate.protocol import DesiredState, EntryState, HeldState
-from spotguard.gate.proxy import RELAY_END_MARGIN, nodelay_socket
+from spotguard.gate.proxy import RELAY_END_MARGIN
 from tests.support.gate import RunningGate, StartGate
 from tests.support.openai_upstream import FakeEngine
 

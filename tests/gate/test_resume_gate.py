@@ -24,8 +24,8 @@ from spotguard.asgi import serve
 from spotguard.gate.cursor import CursorKey
 from spotguard.gate.held import HeldBook
 from spotguard.gate.holding import Holding
+from spotguard.gate.listen import nodelay_socket
 from spotguard.gate.protocol import DesiredState, EntryState
-from spotguard.gate.proxy import nodelay_socket
 from spotguard.metrics import Metrics
 from spotguard.storage.answer_index import AnswerIndex
 from spotguard.storage.store import StoreOptions, open_store

@@ -9,8 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
+from spotguard.gate.listen import run_gate
 from spotguard.gate.protocol import JournalEntry
-from spotguard.gate.proxy import Gate, run_gate
+from spotguard.gate.proxy import Gate
 from spotguard.metrics import Metrics
 
 

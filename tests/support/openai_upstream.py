@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from spotguard.asgi import Receive, Scope, Send, read_body, serve
-from spotguard.gate.proxy import nodelay_socket
+from spotguard.gate.listen import nodelay_socket
 
 MODEL = "fake-model"
 
