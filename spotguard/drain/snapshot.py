@@ -1,9 +1,10 @@
 """The snapshot step: save the context of requests still in flight, so another replica can resume them.
 
-The step owns what it reads and what it tells the gate: on llama.cpp it lists the busy slots, cuts the
-streams (the gate settles them: output final, slot free, ~50 ms) so the records and the saved KV hold the
-same tokens, hands everything to the store (``storage/snapshot.py``) with a deadline, and tells the gate
-to forget the cut requests whose records were stored.
+The step owns what it reads and what it tells the gate: on llama.cpp it lists the busy slots; it cuts what
+still runs (the gate settles each at once: output final, the engine's slot free; with peers it continues
+them there instead), so that a request is never both answered here and resumable from its record, and the
+records and the saved KV hold the same tokens; it hands everything to the store (``storage/snapshot.py``)
+with a deadline, and tells the gate to forget the cut requests whose records were stored.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ async def take_snapshot(ctx: DrainContext, snapshotter: Snapshotter) -> str:
     instance = ctx.services.identity.instance_id or config.agent.instance_id or socket.gethostname()
     result = await snapshotter.save(inflight, kv=kv, notice=ctx.notice, instance=instance, deadline=deadline,
                                     log=ctx.log, metrics=ctx.metrics)
-    if kv is not None and ctx.services.journal is not None:
+    if ctx.services.journal is not None:
         # The gate keeps the requests it cut until their records are stored; a gate that is gone has
         # forgotten them anyway.
         with contextlib.suppress(GateError):
@@ -106,8 +107,11 @@ class _Reading:
                 except EngineError as exc:
                     self.problem("engine", f"engine slots: {exc}")
             if journal is not None:
+                # Whatever still runs is cut (or, with peers, continued there) before it is recorded: a request is
+                # never both answered here and resumable from its record, which would compute it twice. On
+                # llama.cpp the cut also frees the slot, so the record and the saved KV hold the same tokens.
                 settle = min(1.0, 0.1 * (budget - manifest_reserve(budget)))
-                self.requests = await journal.interrupt_and_wait(settle) if kv else await journal.entries()
+                self.requests = await journal.interrupt_and_wait(settle)
         except GateError as exc:
             self.problem("gate", f"gate journal: {exc}")
             self.requests = []

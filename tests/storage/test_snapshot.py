@@ -30,6 +30,8 @@ from spotguard.storage.store import MissingObject, StoreOptions, open_store
 from spotguard.storage.upload import put_file
 from tests.storage.conftest import StallWhen, fill_journal, make_ctx, take_snapshot
 from tests.support.azurite import create_container
+from tests.support.gate import StartGate
+from tests.support.openai_upstream import FakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -80,7 +82,8 @@ async def test_encryption_round_trip(moto_url: str, bucket: str, tmp_path: Path)
     key_file.write_text(os.urandom(32).hex() + "\n")
     config = s3_config(bucket, moto_url, encryption_key_file=str(key_file))
     journal = fill_journal(3)
-    secret = json.loads(list(journal)[0].body)["messages"][0]["content"]
+    bodies = [r.body for r in journal]  # the journal forgets them once their records are stored
+    secret = json.loads(bodies[0])["messages"][0]["content"]
     url = f"s3://{bucket}/spotguard/i-test/evt-1"
     options = StoreOptions(endpoint_url=moto_url)
     async with httpx.AsyncClient() as http:
@@ -98,7 +101,7 @@ async def test_encryption_round_trip(moto_url: str, bucket: str, tmp_path: Path)
     assert right.manifest.encryption["algorithm"] == "AES-256-GCM"
     assert right.trust.authenticated and right.manifest.version == 2
     assert all(e.encrypted for e in right.manifest.objects)
-    assert [r.body_bytes() for r in records] == [r.body for r in list(journal)]
+    assert [r.body_bytes() for r in records] == bodies and len(journal) == 0
 
 
 def test_key_file_must_be_32_bytes_or_64_hex(tmp_path: Path) -> None:
@@ -252,3 +255,26 @@ async def test_kv_files_stream_up_sealed_and_come_back_whole(moto_url: str, buck
         head = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1").head_object(
             Bucket=bucket, Key=f"spotguard/i-test/evt-1/{name}")
         assert "-" in head["ETag"], "a big slot file goes up as a multipart upload"
+
+
+async def test_a_recorded_request_is_cut_so_it_is_never_answered_twice(tmp_path: Path, fake_engine: FakeEngine,
+                                                                      start_gate: StartGate) -> None:
+    # No peers, an engine that is not llama.cpp: what still runs is cut before it is recorded. Were it left
+    # running, its client would get the whole answer while `spotguard resume` computed it again.
+    gw = await start_gate(fake_engine.url)
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps").replace("server", kind="vllm")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                       "max_tokens": 8, "x_hold_after": 3}).encode()
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        with anyio.fail_after(20):
+            async with client.stream("POST", "/v1/chat/completions", content=body) as response:
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: ") and fake_engine.holding:
+                        break
+                detail = await take_snapshot(make_ctx(config, client, gw.gate.journal))
+                rest = [line async for line in lines if line.startswith("data: ")]
+    assert "1/1 records" in detail
+    assert json.loads(rest[-1][6:])["error"]["type"] == "interrupted_for_migration"  # cut, not finished here
+    assert gw.entries() == []  # recorded, then forgotten by the gate
+    fake_engine.release.set()
