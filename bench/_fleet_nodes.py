@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 
 from spotguard.config import Config, to_toml
+from spotguard.demo.node import fleet_key
 from spotguard.demo.processes import Processes, free_port, wait_http
 from spotguard.gate.control import call
 
@@ -93,16 +94,6 @@ def plain_node(name: str, engine: EngineProcess) -> Node:
     """A node without spotguard: HAProxy talks to the engine and checks its /health (200 while it drains)."""
     port = int(engine.url.rsplit(":", 1)[1])
     return Node(name, engine, serve_port=port, check_port=port, check_uri="/health")
-
-
-def fleet_key(work: Path) -> Path:
-    """The fleet's resume secret: one file, the same on every node (``[resume] key_file``)."""
-    path = work / "resume.key"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(os.urandom(32))
-    return path
 
 
 def node_config(work: Path, name: str, engine: EngineProcess, *, http_port: int, gate_port: int, lb_url: str,

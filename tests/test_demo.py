@@ -18,7 +18,8 @@ from spotguard.demo.traffic import summary_line
 from tests.support.llama import find_llama_server
 
 pytestmark = pytest.mark.anyio
-SUMMARY = re.compile(r"^in-flight requests: (\d+) sent, (\d+) completed, (\d+) lost( \(.+\))?$")
+SUMMARY = re.compile(r"^in-flight requests: (\d+) sent, (\d+) completed, (\d+) lost(; (\d+) finished by replica 2 "
+                     r"after this node's deadline)?( \(.+\))?$")
 DEMO_TIMEOUT = 150.0
 """The short demo takes ~15 s alone; a busy 2-core machine may be several times slower."""
 
@@ -35,10 +36,12 @@ def _check(run: Run, line: str, printed: list[str]) -> None:
     match = SUMMARY.match(line)
     assert match, line
     sent, completed, lost = (int(g) for g in match.groups()[:3])
-    assert line.startswith(summary_line(run.answers)) and sent == len(SHORT.asks) == len(run.answers)
+    assert line.startswith(summary_line(run.answers, vm_gone_at=run.vm_gone_at))
+    assert sent == len(SHORT.asks) == len(run.answers)
     assert completed == sum(a.completed for a in run.answers) and sent == completed + lost
     assert run.node is not None
-    assert lost == 0, [a.outcome() for a in run.answers]  # what outlasts the wait is moved to replica 2
+    assert lost == 0, [a.outcome() for a in run.answers]  # what outlasts the window is finished by replica 2
+    assert match.group(5) == "1", line  # the long stream: after this node's deadline, whole all the same
     outcomes = {s["name"]: s["outcome"] for s in run.status["steps"]}
     assert {k: outcomes[k] for k in ("readiness", "stop_accepting", "deregister", "snapshot", "notify_start",
                                      "notify_end")} == dict.fromkeys(
@@ -66,7 +69,8 @@ def _check(run: Run, line: str, printed: list[str]) -> None:
 async def test_short_demo_with_the_stand_in_engine(tmp_path: Path) -> None:
     run, line, printed = await _demo(tmp_path, llama=False)
     _check(run, line, printed)
-    assert line == "in-flight requests: 3 sent, 3 completed, 0 lost (stand-in engine: --stand-in was given)"
+    assert line == ("in-flight requests: 3 sent, 3 completed, 0 lost; 1 finished by replica 2 after this node's "
+                    "deadline (stand-in engine: --stand-in was given)")
     [(_, manifest)] = manifests(tmp_path / "snapshots")
     assert {o["kind"] for o in manifest["objects"]} == {"records"}
 

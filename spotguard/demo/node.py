@@ -1,9 +1,11 @@
-"""The demo node's configuration file: the daemon, the gate in front of replica 1, the second replica as the
-gate's peer, ELBv2 on moto, a file:// snapshot store, a webhook receiver. All on loopback."""
+"""The demo's configuration files: the node (the daemon, the gate in front of replica 1, replica 2's gate as
+its peer, ELBv2 on moto, a file:// snapshot store, a webhook receiver) and replica 2's gate; one resume key
+for both gates. All on loopback."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +27,60 @@ def _q(value: object) -> str:
     return json.dumps(value)
 
 
-def write_node(workdir: Path, *, emulator: str, http_port: int, gate_port: int, engine: Engine, peer: Engine,
-               group: TargetGroup | None, webhook: str, wait_budget: float) -> Node:
+def fleet_key(workdir: Path) -> Path:
+    """The fleet's resume secret (``[resume] key_file``): the same file for every gate of the demo."""
+    path = workdir / "resume.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(os.urandom(32))
+    return path
+
+
+def server_section(engine: Engine) -> str:
+    if engine.kind == "llama-server":
+        return f'kind = "llamacpp"\nurl = {_q(engine.url)}'
+    # the stand-in drains like vLLM does on SIGTERM: no new work, running requests finish
+    return (f'kind = "command"\nhealth_url = {_q(engine.url + "/health")}\n'
+            f'stop_command = ["kill", "-TERM", "{engine.proc.pid}"]')
+
+
+def write_peer_gate(workdir: Path, *, gate_port: int, engine: Engine, key: Path) -> Path:
+    """The second replica's gate (``spotguard gate`` alone): the peer that takes answers over and holds them."""
+    home = workdir / "replica-2"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "gate.toml"
+    config.write_text(f"""# replica 2's gate: it takes answers over from replica 1 and holds them for their clients.
+[agent]
+state_dir = {_q(str(home / "state"))}
+log_format = "json"
+instance_id = "replica-2"
+
+[control]
+socket = {_q(str(home / "control.sock"))}
+
+[server]
+{server_section(engine)}
+
+[gate]
+listen = "127.0.0.1:{gate_port}"
+upstream = {_q(engine.url)}
+
+[resume]
+key_file = {_q(str(key))}
+""")
+    return config
+
+
+def write_node(workdir: Path, *, emulator: str, http_port: int, gate_port: int, engine: Engine, peer_gate: str,
+               group: TargetGroup | None, webhook: str, wait_budget: float, key: Path) -> Node:
     state, store = workdir / "state", workdir / "snapshots"
     store.mkdir(parents=True, exist_ok=True)
+    server = server_section(engine)
+    snapshot_extra = ""
     if engine.kind == "llama-server":
-        server = f'kind = "llamacpp"\nurl = {_q(engine.url)}'
         snapshot_extra = f"slot_save_path = {_q(str(engine.slots))}\nmodel_path = {_q(str(engine.model))}"
-    else:  # the stand-in drains like vLLM does on SIGTERM: no new work, running requests finish
-        server = (f'kind = "command"\nhealth_url = {_q(engine.url + "/health")}\n'
-                  f'stop_command = ["kill", "-TERM", "{engine.proc.pid}"]')
-        snapshot_extra = ""
-    peers = f"peers = [{_q(peer.url)}]"
+    peers = f"peers = [{_q(peer_gate)}]"
     aws = ""
     if group is not None:
         aws = (f"endpoint_url = {_q(group.moto_url)}\nregion = \"us-east-1\"\ntarget_group_arns = [{_q(group.arn)}]\n"
@@ -77,6 +121,9 @@ stop_timeout = 2.0
 [snapshot]
 url = {_q("file://" + str(store))}
 {snapshot_extra}
+
+[resume]
+key_file = {_q(str(key))}
 
 [webhook]
 urls = [{_q(webhook)}]

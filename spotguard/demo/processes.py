@@ -49,6 +49,9 @@ class Processes:
             if child_name == name:
                 _stop_child(proc)
 
+    def running(self, name: str) -> bool:
+        return any(child_name == name and proc.poll() is None for child_name, proc in self.children)
+
     def stop_all(self) -> list[str]:
         """SIGTERM every child, newest first, then the adopted processes; SIGKILL what is still there after
         STOP_WAIT. Returns what needed SIGKILL."""

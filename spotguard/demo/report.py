@@ -40,7 +40,9 @@ def report(run: Run, say: Callable[[str], None]) -> str:
     say("\n== what the clients received ==")
     for answer in run.answers:
         kind = "streaming" if answer.ask.stream else "non-streaming"
-        say(f"  {answer.ask.name:<12} {kind:<14} {answer.outcome()}")
+        late = (" - finished by replica 2 after this node's deadline (resumed by spotguard.client)"
+                if answer.completed and run.vm_gone_at and answer.ended > run.vm_gone_at else "")
+        say(f"  {answer.ask.name:<12} {kind:<14} {answer.outcome()}{late}")
     if any("interrupted_for_migration" in a.error for a in run.answers):
         say("  (cut when no peer could take it over: its output so far is in the snapshot, and `spotguard resume` "
             "continues it on another replica)")
@@ -63,6 +65,6 @@ def report(run: Run, say: Callable[[str], None]) -> str:
         say(f"picture:   {run.svg}")
     if run.node is not None:
         say(f"config:    {run.node.config}")
-    line = summary_line(run.answers, run.engine_note)
+    line = summary_line(run.answers, run.engine_note, vm_gone_at=run.vm_gone_at)
     say(line)
     return line

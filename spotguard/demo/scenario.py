@@ -21,10 +21,11 @@ import anyio
 import httpx
 
 from spotguard.asgi import serve_tcp
+from spotguard.client import resumable_async_http_client
 from spotguard.demo import engines
 from spotguard.demo.balancer import MOTO_ENV, TargetGroup, start_target_group
 from spotguard.demo.hooks import Receiver
-from spotguard.demo.node import Node, write_node
+from spotguard.demo.node import Node, fleet_key, write_node, write_peer_gate
 from spotguard.demo.processes import Processes, free_port, wait_http
 from spotguard.demo.traffic import Answer, Ask, send
 from spotguard.emulator import EmulatorControl, run_emulator
@@ -47,11 +48,13 @@ class Plan:
     """(name, stream?, "short" | "long")."""
 
 
-FULL = Plan(window=60, wait_budget=8, short=2.0, long=18.0, asks=(
+FULL = Plan(window=20, wait_budget=8, short=2.0, long=30.0, asks=(
     ("chat-1", False, "short"), ("stream-1", True, "short"), ("chat-2", False, "short"),
     ("stream-2", True, "short"), ("stream-long", True, "long")))
-SHORT = Plan(window=30, wait_budget=3, short=0.6, long=6.0, asks=(
+SHORT = Plan(window=10, wait_budget=3, short=0.6, long=14.0, asks=(
     ("chat-1", False, "short"), ("stream-1", True, "short"), ("stream-long", True, "long")))
+"""The long request outlasts the window: replica 2 finishes it after this node is gone, and the client gets
+it whole all the same."""
 
 
 @dataclass
@@ -74,6 +77,8 @@ class Run:
     resumed: str = ""
     notice_at: float = 0.0
     """time.monotonic() when the notice was raised."""
+    vm_gone_at: float = 0.0
+    """time.monotonic() of the notice's deadline: replica 1 powers off."""
 
 
 def tokens_for(seconds: float, per_token: float) -> int:
@@ -122,7 +127,15 @@ async def story(procs: Processes, run: Run, plan: Plan, say: Callable[[str], Non
         say(f"1. metadata emulator (AWS, GCP, Azure) on {emulator.url}; webhook receiver on {hook.url}/hook")
         engine = await engines.start_engine(procs, choice, "replica-1", workdir)
         peer = await engines.start_engine(procs, choice, "replica-2", workdir)
-        say(f"2. {engine.kind} replica 1 on {engine.url} (serves this node), replica 2 on {peer.url} (the peer)")
+        key = fleet_key(workdir)
+        peer_port = free_port()
+        peer_gate = f"http://127.0.0.1:{peer_port}"
+        peer_config = write_peer_gate(workdir, gate_port=peer_port, engine=peer, key=key)
+        gate2 = procs.start("replica-2-gate", [sys.executable, "-m", "spotguard", "gate", "--config",
+                                               str(peer_config)], env={**_clean_env(), "PYTHONUNBUFFERED": "1"})
+        await wait_http(peer_gate + "/health", gate2, "replica 2's gate", procs.logs / "replica-2-gate.log")
+        say(f"2. {engine.kind} replica 1 on {engine.url} (serves this node), replica 2 on {peer.url} behind its "
+            f"own gate on {peer_gate} (the peer); both gates share a resume key")
         gate_port, http_port = free_port(), free_port()
         group = await start_target_group(procs, gate_port)
         if isinstance(group, str):
@@ -133,7 +146,8 @@ async def story(procs: Processes, run: Run, plan: Plan, say: Callable[[str], Non
             say(f"3. moto ELBv2 on {group.moto_url}: target group llm-demo holds {group.instance_id} "
                 f"on the gate's port {gate_port}")
         node = write_node(workdir, emulator=emulator.url, http_port=http_port, gate_port=gate_port, engine=engine,
-                          peer=peer, group=run.group, webhook=f"{hook.url}/hook", wait_budget=plan.wait_budget)
+                          peer_gate=peer_gate, group=run.group, webhook=f"{hook.url}/hook",
+                          wait_budget=plan.wait_budget, key=key)
         run.node = node
         daemon = procs.start("daemon", [sys.executable, "-m", "spotguard", "run", "--config", str(node.config)],
                              env={**_clean_env(), **MOTO_ENV, "PYTHONUNBUFFERED": "1"})
@@ -149,34 +163,46 @@ async def story(procs: Processes, run: Run, plan: Plan, say: Callable[[str], Non
                                                        per_token)))
                    for name, stream, size in plan.asks]
         run.answers = answers
-        async with anyio.create_task_group() as clients:
+        async with anyio.create_task_group() as clients, resumable_async_http_client(timeout=120.0) as resuming:
             for answer in answers:
-                clients.start_soon(send, http, node.gate, answer)
+                clients.start_soon(send, resuming, node.gate, answer)
             with anyio.fail_after(60):
                 for answer in answers:
                     await answer.first_token.wait()
             streams = sum(a.ask.stream for a in answers)
             say(f"5. {len(answers)} requests in flight through the gate ({streams} streaming, "
                 f"{len(answers) - streams} not), {min(a.ask.max_tokens for a in answers)}-"
-                f"{max(a.ask.max_tokens for a in answers)} tokens each")
+                f"{max(a.ask.max_tokens for a in answers)} tokens each; the clients use spotguard.client")
             await _evict(http, run, node, plan, emulator.url, say)
-            while not all(a.ended for a in answers) and time.monotonic() < run.notice_at + plan.window:
-                await anyio.sleep(0.05)
-            if not all(a.ended for a in answers):
-                say("   the notice's deadline: the VM powers off; what is still running on replica 1 is cut")
-                procs.stop("replica-1")
-                clients.cancel_scope.cancel()
-            else:
-                say(f"9. every client has its answer {time.monotonic() - run.notice_at:.1f}s after the notice")
+            await _until_answered(run, plan, procs, say)
+            clients.cancel_scope.cancel()
         run.webhooks = receiver.texts()
         if any(not a.completed for a in answers):
             run.resumed = await _resume(node, peer, workdir)
-            say(f"10. the snapshot resumed on replica 2 with `spotguard resume`: {run.resumed}")
+            say(f"11. the snapshot resumed on replica 2 with `spotguard resume`: {run.resumed}")
         run.svg = workdir / "timeline.svg"
         run.status_text = await _status(node.config, run.svg)
         await anyio.to_thread.run_sync(procs.stop, "daemon")
         await _adopt_gate(procs, node)  # the one answering now, should the daemon have restarted it
         tg.cancel_scope.cancel()
+
+
+async def _until_answered(run: Run, plan: Plan, procs: Processes, say: Callable[[str], None]) -> None:
+    """Until every client has its answer: replica 1 powers off at the notice's deadline, and what it could not
+    finish is finished by replica 2 (bounded: the long answer's own length and half a minute more)."""
+    answers = run.answers
+    run.vm_gone_at = run.notice_at + plan.window
+    give_up = run.vm_gone_at + plan.long + 30
+    while not all(a.ended for a in answers) and time.monotonic() < give_up:
+        if procs.running("replica-1") and time.monotonic() >= run.vm_gone_at:
+            say("9. the notice's deadline: the VM powers off (replica 1 stops); its gate ended the answers it "
+                "relayed with a resumable error, and their clients resume them")
+            procs.stop("replica-1")
+        await anyio.sleep(0.05)
+    late = sum(a.completed and a.ended > run.vm_gone_at for a in answers)
+    if all(a.ended for a in answers):
+        say(f"10. every client has its answer {time.monotonic() - run.notice_at:.1f}s after the notice"
+            + (f"; {late} of them finished by replica 2 after this node's deadline" if late else ""))
 
 
 async def _adopt_gate(procs: Processes, node: Node) -> None:

@@ -122,8 +122,13 @@ async def _stream(http: httpx.AsyncClient, url: str, answer: Answer) -> None:
                     answer.finish_reason = choice["finish_reason"]
 
 
-def summary_line(answers: list[Answer], engine_note: str = "") -> str:
+def summary_line(answers: list[Answer], engine_note: str = "", *, vm_gone_at: float = 0.0) -> str:
+    """What the clients received, counted from them; answers completed after ``vm_gone_at`` (the node's
+    deadline) were finished by the fleet."""
     sent = len(answers)
     completed = sum(a.completed for a in answers)
     line = f"in-flight requests: {sent} sent, {completed} completed, {sent - completed} lost"
+    late = sum(a.completed and a.ended > vm_gone_at for a in answers) if vm_gone_at else 0
+    if late:
+        line += f"; {late} finished by replica 2 after this node's deadline"
     return line + (f" ({engine_note})" if engine_note else "")

@@ -37,7 +37,7 @@ from spotguard.config import GateConfig
 from spotguard.errors import ConfigError
 from spotguard.gate.answer import error_body, json_error
 from spotguard.gate.context import Tracked
-from spotguard.gate.estimate import finishes_within
+from spotguard.gate.estimate import finishes_within, pace
 from spotguard.gate.exchange import LocalExchange
 from spotguard.gate.held import Origin
 from spotguard.gate.holding import Holding, retry_signal
@@ -190,9 +190,14 @@ class Gate:
             if not flight.owner.movable():
                 continue
             flight.parser.flush()
+            delivered = flight.parser.content_events
             elapsed = now - flight.first_token_at if flight.first_token_at is not None else 0.0
-            if not finishes_within(limit=flight.limit, delivered=flight.parser.content_events, elapsed=elapsed,
-                                   seconds=seconds):
+            recent = None
+            if flight.looked is not None:
+                recent = (delivered - flight.looked[1], now - flight.looked[0])
+            flight.looked = (now, delivered)
+            rate = pace(delivered=delivered, elapsed=elapsed, recent=recent)
+            if not finishes_within(limit=flight.limit, delivered=delivered, rate=rate, seconds=seconds):
                 late.append(flight)
         for flight in late:
             flight.owner.interrupt(migrate=True)

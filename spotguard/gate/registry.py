@@ -39,7 +39,7 @@ class Flight:
     """One journaled request. ``body`` is the request body, unchanged; user data, never logged."""
 
     __slots__ = ("id", "endpoint", "model", "body", "stream", "started_at", "state", "migrated_to", "parser",
-                 "owner", "limit", "first_token_at")
+                 "owner", "limit", "first_token_at", "looked")
 
     def __init__(self, *, id: str, endpoint: str, model: str, body: bytes, stream: bool, parser: OutputParser,
                  owner: FlightOwner, started_at: datetime | None = None, limit: int | None = None) -> None:
@@ -58,6 +58,8 @@ class Flight:
         """The most output tokens the request may produce, when it says (``estimate.token_limit``)."""
         self.first_token_at: float | None = None
         """Event-loop time the engine's answer began to arrive: the start of its pace."""
+        self.looked: tuple[float, int] | None = None
+        """(event-loop time, tokens delivered) at the gate's last look at its pace, while draining."""
 
     def entry(self) -> JournalEntry:
         """A copy as it stands now (the parser is brought up to date first)."""
