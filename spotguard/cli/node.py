@@ -107,6 +107,9 @@ def gate(config: ConfigOpt = None,
         # (bench/gate.py: the p99 of 200 streams' first bytes with and without).
         gc.collect()
         gc.freeze()
+        # Every request and chunk allocates a few objects that die young; collecting the youngest generation
+        # every 700 allocations (the default) costs the data path more than it frees (bench/gate.py).
+        gc.set_threshold(50_000, 50, 100)
     try:
         code = _run_gate(lambda: run_gate_process(cfg), uvloop)
     except KeyboardInterrupt:

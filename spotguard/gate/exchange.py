@@ -78,8 +78,9 @@ class LocalExchange(Leg):
         self.collected: list[bytes] = []
         self.assembling = False
         """Sent to the engine as a stream, answered to the client as one JSON answer."""
-        self.continuable = False
-        """The request itself allows a continuation elsewhere (one choice, no echo...: ``continuation.py``)."""
+        self.continuable: bool | None = None
+        """The request itself allows a continuation elsewhere (one choice, no echo...: ``continuation.py``);
+        worked out when first asked (at a drain), not for every request."""
         self.cont: Continues | None = None
         """This request continues an answer another gate began (``handover.py``): this gate holds it now."""
         self.stitch: StreamStitch | None = None
@@ -153,11 +154,9 @@ class LocalExchange(Leg):
             self.body = json.dumps(streaming_body(original), ensure_ascii=False).encode()
             self.assembling = True
         self.parser = OutputParser(chat=chat, slot_id=slot)
-        self.continuable = continuable(original, chat=chat)
         self.flight = Flight(id=gate.registry.new_id(), endpoint=request.path, model=model, body=body, stream=stream,
-                             parser=self.parser, owner=self, limit=token_limit(original))
+                             parser=self.parser, owner=self)
         gate.registry.add(self.flight)
-        gate.inflight_changed()
         holding = gate.holding
         if holding is not None:
             if cont is not None:
@@ -315,9 +314,14 @@ class LocalExchange(Leg):
             self.cut("interrupted")
 
     def movable(self) -> bool:
-        parser = self.parser
-        return (self.continuable and not self.finished and parser is not None and not parser.tool_call_started
-                and (self.readable or not self.answer.started))
+        parser, flight = self.parser, self.flight
+        if self.finished or parser is None or flight is None or parser.tool_call_started:
+            return False
+        if self.continuable is None:
+            original = json.loads(flight.body)
+            self.continuable = continuable(original, chat=self.endpoint == "chat")
+            flight.limit = token_limit(original)
+        return self.continuable and (self.readable or not self.answer.started)
 
     def cut(self, reason: str) -> None:
         """Close the engine's connection (it stops and frees the slot) and end the client's answer."""
@@ -394,7 +398,6 @@ class LocalExchange(Leg):
                 flight.state = EntryState.CUT  # stays listed until the snapshot step has stored it
             else:
                 gate.registry.remove(flight.id)
-            gate.inflight_changed()
         gate.count(self.endpoint, self.label or result)
         if parser is not None and parser.errors:
             gate.log.warning("gate_malformed_upstream", endpoint=self.endpoint, errors=parser.errors)

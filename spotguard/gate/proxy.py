@@ -248,12 +248,7 @@ class Gate:
         return self.registry.entries()
 
     def release(self, request_ids: Sequence[str]) -> int:
-        released = self.registry.release(request_ids)
-        self.inflight_changed()
-        return released
-
-    def inflight_changed(self) -> None:
-        self.metrics.gate_inflight.set(self.inflight)
+        return self.registry.release(request_ids)
 
     # -- counts --------------------------------------------------------------------------------------
 

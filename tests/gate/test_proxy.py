@@ -56,7 +56,7 @@ async def test_stream_is_journaled_with_output_so_far(fake_engine: FakeEngine, s
                 assert entry.endpoint == CHAT and entry.model == "fake-model" and entry.stream
                 assert entry.body == body  # unchanged, byte for byte
                 assert entry.output == token(0) + token(1) + token(2)
-                assert gw.metrics.registry.get_sample_value("spotguard_gate_inflight_requests") == 1
+                assert gw.gate.inflight == 1
                 fake_engine.release.set()
                 rest = [event async for event in _data(lines)]
     assert rest[-1] == "[DONE]"
