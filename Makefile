@@ -39,10 +39,11 @@ tools: setup
 demo: setup
 	$(BIN)/spotguard demo
 
+# -n 2: both cores (pytest-xdist); tests wait on processes and sockets much of the time.
 test: tools lint lowest
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 	@echo "== again on the lowest allowed versions of the direct dependencies ($(LOWEST)/requirements.txt) =="
-	$(LOWEST)/bin/pytest -q -m "not llama and not azurite" $(LOWEST_TESTS)
+	$(LOWEST)/bin/pytest -q -n 2 -m "not llama and not azurite" $(LOWEST_TESTS)
 
 lowest: setup
 	bash tools/setup-lowest.sh $(PYTHON) >/dev/null

@@ -30,7 +30,7 @@ TOKENS, TOKEN_DELAY = 3000, 0.02
 """A stream of about 60 s: far longer than any deadline here."""
 FIRST_DEADLINE = 60
 EARLIER_DEADLINE = 8
-RESTART_DEADLINE = 30
+RESTART_DEADLINE = 15
 """Seconds: time for the migration, a kill -9 and a Python start-up of the daemon on a busy machine."""
 
 
