@@ -23,7 +23,9 @@ CHAT = "/v1/chat/completions"
 
 async def test_a_drain_with_a_peer_loses_nothing(tmp_path: Path, llama_server_factory: Any,
                                                  start_gate: StartGate) -> None:
-    replica_a, replica_b = llama_server_factory(slots=2, ctx=8192), llama_server_factory(slots=2, ctx=8192)
+    # 8,192 tokens a slot: the 5,000-token answer fits on either side of the seam (the peer's prompt is the
+    # output so far, re-tokenised; with 4,096 a slot it could fill the context and end the answer early).
+    replica_a, replica_b = llama_server_factory(slots=2, ctx=16384), llama_server_factory(slots=2, ctx=16384)
     peer = await start_gate(replica_b.url, engine_kind="llamacpp")
     gate_port, http_port = free_port(), free_port()
     store = tmp_path / "snapshots"
