@@ -1,5 +1,5 @@
 """A ``bench/fleet.py --json`` document written by hand, in that bench's schema and design, for the simulator's
-tests until a measured one is committed as ``bench/data/fleet.json``.
+tests beside the measured ``bench/data/fleet.json``: it holds losses the measured run with resume no longer has.
 
 Its baseline counts are the ones the fleet issue quoted from an early measurement (without spotguard lost 0/81,
 0/2, 1/2, 0/26); spotguard's are today's product without the resumable client (0/85, 0/2, 1/2, 0/26: a
