@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from spotguard.errors import ConfigError
 
@@ -41,6 +42,11 @@ def validate(config: Config) -> None:
     _validate_budgets(config)
     parse_allow(config.gate.allow_paths)
     _validate_gate_limits(config.gate)
+    for key, urls in (("[gate] upstream", (config.gate.upstream,)), ("[gate] peers", config.gate.peers)):
+        if any("@" in urlsplit(url).netloc for url in urls if url):
+            # Not echoed: the value holds a secret. The gate would not use it (it forwards the client's own
+            # Authorization), and it would be in every log line that names the URL.
+            raise ConfigError(f"{key}: a URL with credentials in it (user:password@host); remove them")
     for section, key in (("http", "listen"), ("gate", "listen")):
         value = getattr(getattr(config, section), key)
         if value:

@@ -47,6 +47,14 @@ def test_budgets_and_gate_paths_that_cannot_work_are_errors(section: str, values
         load(None, environ={}, overrides={section: values})
 
 
+@pytest.mark.parametrize("values", [{"upstream": "http://user:hunter2@127.0.0.1:8000"},
+                                    {"peers": ["https://10.0.0.2:8080", "https://ops:hunter2@10.0.0.3:8080"]}])
+def test_credentials_in_a_gate_url_are_refused_without_being_echoed(values: dict[str, object]) -> None:
+    with pytest.raises(ConfigError, match=r"\[gate\] (upstream|peers): a URL with credentials") as refused:
+        load(None, environ={}, overrides={"gate": values})
+    assert "hunter2" not in str(refused.value)
+
+
 def test_a_shutdown_budget_within_the_margin_is_fine_when_sigterm_does_not_drain() -> None:
     assert load(None, environ={}, overrides={"shutdown": {"enabled": False, "budget": 1.0}}).shutdown.budget == 1.0
 

@@ -140,7 +140,7 @@ def _again_plan(policy: ResumePolicy, request: httpx.Request, body: bytes, heade
                 return response
             headers = response.headers
             retry = not streaming or response.status_code in _RETRY
-            raw = yield _Drain(response, read=retry)
+            raw = yield _Drain(response, read=not streaming)  # a refused resume's body is not used: closed unread
             if not streaming:
                 fallback = _kept(response, raw if isinstance(raw, bytes) else b"")
             elif not retry:

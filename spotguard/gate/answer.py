@@ -9,7 +9,9 @@ Ends, all through here:
 - ``complete``: the whole answer is out; the connection moves on to the next request;
 - ``error``: a whole JSON error from the gate itself, when nothing of an answer was sent yet;
 - ``interrupted``: an answer already begun ends with a final SSE error event and a clean end of the
-  body (a non-SSE one is closed: it cannot carry an event), never a torn connection;
+  body, never a torn connection; one that cannot carry an event (not SSE, or framed by its length or by
+  the connection's end) is closed, so its client sees it short rather than complete;
+- ``lost``: the client went away; the answer ends written to no one (what is held of it is final);
 - ``abort``: the connection is dropped (the client sees its answer cut short).
 """
 
@@ -19,14 +21,13 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+from spotguard.gate.holding import RESUME_HEADER
 from spotguard.gate.http1 import ClientConnection
 from spotguard.gate.peers import DROPPED_REASON_HEADER
 from spotguard.gate.request import Request, status_line
 
 if TYPE_CHECKING:
     from spotguard.gate.stamp import Stamp
-
-RESUME_HEADER = b"spotguard-resume"
 
 LAST_CHUNK = b"0\r\n\r\n"
 
@@ -181,9 +182,9 @@ class ClientAnswer:
         if self.ended:
             return
         self.ended = True
-        if self.held:
+        if self.held and collected is None:  # an assembled answer's held tail is in ``collected`` already
             self.send(self.held)
-            self.held = b""
+        self.held = b""
         self._finish_stamp(complete=True)
         if self.detached:
             return
@@ -192,6 +193,11 @@ class ClientAnswer:
         elif self.chunked:
             self.client.write(LAST_CHUNK)
         self.client.finish(self.request, close=self.close_after)
+
+    def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The answer as one body, head and all (a stream the gate read whole and turned into JSON)."""
+        self.head(status, headers, b"%d" % len(body))
+        self.complete(collected=body)
 
     def error(self, status: int, message: str, kind: str, *, draining: bool = False,
               retry_after: bool = False) -> None:
@@ -221,12 +227,21 @@ class ClientAnswer:
         if not self.started:
             json_error(client, self.request, 503, message, "interrupted_for_migration",
                        retry_after=b"1" if cursor is not None else self.retry_after, resume=cursor)
-        elif self.chunked:
-            event = error_event(message, cursor) if self.sse else b""
-            client.write((b"%x\r\n%s\r\n" % (len(event), event) if event else b"") + LAST_CHUNK)
+        elif self.chunked and self.sse:
+            event = error_event(message, cursor)
+            client.write(b"%x\r\n%s\r\n" % (len(event), event) + LAST_CHUNK)
             client.finish(self.request)
         else:
-            client.close()
+            client.close()  # a clean end would pass a short body off as the whole answer
+
+    def lost(self) -> None:
+        """The client went away and its answer ends here: written to no one, and a held copy is final (a
+        resume of it gets what there is, not a wait for more)."""
+        self.detached = True
+        if self.ended:
+            return
+        self.ended = True
+        self._finish_stamp()
 
     def abort(self) -> None:
         self.ended = True

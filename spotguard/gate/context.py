@@ -48,7 +48,6 @@ class GateContext(Protocol):
     """Resume (``[resume]``); None when it is off."""
     log: structlog.stdlib.BoundLogger
     retry_after: bytes
-    max_body: int
     engine_kind: str
     forwarded_header: tuple[bytes, bytes]
     seam_gaps: list[float]
@@ -67,7 +66,7 @@ class GateContext(Protocol):
 
     def untrack(self, leg: Tracked) -> None: ...
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
 
     def dispatch(self, connection: ClientConnection, request: Request, endpoint: str) -> None: ...
 

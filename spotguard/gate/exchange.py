@@ -1,6 +1,7 @@
 """One request answered by the engine behind the gate.
 
-``Gate.handle`` (proxy.py) makes one per request it lets through to the engine. A chat/completions
+``Gate.handle``/``Gate.dispatch`` (proxy.py) make one per request they let through to the engine, and
+``resume.Resumption`` one to continue an answer from its stored output. A chat/completions
 request is journaled: its body is read whole, it becomes a ``Flight`` in the gate's registry, and its
 answer is read as it streams (``OutputParser``) so the drain knows the output so far. Anything else is
 passed through, its body streamed as it comes.
@@ -194,7 +195,7 @@ class LocalExchange(Leg):
             if self.assembling:
                 self.status, self.phase, self.readable = status, Phase.ASSEMBLING, not returned.encoded
                 return
-            answer.sse = True
+            answer.sse = not returned.encoded  # an error event cannot be added to a compressed stream
             self.readable = not returned.encoded
             if returned.encoded and self.parser is not None:
                 self.parser.errors += 1  # compressed: passed on, but the output cannot be read
@@ -210,6 +211,9 @@ class LocalExchange(Leg):
             return
         if self.stitch is not None and self.readable:
             body = self.stitch.feed(body)
+            if self.stitch.broken:
+                self.upstream_failed("a malformed event in the engine's continuation", timeout=False)
+                return
             if not body:
                 return
         parser = self.parser
@@ -235,6 +239,9 @@ class LocalExchange(Leg):
             return
         if self.stitch is not None and self.readable:
             tail = self.stitch.finish()
+            if self.stitch.broken:
+                self.upstream_failed("a malformed event in the engine's continuation", timeout=False)
+                return
             if tail:
                 if parser is not None:
                     parser.feed(tail)
@@ -258,8 +265,7 @@ class LocalExchange(Leg):
         whole = answer_json(chat=self.endpoint == "chat", identity=parser.identity, text=self.prefix + parser.text,
                             finish_reason=parser.finish_reason, usage=parser.usage, fingerprint=parser.fingerprint)
         self._end(self._ok())
-        answer.head(self.status, json_headers(returned.headers), b"%d" % len(whole))
-        answer.complete(collected=whole)
+        answer.whole(self.status, json_headers(returned.headers), whole)
 
     def _ok(self) -> str:
         return "malformed" if self.parser is not None and self.parser.errors else "ok"
@@ -332,6 +338,8 @@ class LocalExchange(Leg):
         if reason == "interrupted":
             self._index()
             self.answer.interrupted(CUT_MESSAGE)
+        else:
+            self.answer.lost()
 
     def _index(self) -> None:
         """Cut for good here (no peer took it): the fleet's index says what the client has, to go on elsewhere."""

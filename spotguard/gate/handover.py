@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -96,7 +97,7 @@ class Continues:
             payload, tag = _unb64(payload_b64), _unb64(tag_b64)
         except (binascii.Error, ValueError):
             return None
-        if not dot or tag != key.tag(_PURPOSE, payload):
+        if not dot or not hmac.compare_digest(tag, key.tag(_PURPOSE, payload)):
             return None
         try:
             doc = json.loads(payload)

@@ -44,7 +44,7 @@ class Resuming(Protocol):
 class HolderLeg(Leg):
     """One try at the holder; ``await run()`` says whether the client's answer was served (or ended there)."""
 
-    __slots__ = ("resumption", "done", "began", "refused", "collected", "head")
+    __slots__ = ("resumption", "done", "began", "skipping", "collected", "head")
 
     def __init__(self, resumption: Resuming, holder: str, cursor: str) -> None:
         gate = resumption.gate
@@ -56,7 +56,7 @@ class HolderLeg(Leg):
         self.done: asyncio.Future[bool] = self.loop.create_future()
         self.began = False
         """The holder answered 200: its answer is the client's now."""
-        self.refused = False
+        self.skipping = False
         self.collected: list[bytes] = []
         self.head: ReturnedHead | None = None
 
@@ -83,13 +83,13 @@ class HolderLeg(Leg):
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], upstream: UpstreamConnection) -> None:
         if status != 200:
-            self.refused = True  # the holder does not have it (any more): read and dropped, then the next place
+            self.skipping = True  # the holder does not have it (any more): read and dropped, then the next place
             return
         self.began = True
         self.head = ReturnedHead(headers)
 
     def on_response_body(self, body: bytes) -> None:
-        if self.refused:
+        if self.skipping:
             return
         if self.resumption.stream:
             self.resumption.events(body)
@@ -98,7 +98,7 @@ class HolderLeg(Leg):
 
     def on_response_done(self) -> None:
         self.release_upstream()
-        if self.refused:
+        if self.skipping:
             self._settle(False)
             return
         if self.resumption.stream:

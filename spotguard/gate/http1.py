@@ -56,6 +56,8 @@ class RequestHandler(Protocol):
 
     def bad_request(self, connection: ClientConnection, status: int, message: str) -> None: ...
 
+    def internal_error(self, error: BaseException) -> None: ...
+
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: requests in, answers out, in order."""
@@ -81,6 +83,8 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._lingering = False
         self._lingered = 0
+        self._written = False
+        """Bytes of an answer to the oldest request were written."""
         self.since = 0.0
         """When the current phase began (idle, head) or the body last moved: what the sweep times."""
         self.read_seen = False
@@ -119,7 +123,11 @@ class ClientConnection(asyncio.Protocol):
         except _Stop:
             return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Stop) or self._lingering or self.closed:
+            cause = exc.__context__  # what a callback raised (httptools sets it)
+            if isinstance(cause, _Stop) or self._lingering or self.closed:
+                return
+            if cause is not None:
+                self._internal(cause)
                 return
             self._fail(400, f"malformed HTTP request: {exc}")
             return
@@ -334,6 +342,7 @@ class ClientConnection(asyncio.Protocol):
     # -- answering -------------------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
+        self._written = False
         if request.ahead:
             self._ahead -= request.ahead
             request.ahead = 0
@@ -351,6 +360,7 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.closed and not self._lingering:
             assert self.transport is not None
+            self._written = True
             self.transport.write(data)
 
     def finish(self, request: Request, *, close: bool = False) -> None:
@@ -402,6 +412,19 @@ class ClientConnection(asyncio.Protocol):
     def pause_reading(self, paused: bool) -> None:
         """The engine's side is full (True) or drained (False): stop or resume reading the client."""
         self._pause(_PAUSED_UPSTREAM, paused)
+
+    def _internal(self, error: BaseException) -> None:
+        """The gate's own handling of a request failed (not the client's fault): logged; a 500 where no answer
+        is owed on the connection yet, else the connection is dropped (the client sees a retryable failure)."""
+        self._handler.internal_error(error)
+        queue = self._queue
+        if len(queue) > 1 or queue and self._written:  # a 500 cannot go in the middle of an answer
+            self.abort()
+            return
+        if queue:
+            queue[0].responded = True  # whatever took it on writes nothing more: the connection closes
+        self._handler.bad_request(self, 500, "the gate failed to handle this request; retry it")
+        self.close()
 
     def _fail(self, status: int, message: str, limit: str = "invalid_http") -> None:
         """Refuse what was read of the next request (counted under ``limit``) and close."""

@@ -79,7 +79,7 @@ class Leg(ABC):
         if connection is not None:
             self._use(connection)
         else:
-            self.gate.spawn(self._connect())
+            self.gate.spawn(self._connect(), "connect")
 
     async def _connect(self) -> None:
         target = self.target

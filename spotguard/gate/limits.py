@@ -19,7 +19,7 @@ body_memory         256 MiB       - (nginx buffers bodies to disk past client_bo
 So the gate's memory stays under about baseline + ``body_memory`` + ``max_connections`` x (``max_head`` +
 ``read_ahead`` + 1 MiB of socket reads and write buffers), whatever the clients send (docs/operations.md).
 
-Timers cost nothing per read: one periodic sweep over the connections (``Limiteds``) checks each
+Timers cost nothing per read: one periodic sweep over the connections (``ClientConnections``) checks each
 connection's phase against the time it entered it; a read only sets a flag.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import resource
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
 
 class Limited(Protocol):
-    """A client connection, as the limits act on it (``http1.Limited``)."""
+    """A client connection, as the limits act on it (``http1.ClientConnection``)."""
 
     def shed(self) -> None:
         """Close it to make room (it was the oldest idle one)."""
@@ -139,12 +138,6 @@ class ClientConnections:
         self._counter = counter
         self._counts: dict[str, int] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-
-    def __iter__(self) -> Iterator[Limited]:
-        return iter(list(self._all))
-
-    def __len__(self) -> int:
-        return len(self._all)
 
     def count(self, limit: str) -> None:
         """A limit acted (a refusal, a close, a pause): counted by its ``[gate]`` key."""

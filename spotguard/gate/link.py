@@ -91,6 +91,7 @@ class GateLink:
         self._child: subprocess.Popen[bytes] | None = None
         self._seen: dict[tuple[str, str], int] = {}
         self._seen_limits: dict[str, int] = {}
+        self._seen_resume: dict[tuple[str, ...], int] = {}
 
     @property
     def draining(self) -> bool:
@@ -217,6 +218,7 @@ class GateLink:
         self.pid = int(hello.get("pid", 0)) or None
         self._seen = {}
         self._seen_limits = {}
+        self._seen_resume = {}
         self._seen_seams = self._seen_tokens = 0  # a gate (re)attached counts from its own start
         mine = (self.config.gate.listen, self.config.gate.upstream)
         if (hello.get("listen"), hello.get("upstream")) != mine:
@@ -279,6 +281,24 @@ class GateLink:
             if isinstance(answers, int) and isinstance(size, int):
                 self._metrics.resume_held_answers.set(answers)
                 self._metrics.resume_held_bytes.set(size)
+            for row in held.get("evictions", ()):
+                self._count_up("evictions", row, self._metrics.resume_evictions, "reason")
+            for row in held.get("index", ()):
+                self._count_up("index", row, self._metrics.resume_index, "op", "result")
+
+    def _count_up(self, kind: str, row: Any, counter: Any, *labels: str) -> None:
+        """A counter of the gate's (``row``: its label values, then the count so far) onto the daemon's."""
+        try:
+            values, count = tuple(str(v) for v in row[:-1]), int(row[-1])
+        except (IndexError, TypeError, ValueError):
+            return
+        if len(values) != len(labels):
+            return
+        key = (kind, *values)
+        delta = count - self._seen_resume.get(key, 0)
+        if delta > 0:
+            counter.labels(**dict(zip(labels, values, strict=True))).inc(delta)
+        self._seen_resume[key] = count
 
     async def _start(self) -> None:
         """Start ``spotguard gate`` in a session of its own and wait until its control socket answers."""

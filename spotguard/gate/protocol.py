@@ -24,9 +24,6 @@ from typing import Any
 from spotguard.errors import GateError
 from spotguard.notice import utcnow
 
-OPS = ("hello", "stats", "declare", "journal", "interrupt", "release", "stop")
-"""Every request the gate's control socket answers (see ``gate/control.py``)."""
-
 
 def _time(value: Any, what: str) -> float | None:
     if value is None:

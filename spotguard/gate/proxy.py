@@ -103,7 +103,6 @@ class Gate:
         self.log = log if log is not None else structlog.stdlib.get_logger("spotguard.gate")
         self.retry_after = str(retry_after).encode()
         limits = limits or ClientLimits()
-        self.max_body = limits.max_body
         self._read_timeout = read_timeout
         self._state = DesiredState(generation=0, draining=False, peers=tuple(peers))
         self._vm_timer: asyncio.TimerHandle | None = None
@@ -235,6 +234,11 @@ class Gate:
         """Requests being answered right now (journaled or not, by the engine or through peers)."""
         return len(self.legs)
 
+    @property
+    def background(self) -> int:
+        """Tasks of the gate's own still running (connects, resumes, index writes): a stop waits for them too."""
+        return len(self._tasks)
+
     def journal_entries(self) -> list[JournalEntry]:
         return self.registry.entries()
 
@@ -280,16 +284,19 @@ class Gate:
                                     identity=identity or AnswerIdentity(), role_sent=role_sent, prefix=prefix)
         vm = self._state.vm_deadline
         left = vm.timestamp() - time.time() if vm is not None else INDEX_WRITE_TIMEOUT
-        self.spawn(holding.write_index(entry, max(0.5, min(INDEX_WRITE_TIMEOUT, left)), self.log))
+        self.spawn(holding.write_index(entry, max(0.5, min(INDEX_WRITE_TIMEOUT, left)), self.log), "index-write")
 
     def migration_stats(self) -> dict[str, Any]:
         """For the daemon's metrics: seams so far, the recent gaps (newest last), output tokens re-prefilled, and
         what the gate holds for resuming."""
         stats: dict[str, Any] = {"seams": self.seams, "seam_gaps": self.seam_gaps[-STATS_GAPS:],
                                  "reprefilled_tokens": self.reprefilled_tokens}
-        if self.holding is not None:
-            book = self.holding.book
-            stats["resume"] = {"answers": len(book), "bytes": book.bytes}
+        holding = self.holding
+        if holding is not None:
+            held = holding.book.stats()
+            stats["resume"] = {"answers": held.answers, "bytes": held.bytes,
+                               "evictions": sorted(held.evictions.items()),
+                               "index": holding.index.counts() if holding.index is not None else []}
         return stats
 
     # -- the one entry point of every request ----------------------------------------------------
@@ -333,9 +340,12 @@ class Gate:
             exchange.read_body()
 
     def bad_request(self, connection: ClientConnection, status: int, message: str) -> None:
-        body = error_body(message, "invalid_request", status)
+        body = error_body(message, "invalid_request" if status < 500 else "internal_error", status)
         connection.write(status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
                          b"connection: close\r\n\r\n%s" % (len(body), body))
+
+    def internal_error(self, error: BaseException) -> None:
+        self.log.error("gate_internal_error", error=type(error).__name__)  # its message could quote the request
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -347,12 +357,17 @@ class Gate:
     def untrack(self, leg: Tracked) -> None:
         self.legs.discard(leg)
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``work`` in a task the gate keeps, and cancels when it closes."""
-        task = asyncio.get_running_loop().create_task(work)
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run ``work`` in a task the gate keeps, and cancels when it closes; a failure is logged (its type)."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("gate_task_failed", task=task.get_name(), error=type(exc).__name__)
 
     def _sweep(self) -> None:
         """Fail requests whose target has sent nothing for ``read_timeout`` s (one timer, not one per read),

@@ -1,9 +1,11 @@
 """A request served by peers (``[gate] peers``), its answer relayed to the client through this gate.
 
-Two ways in:
+Three ways in:
 
 - ``PeerRelay.hand_off``: a new request while the gate drains (the load balancer has not caught up): read
   whole, then sent to the peers in turn, unchanged but for the loop-guard header;
+- a retry of an answer this draining gate does not hold (``resume.Resumption._hand_off``): handed on the
+  same way, with its cursor, so a peer finds the answer where it is;
 - a continuation (``LocalExchange._migrate``): the request plus the output so far, whose answer is joined
   onto the one the client already has (``stitch.StreamStitch``), into the same client response.
 
@@ -45,6 +47,7 @@ SAME_PEER_TRIES = 4
 """Times a peer that answered "draining" is tried again before it is passed over: a peer that is the fleet's
 load balancer may route a request back to this very node until its health checks notice the drain."""
 NO_PEER = "no other replica could take this answer over; retry it"
+BROKEN_CONTINUATION = "the replica continuing this answer sent a malformed event; retry it"
 
 
 class PeerRelay(Leg):
@@ -203,6 +206,7 @@ class PeerRelay(Leg):
             # "Resumed" is for a client's own retry; on a first answer it would only confuse a resuming client.
             kept = returned.headers if self.resumes else [(n, v) for n, v in returned.headers
                                                           if n.lower() != RESUMED_HEADER]
+            self.answer.sse = returned.sse and not returned.encoded  # a stream cut later ends with an error event, not a clean end
             self.answer.head(status, kept, returned.length)
         elif status != 200:
             self.give_up(f"the replica continuing this answer refused it ({status}); retry it")
@@ -235,7 +239,11 @@ class PeerRelay(Leg):
         if self.skipping:
             return
         if self.stitch is not None:
-            self._stitched(self.stitch.feed(body))
+            joined = self.stitch.feed(body)
+            if self.stitch.broken:
+                self.give_up(BROKEN_CONTINUATION)
+                return
+            self._stitched(joined)
         elif self.verbatim or self.assemble:
             self._stitched(body)
         else:
@@ -254,6 +262,9 @@ class PeerRelay(Leg):
             return
         if self.stitch is not None:
             self._stitched(self.stitch.finish())
+            if self.stitch.broken:
+                self.give_up(BROKEN_CONTINUATION)
+                return
         if self.assemble:
             self._assembled()
             return
@@ -265,13 +276,16 @@ class PeerRelay(Leg):
         parser = self.parser
         assert parser is not None
         parser.finish()
-        local = self.flight.parser if self.flight is not None else OutputParser(chat=self.endpoint == "chat")
+        local = self._local_part()
         whole = answer_json(chat=self.endpoint == "chat", identity=local.identity or parser.identity,
                             text=self.prefix + local.text + parser.text, finish_reason=parser.finish_reason,
                             usage=parser.usage, fingerprint=local.fingerprint or parser.fingerprint)
         self._end("migrated" if self.migrating else "forwarded")
-        self.answer.head(200, [(b"content-type", b"application/json")], b"%d" % len(whole))
-        self.answer.complete(collected=whole)
+        self.answer.whole(200, [(b"content-type", b"application/json")], whole)
+
+    def _local_part(self) -> OutputParser:
+        """What this node's engine produced before the seam (nothing, for a request handed over new)."""
+        return self.flight.parser if self.flight is not None else OutputParser(chat=self.endpoint == "chat")
 
     def on_upstream_lost(self, error: str) -> None:
         if self.ended:
@@ -308,6 +322,7 @@ class PeerRelay(Leg):
         if not self.ended:
             self.close_upstream()
             self._end("client_disconnect")
+            self.answer.lost()
 
     def give_up(self, message: str) -> None:
         """End the client's answer cleanly with a retryable error (or 503): never a torn connection."""
@@ -324,7 +339,7 @@ class PeerRelay(Leg):
         if parser is None or held_by is None or origin is None or not self.fingerprint:
             return
         parser.flush()
-        local = self.flight.parser if self.flight is not None else OutputParser(chat=self.endpoint == "chat")
+        local = self._local_part()
         stamp = answer.stamp
         delivered = stamp.offset if stamp is not None else _offset(answer.last_id)
         self.gate.index_cut(answer_id=held_by[1], holder=held_by[0], fingerprint=self.fingerprint, origin=origin,

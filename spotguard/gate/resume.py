@@ -109,9 +109,19 @@ class Resumption:
             return
         self.stream = original.get("stream") is True
         self.fingerprint = self.holding.fingerprint(self.request.headers, self.body)
-        self.task = self.gate.spawn(self._resume(original))
+        self.task = self.gate.spawn(self._resume_or_fail(original), "resume")
 
     # -- finding the answer --------------------------------------------------------------------------
+
+    async def _resume_or_fail(self, original: dict[str, Any]) -> None:
+        try:
+            await self._resume(original)
+        except Exception as exc:  # a fault here must not leave its client waiting: it is told, and may retry
+            self.gate.log.error("gate_resume_failed", endpoint=self.endpoint, error=type(exc).__name__)
+            if self.answer.started:
+                self.holder_ended("resuming this answer failed here; retry it")
+            else:
+                self._refuse(502, "resume_failed", "resuming this answer failed here; retry it", "upstream_error")
 
     async def _resume(self, original: dict[str, Any]) -> None:
         holding, now = self.holding, time.time()
@@ -221,7 +231,11 @@ class Resumption:
         cursor = key.issue(holder, answer_id, fingerprint=self.fingerprint,
                            expires=time.time() + self.holding.ttl).at(self.offset)
         leg = HolderLeg(self, holder, cursor)
-        return await leg.run()
+        self.client.on_pause = leg.paused  # a slow client slows the holder's stream, not the gate's memory
+        try:
+            return await leg.run()
+        finally:
+            self.client.on_pause = None
 
     # -- 3. from the stored output -----------------------------------------------------------------------
 
@@ -234,6 +248,8 @@ class Resumption:
 
         try:
             stored = json.loads(entry.body)
+            if not isinstance(stored, dict):
+                return False
             body = continuation_body(stored, chat=self.chat, output=entry.output, delivered=entry.tokens,
                                      engine=self.gate.engine_kind)
         except (ValueError, NotContinuable):
@@ -249,7 +265,7 @@ class Resumption:
         exchange = LocalExchange(self.gate, self.client, self.request, self.endpoint)
         exchange.begin(json.dumps(body, ensure_ascii=False).encode(), body, cont)
         self.gate.count(self.endpoint, "resumed_from_store")
-        self.gate.spawn(self._forget(entry))
+        self.gate.spawn(self._forget(entry), "index-forget")
         return True
 
     async def _forget(self, entry: IndexEntry) -> None:
@@ -294,9 +310,7 @@ class Resumption:
         else:
             whole = answer_json(chat=self.chat, identity=self.identity, text="".join(self.text),
                                 finish_reason=self.finish_reason, usage=self.usage)
-            answer.head(200, [(b"content-type", b"application/json"), (RESUMED_HEADER, b"1")],
-                        b"%d" % len(whole))
-            answer.complete(collected=whole)
+            answer.whole(200, [(b"content-type", b"application/json"), (RESUMED_HEADER, b"1")], whole)
         self.gate.count(self.endpoint, "resumed")
 
     def holder_ended(self, message: str) -> None:

@@ -81,10 +81,10 @@ async def run_gate_process(config: Config) -> int:
             gate.set_draining(True)
             gate.stop_listening()
             with anyio.move_on_after(config.gate.stop_timeout) as waited:
-                while gate.active:
+                while gate.active or gate.background:  # index writes of the last cuts included
                     await anyio.sleep(STOP_POLL)
             if waited.cancelled_caught:
-                log.warning("gate_stop_timeout", left=gate.active, timeout=config.gate.stop_timeout)
+                log.warning("gate_stop_timeout", left=gate.active, background=gate.background, timeout=config.gate.stop_timeout)
             tg.cancel_scope.cancel()
     log.info("gate_stopped", exit_code=exit_code)
     return exit_code

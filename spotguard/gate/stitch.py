@@ -2,8 +2,9 @@
 
 Streaming: every peer event is rewritten to carry the local answer's ``id``, ``model``, ``created`` and
 ``object``; the assistant ``role`` is not sent twice; ``usage`` (only there when the client asked for it)
-counts the tokens delivered before the seam; ``[DONE]`` is sent once. (A non-streaming answer needs no joining: the client has
-had none of it, so the peer's answer is relayed as it is.)
+counts the tokens delivered before the seam; ``[DONE]`` is sent once. A malformed peer event stops it
+(``broken``): the leg then ends the answer as interrupted, never passes it off as whole. (A non-streaming
+answer is read from the engine as a stream, so it is joined the same way and sent as one JSON at the end.)
 
 Bytes in, bytes out, no I/O: the gate's data path feeds what the peer sends and writes what comes back.
 """
@@ -76,12 +77,15 @@ class StreamStitch:
         """What the peer added (for the journal: a second cut must not lose it)."""
         self.events = 0
         self.broken = False
+        """A peer event was malformed or too big: nothing more is passed on, and the leg must end the answer
+        as interrupted."""
 
     def feed(self, chunk: bytes) -> bytes:
         """Peer bytes (cut anywhere) in; complete, rewritten events out."""
         if self.broken:
             return b""
-        data = self._tail + chunk
+        # CRLF line ends become LF (a CR left at the end of a chunk meets its LF in the next one).
+        data = (self._tail + chunk).replace(b"\r\n", b"\n")
         end = data.rfind(b"\n\n")
         if end < 0:
             self._tail = data
@@ -89,11 +93,18 @@ class StreamStitch:
                 self.broken = True
             return b""
         self._tail = data[end + 2:]
-        out = [self._rewrite(block) for block in data[:end].split(b"\n\n")]
+        out = []
+        for block in data[:end].split(b"\n\n"):
+            out.append(self._rewrite(block))
+            if self.broken:
+                break
         return b"".join(out)
 
     def finish(self) -> bytes:
-        """The peer's stream ended: what is left, and ``[DONE]`` when the peer did not send it."""
+        """The peer's stream ended: what is left, and ``[DONE]`` when the peer did not send it (never after a
+        malformed event: what follows it was dropped, so the answer is not whole)."""
+        if self.broken:
+            return b""
         out = self._rewrite(self._tail) if self._tail.strip() else b""
         self._tail = b""
         if not self.done:

@@ -216,6 +216,7 @@ class AnswerIndex:
         self._index_key = index_key
         self._seal_key = seal_key
         self._metrics = metrics
+        self._counts: dict[tuple[str, str], int] = {}
         parts = urlsplit(store.url)
         self._local_root = Path(parts.path) if parts.scheme == "file" else None
 
@@ -357,8 +358,13 @@ class AnswerIndex:
             raise
 
     def _count(self, op: str, result: str) -> None:
+        self._counts[(op, result)] = self._counts.get((op, result), 0) + 1
         if self._metrics is not None:
             self._metrics.resume_index.labels(op=op, result=result).inc()
+
+    def counts(self) -> list[tuple[str, str, int]]:
+        """(op, result, times) so far: the gate process reports them for the daemon's /metrics."""
+        return [(op, result, n) for (op, result), n in sorted(self._counts.items())]
 
 
 def _binding(name: str) -> bytes:

@@ -111,6 +111,32 @@ async def test_a_migrated_non_streaming_answer_is_finished_not_generated_again(f
     assert gw.count("chat", "migrated") == 1
 
 
+async def test_a_malformed_event_in_the_peers_continuation_ends_the_answer_as_interrupted(
+        fake_engine: FakeEngine, peer: FakeEngine, start_gate: StartGate) -> None:
+    # The peer's second event is not JSON: what follows it cannot be joined, so the client must not get a
+    # [DONE] that passes a short answer off as whole, but an error it can retry on.
+    gw = await start_gate(fake_engine.url, peers=(peer.url,), engine_kind="vllm")
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True,
+            "x_hold_after": 3, "x_malformed": "sse"}
+    lines: list[str] = []
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client, anyio.create_task_group() as tg:
+
+        async def ask() -> None:
+            async with client.stream("POST", CHAT, json=body) as response:
+                lines.extend([line async for line in response.aiter_lines() if line.startswith("data: ")])
+
+        tg.start_soon(ask)
+        await wait_for(lambda: fake_engine.holding == 1)
+        gw.gate.apply(DesiredState(generation=1, draining=True))
+        [moved] = gw.interrupt_all()
+        assert moved.state is EntryState.MIGRATED
+        await wait_for(lambda: bool(lines))
+    assert peer.requests and "data: [DONE]" not in lines
+    error = json.loads(lines[-1][6:])["error"]
+    assert error["type"] == "interrupted_for_migration" and error["code"] == 503
+    assert gw.count("chat", "migration_failed") == 1
+
+
 class Balancer:
     """A load balancer stand-in: the first ``bounce`` requests come back "draining" (routed to the node that
     forwarded them), the rest reach the engine behind it."""

@@ -101,6 +101,25 @@ async def test_the_same_declaration_again_keeps_the_deadline(fake_engine: FakeEn
     assert when < deadline.timestamp()
 
 
+async def test_a_new_stream_handed_to_a_peer_ends_with_an_error_event_at_the_deadline(
+        fake_engine: FakeEngine, slow_peer: FakeEngine, start_gate: StartGate) -> None:
+    # Sent while draining: the peer answers it from its first byte, and the VM's deadline comes first. Its
+    # client must see an interrupted answer (it retries), not a clean end that passes a short answer off as
+    # whole.
+    gw = await start_gate(fake_engine.url, peers=(slow_peer.url,))
+    gw.gate.apply(DesiredState(generation=1, draining=True, vm_deadline=at(RELAY_END_MARGIN + 2.0)))
+    lines: list[str] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        with anyio.fail_after(15):
+            async with client.stream("POST", gw.url + CHAT, json=BODY) as response:
+                assert response.status_code == 200
+                lines += [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert len(lines) > 1 and lines[-1] != "data: [DONE]"
+    error = json.loads(lines[-1][6:])["error"]
+    assert error["type"] == "interrupted_for_migration" and error["code"] == 503
+    assert gw.count("chat", "forward_failed") == 1
+
+
 async def test_serving_again_forgets_a_passed_deadline(fake_engine: FakeEngine, slow_peer: FakeEngine,
                                                        start_gate: StartGate) -> None:
     gw = await start_gate(fake_engine.url, peers=(slow_peer.url,))

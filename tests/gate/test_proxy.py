@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 import pytest
+import structlog.testing
 
 from tests.support.gate import StartGate
 from tests.support.moto import free_port
@@ -281,3 +282,22 @@ async def test_pipelined_requests_are_answered_in_order(fake_engine: FakeEngine,
                 pass
     assert received.count(b"HTTP/1.1 200 OK") == 2
     assert received.index(b'"/first"') < received.index(b'"/second"')
+
+
+async def test_a_fault_in_the_gate_itself_is_a_logged_500_not_the_clients_400(fake_engine: FakeEngine,
+                                                                             start_gate: StartGate) -> None:
+    # A bug in the gate's own handling (here: its request handler raises) must not be blamed on the client
+    # with the gate's internal message in a 400, nor leave it unlogged.
+    gw = await start_gate(fake_engine.url)
+
+    def broken(*_: object) -> None:
+        raise KeyError("sk-secret-prompt")
+
+    gw.gate.handle = broken  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            answer = await client.post("/v1/completions", json={"model": "m", "prompt": "sk-secret-prompt"})
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "internal_error"
+    assert "sk-secret" not in answer.text
+    [line] = [entry for entry in logs if entry["event"] == "gate_internal_error"]
+    assert line["error"] == "KeyError" and "sk-secret" not in repr(logs)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import structlog
 
-from spotguard.asgi import serve
+from spotguard.asgi import Receive, Scope, Send, read_body, serve
 from spotguard.gate.cursor import CursorKey
 from spotguard.gate.held import HeldBook
 from spotguard.gate.holding import Holding
@@ -30,7 +30,7 @@ from spotguard.metrics import Metrics
 from spotguard.storage.answer_index import AnswerIndex
 from spotguard.storage.store import StoreOptions, open_store
 from tests.support.gate import RunningGate, StartGate
-from tests.support.openai_upstream import FakeEngine, token
+from tests.support.openai_upstream import FakeEngine, chat_chunk, token
 
 pytestmark = pytest.mark.anyio
 CHAT = "/v1/chat/completions"
@@ -52,18 +52,18 @@ async def engines() -> AsyncIterator[Callable[[], FakeEngine]]:
         tg.cancel_scope.cancel()
 
 
-def holding(store: Path | None = None) -> Holding:
+def holding(store: Path | None = None, **kwargs: Any) -> Holding:
     index = None
     if store is not None:
         index = AnswerIndex(open_store(f"file://{store}", StoreOptions()), index_key=KEY.index_key, seal_key=None)
     book = HeldBook(ttl=600, max_bytes=64 << 20, max_answer_bytes=16 << 20, log=structlog.get_logger("test"),
                     metrics=Metrics())
-    return Holding(key=KEY, holder="http://unset:1", book=book, index=index)
+    return Holding(key=KEY, holder="http://unset:1", book=book, index=index, **kwargs)
 
 
-async def resumable_gate(start_gate: StartGate, upstream: str, store: Path | None = None,
-                         **kwargs: Any) -> RunningGate:
-    held = holding(store)
+async def resumable_gate(start_gate: StartGate, upstream: str, store: Path | None = None, *,
+                         keep_generating: bool = True, **kwargs: Any) -> RunningGate:
+    held = holding(store, keep_generating=keep_generating)
     gw = await start_gate(upstream, holding=held, engine_kind="vllm", **kwargs)
     held.holder = gw.url  # the URL other gates reach it on, named in its cursors
     return gw
@@ -132,6 +132,30 @@ async def test_a_client_that_went_away_resumes_exactly_after_its_last_event(engi
     assert content(joined) == "".join(token(i) for i in range(40))
     assert [d for d, _ in joined].count("[DONE]") == 1 and len(engine.requests) == 1
     assert gw.count("chat", "resumed") == 1
+
+
+async def test_without_keep_generating_a_client_that_went_away_is_told_at_once_its_answer_is_gone(
+        engines: Any, start_gate: StartGate) -> None:
+    # [resume] keep_generating = false: the engine stops when the client goes. What was held of the answer is
+    # final, so a resume of it is refused at once (send it again without a cursor), not left waiting for more.
+    engine = await engines()
+    gw = await resumable_gate(start_gate, engine.url, keep_generating=False)
+    body = chat(stream=True, max_tokens=400, x_token_delay=0.01)
+    async with httpx.AsyncClient(timeout=10) as client:
+        got = ""
+        with anyio.fail_after(10):
+            async with client.stream("POST", gw.url + CHAT, content=body, headers=ALICE) as response:
+                async for chunk in response.aiter_text():
+                    got += chunk
+                    if got.count("\n\n") >= 5:
+                        break
+            while not engine.disconnects:  # the engine was stopped
+                await anyio.sleep(0.01)
+        last = events(got[:got.rindex("\n\n") + 2])[-1][1] or ""
+        with anyio.fail_after(10):
+            again = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "last-event-id": last})
+    assert again.status_code == 409 and again.json()["error"]["type"] == "resume_unavailable"
+    assert len(engine.requests) == 1
 
 
 async def test_a_cursor_is_refused_with_another_authorization_or_request(engines: Any,
@@ -259,3 +283,30 @@ async def test_a_non_streaming_request_handed_over_survives_the_node_that_relaye
     assert retry.json()["choices"][0]["message"]["content"] == "".join(token(i) for i in range(40))
     assert len(engine_b.requests) == 1 and not engine_a.requests  # computed once, on B
     assert json.loads(engine_b.requests[0].body)["stream"] is True  # asked as a stream: its holder known at once
+
+
+async def test_a_stream_read_whole_that_ends_without_its_blank_line_is_answered_as_clean_json(
+        engines: Any, start_gate: StartGate) -> None:
+    # With peers a non-streaming request is read as a stream, and with resume its events are held as they
+    # come. The engine's last event has no blank line after it: the gate held it back as unfinished, and it
+    # is part of the assembled answer, not extra bytes in front of it.
+    async def engine(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive, 1 << 20)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": chat_chunk(0, token(0)) + chat_chunk(1, token(1), "stop")
+                    + b"data: [DONE]"})
+
+    async with anyio.create_task_group() as tg:
+        url = (await tg.start(serve, engine, nodelay_socket("127.0.0.1", 0))).url
+        peer = await engines()
+        gw = await resumable_gate(start_gate, url, peers=(peer.url,))
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            first = await client.post(CHAT, json=body)
+            second = await client.post(CHAT, json=body)  # the same kept-alive connection: nothing left over on it
+        tg.cancel_scope.cancel()
+    for answer in (first, second):
+        assert answer.status_code == 200
+        assert answer.json()["choices"][0]["message"]["content"] == token(0) + token(1)

@@ -61,6 +61,24 @@ def test_where_the_peer_stream_is_cut_changes_nothing(cuts: list[int]) -> None:
     assert got == expected
 
 
+@given(st.lists(st.integers(min_value=0, max_value=len(PEER_STREAM) * 2), max_size=8))
+def test_a_peer_framing_its_events_with_crlf_is_joined_the_same(cuts: list[int]) -> None:
+    whole = StreamStitch(LOCAL, chat=True, role_sent=True, delivered=3)
+    expected = whole.feed(PEER_STREAM) + whole.finish()
+    crlf = PEER_STREAM.replace(b"\n", b"\r\n")
+    stitch = StreamStitch(LOCAL, chat=True, role_sent=True, delivered=3)
+    bounds = [0, *sorted(c for c in cuts if c <= len(crlf)), len(crlf)]
+    got = b"".join(stitch.feed(crlf[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)) + stitch.finish()
+    assert got == expected and not stitch.broken
+
+
+def test_after_a_malformed_peer_event_nothing_passes_and_the_answer_is_not_passed_off_as_whole() -> None:
+    stitch = StreamStitch(LOCAL, chat=True, role_sent=True, delivered=3)
+    out = stitch.feed(chunk(" world") + b"data: {not json\n\n" + chunk("!") + b"data: [DONE]\n\n")
+    assert stitch.broken and [e["choices"][0]["delta"] for e in events(out)] == [{"content": " world"}]  # type: ignore[index]
+    assert stitch.feed(chunk("more")) == b"" and stitch.finish() == b""  # no [DONE]: the leg ends it as interrupted
+
+
 def test_a_peer_that_ends_without_done_still_gives_one() -> None:
     stitch = StreamStitch(LOCAL, chat=True, role_sent=False, delivered=0)
     out = events(stitch.feed(chunk(None, role=True) + chunk("hi")) + stitch.finish())
