@@ -154,6 +154,9 @@ async def test_a_stream_survives_its_node_and_its_new_holder(fleet: Fleet) -> No
         with anyio.fail_after(10):  # the daemon mirrors its gate's counts once a second
             while 'result="resumed_from_store"} 1.0' not in (await http.get(survivor.daemon_url + "/metrics")).text:
                 await anyio.sleep(0.1)
+        # The index lookup that found it is counted where an operator reads it: the daemon's /metrics.
+        metrics = (await http.get(survivor.daemon_url + "/metrics")).text
+    assert 'spotguard_resume_index_total{op="lookup",result="found"}' in metrics
 
 
 async def test_a_cursor_works_only_with_its_own_authorization(fleet: Fleet) -> None:
