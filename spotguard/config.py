@@ -174,9 +174,11 @@ class GateConfig:
                                      "requests in flight before closing them.")
     peers: tuple[str, ...] = _opt([], "Base URLs of OpenAI-compatible endpoints that take work from this node while "
                                   "it drains (other nodes' gates or engines, or the internal load balancer): new "
-                                  "requests are handed to them, and requests still running when the snapshot step "
-                                  "cuts them are continued there into the same client answer. Empty = refuse new "
-                                  "work with 503 and end cut answers with a retryable error.")
+                                  "requests are handed to them; running requests that will not finish before the "
+                                  "drain deadline are continued there as the drain begins, and the migrate step "
+                                  "continues what is still running after the wait, each into the same client "
+                                  "answer. Empty = refuse new work with 503 and end cut answers with a retryable "
+                                  "error.")
     allow_paths: tuple[str, ...] = _opt([], "Paths forwarded beyond the inference API (OpenAI chat, completions, "
                                         "embeddings, responses, models; health), as \"/path\", \"/prefix/*\" or "
                                         "\"METHOD /path\". Everything else gets 403: admin endpoints (llama.cpp "

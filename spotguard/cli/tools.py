@@ -41,7 +41,7 @@ def emulate(config: ConfigOpt = None,
         pass
 
 
-def demo(short: Annotated[bool, typer.Option("--short", help="Fewer, shorter requests and a 30 s notice.")] = False,
+def demo(short: Annotated[bool, typer.Option("--short", help="Fewer, shorter requests and a 10 s notice.")] = False,
          stand_in: Annotated[bool, typer.Option("--stand-in", help="Run the stand-in engine, not llama-server.")] = False,
          no_build: Annotated[bool, typer.Option("--no-build", help="Do not build llama-server when it is not "
                                                 "cached (the stand-in runs instead).")] = False,
