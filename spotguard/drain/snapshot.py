@@ -113,8 +113,9 @@ class _Reading:
                 settle = min(1.0, 0.1 * (budget - manifest_reserve(budget)))
                 self.requests = await journal.interrupt_and_wait(settle)
         except GateError as exc:
+            # The requests stay unread (None), not none (an empty list): the count read before stands, so the
+            # snapshot says how many it lost instead of 0/0.
             self.problem("gate", f"gate journal: {exc}")
-            self.requests = []
 
     def result(self) -> Inflight:
         requests = self.requests or []

@@ -17,7 +17,7 @@ import pytest
 from spotguard.config import Config
 from spotguard.drain.snapshot import Snapshot
 from spotguard.drain.step import StepResult
-from spotguard.errors import ConfigError, StoreError
+from spotguard.errors import ConfigError, GateError, StoreError
 from spotguard.gate.journal import EntryJournal
 from spotguard.gate.protocol import JournalEntry
 from spotguard.servers.llamacpp import SavedSlot
@@ -278,3 +278,23 @@ async def test_a_recorded_request_is_cut_so_it_is_never_answered_twice(tmp_path:
     assert json.loads(rest[-1][6:])["error"]["type"] == "interrupted_for_migration"  # cut, not finished here
     assert gw.entries() == []  # recorded, then forgotten by the gate
     fake_engine.release.set()
+
+
+class GateGoneAtTheCut(EntryJournal):
+    """A gate that counts its requests, then goes away when told to cut them (its control socket reset)."""
+
+    async def interrupt_and_wait(self, timeout: float) -> list[JournalEntry]:
+        raise GateError("gate control socket: connection reset by peer")
+
+
+async def test_a_gate_lost_at_the_cut_fails_the_step_with_the_requests_it_lost(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps")
+    journal = GateGoneAtTheCut(list(fill_journal(3)))
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10), pytest.raises(StoreError, match="incomplete") as caught:
+            await take_snapshot(make_ctx(config, http, journal))
+        with anyio.fail_after(10):
+            raw = await open_store(f"file://{tmp_path}/snaps/i-test/evt-1").get("manifest.json")
+    assert "0/3 records" in str(caught.value) and "gate journal: gate control socket" in str(caught.value)
+    manifest = Manifest.from_json(raw)
+    assert manifest.requests == 3 and not manifest.complete
