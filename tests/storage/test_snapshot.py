@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -298,3 +298,21 @@ async def test_a_gate_lost_at_the_cut_fails_the_step_with_the_requests_it_lost(t
     assert "0/3 records" in str(caught.value) and "gate journal: gate control socket" in str(caught.value)
     manifest = Manifest.from_json(raw)
     assert manifest.requests == 3 and not manifest.complete
+
+
+class SlowRelease(EntryJournal):
+    """A gate whose answer to the release of the recorded requests never comes (a stalled control socket)."""
+
+    async def release(self, request_ids: Sequence[str]) -> None:
+        await anyio.sleep_forever()
+
+
+async def test_a_slow_release_does_not_cost_a_stored_snapshot_its_outcome(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps").replace("drain", snapshot_budget=2.0)
+    journal = SlowRelease(list(fill_journal(3)))
+    detail = ""
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            with anyio.CancelScope(deadline=anyio.current_time() + 2.0) as step:  # as the drain engine runs a step
+                detail = await take_snapshot(make_ctx(config, http, journal))
+    assert not step.cancelled_caught and "3/3 records" in detail
