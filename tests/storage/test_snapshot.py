@@ -316,3 +316,29 @@ async def test_a_slow_release_does_not_cost_a_stored_snapshot_its_outcome(tmp_pa
             with anyio.CancelScope(deadline=anyio.current_time() + 2.0) as step:  # as the drain engine runs a step
                 detail = await take_snapshot(make_ctx(config, http, journal))
     assert not step.cancelled_caught and "3/3 records" in detail
+
+
+async def test_a_stalled_look_for_an_earlier_manifest_keeps_to_the_step_time(
+        moto_url: str, bucket: str, stalling_proxy: Callable[[StallWhen], str]) -> None:
+    # Nothing in flight: the step first looks for the manifest of an earlier attempt (a resumed drain), and the
+    # store never answers that read. On a one-second step the look must leave the manifest its own slice.
+    looked: list[str] = []
+
+    def stall_first_manifest_read(path: str) -> bool:
+        if path.endswith("/manifest.json") and not looked:
+            looked.append(path)
+            return True
+        return False
+
+    proxy = await stalling_proxy(stall_first_manifest_read)
+    config = s3_config(bucket, proxy).replace("drain", snapshot_budget=1.0)
+    detail = ""
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            with anyio.CancelScope(deadline=anyio.current_time() + 1.0) as step:  # as the drain engine runs a step
+                detail = await take_snapshot(make_ctx(config, http, EntryJournal()))
+        assert looked and not step.cancelled_caught and "0/0 records" in detail
+        with anyio.fail_after(10):
+            raw = await open_store(f"s3://{bucket}/spotguard/i-test/evt-1",
+                                   StoreOptions(endpoint_url=moto_url)).get("manifest.json")
+    assert Manifest.from_json(raw).complete
