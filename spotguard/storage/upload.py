@@ -103,8 +103,9 @@ async def put_file(store: Store, key: crypto.Key | None, path: str, bound_to: by
                    concurrency: int = KV_PART_CONCURRENCY) -> tuple[int, str]:
     """Stream ``source`` to the store in parts of PART_SIZE (sealed frame by frame with ``key``), hashing the
     stored bytes on the way; returns (size, sha256). Memory: about ``concurrency`` + 1 parts, whatever the size."""
+    sealer = crypto.Sealer(key, bound_to) if key else None  # before the file is opened: if it raises, nothing leaks
     handle = await anyio.to_thread.run_sync(open, source, "rb")
-    reader = _FileParts(handle, crypto.Sealer(key, bound_to) if key else None)
+    reader = _FileParts(handle, sealer)
 
     async def parts() -> AsyncIterator[bytes]:
         while (part := await anyio.to_thread.run_sync(reader.next_part, abandon_on_cancel=True)) is not None:

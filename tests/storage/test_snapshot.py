@@ -342,3 +342,30 @@ async def test_a_stalled_look_for_an_earlier_manifest_keeps_to_the_step_time(
             raw = await open_store(f"s3://{bucket}/spotguard/i-test/evt-1",
                                    StoreOptions(endpoint_url=moto_url)).get("manifest.json")
     assert Manifest.from_json(raw).complete
+
+
+def _open_handles(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += int(os.readlink(fd) == str(path))
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+    return count
+
+
+async def test_a_sealer_that_cannot_start_leaves_no_file_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoEntropy(crypto.Sealer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise OSError("getrandom: no entropy yet")  # os.urandom for the object's salt, early in a boot
+
+    monkeypatch.setattr(crypto, "Sealer", NoEntropy)
+    source = tmp_path / "slot.bin"
+    source.write_bytes(os.urandom(1024))
+    store = open_store(f"file://{tmp_path}/snaps")
+    with anyio.fail_after(10), pytest.raises(OSError, match="no entropy") as caught:
+        await put_file(store, crypto.Key(os.urandom(32)), "i-test/evt-1/kv/slot-0.bin",
+                       crypto.binding("i-test", "evt-1", "kv/slot-0.bin"), source)
+    assert caught.traceback  # held here, it keeps a handle the call left open alive (and open) until now
+    assert _open_handles(source) == 0, "the slot file was left open"
