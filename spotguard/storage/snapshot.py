@@ -69,7 +69,7 @@ class Inflight:
     """What the drain step read before handing over: it owns the gate's journal and the engine's slot list."""
 
     requests: Sequence[InflightEntry] = ()
-    """The requests in flight with their output so far (cut first when KV slots are saved too)."""
+    """The requests in flight with their output so far, as the step cut them (whatever the engine)."""
     count: int = 0
     """Requests in flight, for the manifest: ``len(requests)``, or the count read before the read was cut."""
     busy_slots: Sequence[int] = ()
@@ -114,10 +114,6 @@ class Snapshotter:
     def __init__(self, prepared: Prepared, config: Config) -> None:
         self.prepared = prepared
         self._config = config
-
-    @property
-    def url(self) -> str:
-        return self.prepared.store.url
 
     async def stamp_model(self, log: structlog.stdlib.BoundLogger) -> None:
         path = self._config.snapshot.model_path
