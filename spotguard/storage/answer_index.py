@@ -231,8 +231,8 @@ class AnswerIndex:
             raise StoreError(f"{self.store.url}/{name}: {len(plain)} bytes, more than an index entry may hold")
         async with self._bounded("write", deadline):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._put, name, plain)
-                tg.start_soon(self._put, pointer_name(entry.fingerprint), _dump(pointer))
+                tg.start_soon(self._put, name, plain, name="answer-index-entry")
+                tg.start_soon(self._put, pointer_name(entry.fingerprint), _dump(pointer), name="answer-index-pointer")
         self._count("write", "ok")
 
     async def find(self, answer_id: str, fingerprint: str, *, now: float, deadline: float) -> IndexEntry | None:

@@ -188,7 +188,7 @@ class Snapshotter:
         snap = self._config.snapshot
         saved: list[SavedSlot] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(upload_records, job, batches(requests))
+            tg.start_soon(upload_records, job, batches(requests), name="snapshot-records")
             if kv is not None:
                 job.progress.engine = await engine_state(job, kv, model_sha256=self.prepared.model_sha256,
                                                          kv_cache_types=snap.kv_cache_types)

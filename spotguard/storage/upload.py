@@ -46,7 +46,7 @@ async def seal_and_put(store: Store, key: crypto.Key | None, path: str, bound_to
                                                       abandon_on_cancel=True))
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(digest)
+        tg.start_soon(digest, name="snapshot-object-sha256")
         await store.put(path, sealed)
     return len(sealed), digests[0]
 
