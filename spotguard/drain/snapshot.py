@@ -21,6 +21,7 @@ from spotguard.errors import EngineError, GateError, StoreError
 from spotguard.gate.journal import JournalAccess
 from spotguard.gate.protocol import JournalEntry
 from spotguard.servers.llamacpp import SlotApi
+from spotguard.storage.job import report_problem
 from spotguard.storage.snapshot import Inflight, SnapshotResult, Snapshotter, manifest_reserve
 
 SAFETY = 0.05
@@ -110,10 +111,8 @@ class _Reading:
     problems: list[str] = field(default_factory=list)
 
     def problem(self, reason: str, message: str) -> None:
-        """Record, log and count a problem; the snapshot then says it is incomplete, and why."""
-        self.problems.append(message)
-        self.ctx.metrics.config_errors.labels(component="snapshot", reason=reason).inc()
-        self.ctx.log.warning("snapshot.problem", reason=reason, error=message)
+        """Record, log and count a problem (``report_problem``)."""
+        report_problem(self.problems, reason, message, metrics=self.ctx.metrics, log=self.ctx.log)
 
     async def read(self, kv: SlotApi | None, budget: float) -> None:
         """The busy slots before the cut (a cut slot is free), then the requests; a part that fails is a
