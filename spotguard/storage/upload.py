@@ -20,9 +20,6 @@ from spotguard.storage.store import PART_SIZE, Store
 KV_PART_CONCURRENCY = 4
 """Parts in flight per file: with ``kv.KV_UPLOADS`` files side by side, x PART_SIZE (128 MiB) bounds the buffers."""
 
-SMALL = 256 * 1024
-"""Below this, hashing and sealing inline is cheaper than a worker thread."""
-
 
 async def seal_and_put(store: Store, key: crypto.Key | None, path: str, bound_to: bytes,
                        plain: bytes) -> tuple[int, str]:
@@ -32,7 +29,7 @@ async def seal_and_put(store: Store, key: crypto.Key | None, path: str, bound_to
     For big objects the hash runs in a worker thread while the upload is in flight (both release
     the GIL), so integrity costs no upload time.
     """
-    if len(plain) < SMALL:
+    if len(plain) < crypto.OFFLOAD_BYTES:
         stored = crypto.seal(key, bound_to, plain) if key else plain
         await store.put(path, stored)
         return len(stored), hashlib.sha256(stored).hexdigest()
