@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from spotguard import config_schema as schema
-from spotguard.config_rules import AZURE_EVENT_TYPES as AZURE_EVENT_TYPES
 from spotguard.config_rules import parse_allow as parse_allow
 from spotguard.config_rules import parse_listen as parse_listen
 from spotguard.config_rules import validate

@@ -5,7 +5,7 @@ default and ``help`` (and optional ``choices``) metadata made by ``option``. Thi
 object from mappings (a TOML file, ``SPOTGUARD_SECTION_KEY`` environment variables, CLI overrides),
 checks types and choices with errors that name the key and where the value came from, and writes it
 back out as TOML and as reference rows for the docs. It knows no key by name: rules that tie keys
-together are ``config.py``'s.
+together are ``config_rules.py``'s.
 """
 
 from __future__ import annotations

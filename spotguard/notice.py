@@ -53,9 +53,6 @@ class Notice:
         """Identity used for de-duplication across polls."""
         return f"{self.source}/{self.kind}/{self.event_id}"
 
-    def seconds_left(self, now: datetime | None = None) -> float:
-        return (self.deadline - (now or utcnow())).total_seconds()
-
     def due(self, now: datetime | None = None) -> bool:
         """True once the drain should start."""
         return self.act_at is None or (now or utcnow()) >= self.act_at

@@ -19,6 +19,7 @@ from spotguard.checks import Check
 from spotguard.clouds.identity import Identity
 from spotguard.config import Config, parse_listen
 from spotguard.errors import SpotguardError
+from spotguard.netloc import is_loopback
 
 UNIT_DIRS = (Path("/etc/systemd/system"), Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"))
 """Where installed systemd units live, in the order systemd looks."""
@@ -232,7 +233,7 @@ def resume_check(config: Config) -> Check | None:
         problems.append(f"{resume.key_file} has mode {mode:04o}: anyone who reads it can forge cursors; chmod 600")
     holder = advertised_holder(resume.advertise, config.gate.listen)
     where = holder or "the VM's private IP from its metadata"
-    if urlsplit(holder).hostname in ("127.0.0.1", "::1", "localhost"):
+    if is_loopback(holder):
         problems.append(f"answers held here are named {holder}, which other gates cannot reach; set "
                         "[resume] advertise or listen on the private address")
     if resume.index and not config.snapshot.url:

@@ -223,19 +223,27 @@ class NodeMachine:
     # ---- draining ----------------------------------------------------------------------------------
 
     async def _drain(self, notice: Notice) -> None:
+        said_draining = False
         with anyio.CancelScope() as scope:
             self._drain_scope = scope
             try:
-                await self._run_drain(notice)
+                resuming = await self._begin_drain(notice)
+                said_draining = True
+                await self._run_drain(notice, resuming)
             finally:
                 self._drain_starting = False  # also when cancelled while its start was being written
         if self._drain_scope is scope:  # a forced undrain may already have let the next drain start
             self._drain_scope = None
         if scope.cancelled_caught:
             self._metrics.drains.labels(source=notice.source, result="cancelled").inc()
-            self._log.warning("drain_cancelled", reason="undrain --force", **public_notice(notice) or {})
+            self._log.warning("drain_cancelled", reason="undrain", before_draining=not said_draining,
+                              **public_notice(notice) or {})
+            if not said_draining:
+                self._abandon_start()
 
-    async def _run_drain(self, notice: Notice) -> None:
+    async def _begin_drain(self, notice: Notice) -> bool:
+        """Make the drain's start durable (waiting at most DURABLE_START_WAIT), then say draining; returns
+        whether this drain resumes one a previous daemon began."""
         resuming = self._persisted.state == "draining"
         resumed = self._persisted.timeline if resuming else None
         if not resuming:
@@ -243,12 +251,34 @@ class NodeMachine:
         started = self._persisted.with_(state="draining", notice=notice, timeline=resumed, restore=None)
         if not resuming:
             # Durable before visible: once /readyz says 503, a kill -9 must not bring the node back into
-            # rotation. The write runs in a worker thread; a disk slower than this bound does not hold the drain.
+            # rotation. The write is shielded (once begun it finishes), so it runs in a task of its own and only
+            # the wait for it is bounded: a disk slower than this bound, or hung, does not hold the drain.
+            assert self._tg is not None
             self._writer.submit(started)
+            written = anyio.Event()
+            self._tg.start_soon(self._writer.flush_then_set, written, name="state-drain-start")
             with anyio.move_on_after(DURABLE_START_WAIT):
-                await self._writer.flush()
+                await written.wait()
+        # An undrain that came while the start was being written stopped this drain: it lands here, before the
+        # node says draining, and _drain puts back the state the undrain saw.
+        await anyio.lowlevel.checkpoint()
         self._drain_starting = False
         self._set(started, submit=resuming)
+        return resuming
+
+    def _abandon_start(self) -> None:
+        """An undrain stopped a drain before it said draining: the node stays as the undrain found it (serving,
+        or restoring), without the deadline the drain adopted, and that state replaces the drain's start on disk."""
+        self._deadline.clear()
+        self._writer.submit(self._persisted)
+        if self._persisted.state == "restoring" and self._restore_scope is None:
+            # The drain had stopped the restore; the undrain asked for the node back in service.
+            assert self._tg is not None
+            self._log.warning("restore_resumed", reason="undrain")
+            self._tg.start_soon(self._restore, name="restore")
+
+    async def _run_drain(self, notice: Notice, resuming: bool) -> None:
+        resumed = self._persisted.timeline if resuming else None
         self._notices.look_again()  # a notice that came due while this drain was starting may be earlier
         deadline = self._deadline.current
         assert deadline is not None, "a draining node always has a deadline"

@@ -35,7 +35,6 @@ class Agent:
 
     def __init__(self, *, config: Config, cloud: str, metrics: Metrics, log: Any, store: StateStore,
                  sources: Sequence[NoticeSource], driver: DrainDriver) -> None:
-        self.config = config
         self.metrics = metrics
         persisted = load_state(store, log=log, metrics=metrics)
         self.deadline = DeadlineOwner(config.drain.safety_margin, metrics=metrics, log=log)

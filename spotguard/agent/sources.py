@@ -73,7 +73,7 @@ class SourceWatcher:
         retrying = tenacity.AsyncRetrying(
             wait=tenacity.wait_random_exponential(multiplier=min(0.2, interval),
                                                   max=self._config.agent.max_backoff),
-            retry=tenacity.retry_if_exception_type((MetadataError, SpotguardError)),
+            retry=tenacity.retry_if_exception_type(SpotguardError),
             stop=tenacity.stop_never,
             sleep=anyio.sleep,
             reraise=True,

@@ -178,6 +178,12 @@ class StateWriter:
             self._wake = anyio.Event()
             await self.flush()
 
+    async def flush_then_set(self, written: anyio.Event) -> None:
+        """``flush``, then set ``written``: run as a task, so that a caller can stop waiting for a hung disk
+        (``flush`` is shielded, so a scope around it cannot cut it) while the write itself goes on."""
+        await self.flush()
+        written.set()
+
     async def flush(self) -> None:
         # Shielded: a write that has begun finishes even while the daemon is being cancelled.
         with anyio.CancelScope(shield=True):

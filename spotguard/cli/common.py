@@ -57,11 +57,12 @@ def load_config(path: Path | None, overrides: dict[str, dict[str, Any]] | None =
         fail(str(exc))
 
 
-def run_async(call: Callable[[], Awaitable[T]]) -> T:
-    """Run an async call to completion; a SpotguardError becomes a one-line message and exit 1."""
+def run_async(call: Callable[[], Awaitable[T]], *, backend_options: dict[str, Any] | None = None) -> T:
+    """Run an async call to completion (``backend_options`` as ``anyio.run`` takes them: uvloop); a
+    SpotguardError becomes a one-line message and exit 1."""
     import anyio
 
     try:
-        return anyio.run(call, backend="asyncio")
+        return anyio.run(call, backend="asyncio", backend_options=backend_options)
     except SpotguardError as exc:
         fail(str(exc), 1)

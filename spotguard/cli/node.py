@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from spotguard.cli.common import ConfigOpt, fail, load_config, run_async
-from spotguard.errors import SpotguardError
 
 
 def _report(doc: dict[str, Any]) -> None:
@@ -110,23 +108,14 @@ def gate(config: ConfigOpt = None,
         # Every request and chunk allocates a few objects that die young; collecting the youngest generation
         # every 700 allocations (the default) costs the data path more than it frees (bench/gate.py).
         gc.set_threshold(50_000, 50, 100)
-    try:
-        code = _run_gate(lambda: run_gate_process(cfg), uvloop)
-    except KeyboardInterrupt:
-        code = 1
-    raise typer.Exit(code)
-
-
-def _run_gate(call: Callable[[], Awaitable[int]], uvloop: bool) -> int:
     import importlib.util
-
-    import anyio
 
     options = {"use_uvloop": True} if uvloop and importlib.util.find_spec("uvloop") else {}
     try:
-        return anyio.run(call, backend="asyncio", backend_options=options)
-    except SpotguardError as exc:
-        fail(str(exc), 1)
+        code = run_async(lambda: run_gate_process(cfg), backend_options=options)
+    except KeyboardInterrupt:
+        code = 1
+    raise typer.Exit(code)
 
 
 def status(config: ConfigOpt = None,

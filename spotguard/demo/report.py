@@ -41,7 +41,7 @@ def report(run: Run, say: Callable[[str], None]) -> str:
     for answer in run.answers:
         kind = "streaming" if answer.ask.stream else "non-streaming"
         late = (" - finished by replica 2 after this node's deadline (resumed by spotguard.client)"
-                if answer.completed and run.vm_gone_at and answer.ended > run.vm_gone_at else "")
+                if run.vm_gone_at and answer.finished_after(run.vm_gone_at) else "")
         say(f"  {answer.ask.name:<12} {kind:<14} {answer.outcome()}{late}")
     if any("interrupted_for_migration" in a.error for a in run.answers):
         say("  (cut when no peer could take it over: its output so far is in the snapshot, and `spotguard resume` "

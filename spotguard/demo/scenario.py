@@ -201,7 +201,7 @@ async def _until_answered(run: Run, plan: Plan, procs: Processes, say: Callable[
                 "relayed with a resumable error, and their clients resume them")
             procs.stop("replica-1")
         await anyio.sleep(0.05)
-    late = sum(a.completed and a.ended > run.vm_gone_at for a in answers)
+    late = sum(a.finished_after(run.vm_gone_at) for a in answers)
     if all(a.ended for a in answers):
         say(f"10. every client has its answer {time.monotonic() - run.notice_at:.1f}s after the notice"
             + (f"; {late} of them finished by replica 2 after this node's deadline" if late else ""))

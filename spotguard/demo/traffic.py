@@ -43,6 +43,10 @@ class Answer:
             return False
         return self.done or not self.ask.stream
 
+    def finished_after(self, moment: float) -> bool:
+        """Completed, and after ``moment`` (``time.monotonic()``): past the node's deadline, the fleet finished it."""
+        return self.completed and self.ended > moment
+
     @property
     def seconds(self) -> float:
         return (self.ended or time.monotonic()) - self.began
@@ -128,7 +132,7 @@ def summary_line(answers: list[Answer], engine_note: str = "", *, vm_gone_at: fl
     sent = len(answers)
     completed = sum(a.completed for a in answers)
     line = f"in-flight requests: {sent} sent, {completed} completed, {sent - completed} lost"
-    late = sum(a.completed and a.ended > vm_gone_at for a in answers) if vm_gone_at else 0
+    late = sum(a.finished_after(vm_gone_at) for a in answers) if vm_gone_at else 0
     if late:
         line += f"; {late} finished by replica 2 after this node's deadline"
     return line + (f" ({engine_note})" if engine_note else "")

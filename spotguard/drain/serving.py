@@ -102,7 +102,7 @@ def wait_inflight_budget(left: float, drain: DrainConfig, *, snapshot: bool, pee
     expected to finish; the migrate step after this wait continues anything that still has not. Without
     peers the snapshot saves whatever is still running, so waiting never eats all of its time.
 
-    A pure function of the plan, so bench/fleetsim.py can tell when a drain cuts what is still running.
+    A pure function of the plan, so bench/sim/behaviour.py can tell when a drain cuts what is still running.
     """
     reserve = tail_reserve(left)
     if snapshot:
@@ -149,7 +149,9 @@ class WaitInflight:
                     return StepResult("timed_out", f"in-flight count unreadable for {took:.2f}s "
                                                    f"({reading.unreadable}); left for the snapshot")
                 if hands_to_peers(ctx):
-                    # Not a time-out: the budget kept half of what is left for the peers on purpose.
+                    # Not a time-out: with peers the budget runs the wait almost to the drain's end on purpose,
+                    # keeping only RECORDS_RESERVE (1 s) for the snapshot's records and the tail; migrate continues
+                    # on the peers what still runs here.
                     return StepResult("handed_over", f"{reading.count} requests still in flight after "
                                                      f"{took:.2f}s: handed to migrate, which continues them on peers")
                 return StepResult("timed_out", f"{reading.count} requests still in flight after {took:.2f}s; "

@@ -9,22 +9,27 @@ with a deadline, and tells the gate to forget the cut requests whose records wer
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from dataclasses import dataclass, field
 
 import anyio
+import structlog
 
 from spotguard.drain.serving import inflight_count
 from spotguard.drain.step import DrainContext, StepResult, step_time_left, tail_reserve
 from spotguard.errors import EngineError, GateError, StoreError
+from spotguard.gate.journal import JournalAccess
 from spotguard.gate.protocol import JournalEntry
 from spotguard.servers.llamacpp import SlotApi
+from spotguard.storage.job import report_problem
 from spotguard.storage.snapshot import Inflight, SnapshotResult, Snapshotter, manifest_reserve
 
 SAFETY = 0.05
 """Seconds kept back from the budget so our own scopes end before the engine's."""
 SLOTS_TIMEOUT = 1.0
+RELEASE_RESERVE = 0.5
+"""Most seconds kept after the save (at most a tenth of the step's time) for telling the gate which cut
+requests it may forget; a release that takes longer is given up, and the snapshot keeps its outcome."""
 
 
 class Snapshot:
@@ -54,10 +59,12 @@ async def take_snapshot(ctx: DrainContext, snapshotter: Snapshotter) -> str:
     Raises ``StoreError`` (after a manifest attempt) when records or the manifest could not be stored.
     """
     config = ctx.config
-    budget = min(step_time_left(), ctx.seconds_left(), config.drain.snapshot_budget) - SAFETY
-    if budget <= 0:
+    total = min(step_time_left(), ctx.seconds_left(), config.drain.snapshot_budget) - SAFETY
+    if total <= 0:
         raise StoreError("no time left for a snapshot")
-    deadline = anyio.current_time() + budget
+    end = anyio.current_time() + total
+    budget = total - min(RELEASE_RESERVE, 0.1 * total)  # the save's; the release of the cut requests has the rest
+    deadline = end - (total - budget)
     server = config.server
     kv = SlotApi(ctx.http, server.url) if server.kind == "llamacpp" and server.url else None
     # Reading may take what the store's work would have had, never the manifest's slice.
@@ -71,11 +78,26 @@ async def take_snapshot(ctx: DrainContext, snapshotter: Snapshotter) -> str:
     result = await snapshotter.save(inflight, kv=kv, notice=ctx.notice, instance=instance, deadline=deadline,
                                     log=ctx.log, metrics=ctx.metrics)
     if ctx.services.journal is not None:
-        # The gate keeps the requests it cut until their records are stored; a gate that is gone has
-        # forgotten them anyway.
-        with contextlib.suppress(GateError):
-            await ctx.services.journal.release([r.id for r in inflight.requests if r.id in result.stored_request_ids])
+        # By the step's end, also when a tightened deadline moved it since.
+        await _release(ctx.services.journal, [r.id for r in inflight.requests if r.id in result.stored_request_ids],
+                       by=min(end, anyio.current_effective_deadline() - SAFETY), log=ctx.log)
     return _detail(result)
+
+
+async def _release(journal: JournalAccess, stored: list[str], *, by: float, log: structlog.stdlib.BoundLogger) -> None:
+    """Tell the gate it may forget the cut requests whose records are ``stored``, giving up at ``by``.
+
+    The gate keeps the requests it cut until then; a gate that is gone has forgotten them anyway, and one too
+    slow to answer keeps them a while: neither changes what the snapshot stored, so neither fails the step.
+    """
+    with anyio.CancelScope(deadline=by) as scope:
+        try:
+            await journal.release(stored)
+        except GateError as exc:
+            log.info("snapshot.release_failed", requests=len(stored), error=str(exc))
+    if scope.cancelled_caught:
+        log.warning("snapshot.release_timed_out", requests=len(stored),
+                        error="the gate did not answer before the snapshot step's time ran out")
 
 
 @dataclass
@@ -89,10 +111,8 @@ class _Reading:
     problems: list[str] = field(default_factory=list)
 
     def problem(self, reason: str, message: str) -> None:
-        """Record, log and count a problem; the snapshot then says it is incomplete, and why."""
-        self.problems.append(message)
-        self.ctx.metrics.config_errors.labels(component="snapshot", reason=reason).inc()
-        self.ctx.log.warning("snapshot.problem", reason=reason, error=message)
+        """Record, log and count a problem (``report_problem``)."""
+        report_problem(self.problems, reason, message, metrics=self.ctx.metrics, log=self.ctx.log)
 
     async def read(self, kv: SlotApi | None, budget: float) -> None:
         """The busy slots before the cut (a cut slot is free), then the requests; a part that fails is a
@@ -113,8 +133,9 @@ class _Reading:
                 settle = min(1.0, 0.1 * (budget - manifest_reserve(budget)))
                 self.requests = await journal.interrupt_and_wait(settle)
         except GateError as exc:
+            # The requests stay unread (None), not none (an empty list): the count read before stands, so the
+            # snapshot says how many it lost instead of 0/0.
             self.problem("gate", f"gate journal: {exc}")
-            self.requests = []
 
     def result(self) -> Inflight:
         requests = self.requests or []

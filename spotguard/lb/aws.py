@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 
 from spotguard.errors import ConfigError, LoadBalancerError
-from spotguard.lb.retry import Deadline, TransientError, count, with_retries
+from spotguard.lb.retry import CallDeadline, TransientError, count, with_retries
 
 if TYPE_CHECKING:
     from spotguard.clouds.identity import Identity
@@ -185,7 +185,7 @@ class AwsBalancer:
     async def check(self, *, budget: float) -> tuple[str, ...]:
         """Warnings for start-up and doctor: a deregistration delay longer than the notice window."""
         warnings: list[str] = []
-        deadline = Deadline.after(budget)
+        deadline = CallDeadline.after(budget)
         for arn in self._config.target_group_arns:
             async def call(arn: str = arn) -> dict[str, Any]:
                 return await self._call(self.clients.elbv2.describe_target_group_attributes, TargetGroupArn=arn,
@@ -231,7 +231,7 @@ class AwsBalancer:
         return self._asg_name
 
     async def _lifecycle(self, action: str, budget: float, **extra: Any) -> None:
-        deadline = Deadline.after(budget)
+        deadline = CallDeadline.after(budget)
         group = await self._group_name(deadline.left())
         from botocore import xform_name  # CompleteLifecycleAction -> complete_lifecycle_action
 

@@ -29,7 +29,7 @@ import httpx
 from spotguard.clouds import fetch
 from spotguard.errors import LoadBalancerError, MetadataError
 from spotguard.lb.retry import (
-    Deadline,
+    CallDeadline,
     Fix,
     TransientError,
     count,
@@ -134,7 +134,7 @@ class AzureBalancer:
                                     f"(docs/permissions.md) or Flexible orchestration")
         return resource_id
 
-    async def _get(self, resource_id: str, api: str, auth: _Auth, fix: Fix, deadline: Deadline) -> httpx.Response:
+    async def _get(self, resource_id: str, api: str, auth: _Auth, fix: Fix, deadline: CallDeadline) -> httpx.Response:
         what = f"GET {resource_id.rsplit('/', 1)[-1]}"
 
         async def call() -> httpx.Response:
@@ -172,7 +172,7 @@ class AzureBalancer:
         return nic, added
 
     async def _update(self, nic_id: str, edit: Callable[[dict[str, Any]], tuple[dict[str, Any], int]],
-                      auth: _Auth, deadline: Deadline) -> int:
+                      auth: _Auth, deadline: CallDeadline) -> int:
         """GET the NIC, ``edit`` it, PUT it back under its etag (a 412 re-reads), follow the operation."""
         name = nic_id.rsplit("/", 1)[-1]
         fix = Fix(permission="Microsoft.Network/networkInterfaces/read and .../write "
@@ -200,7 +200,7 @@ class AzureBalancer:
             await self._poll(operation, auth, fix, deadline)
         return changed
 
-    async def _poll(self, url: str, auth: _Auth, fix: Fix, deadline: Deadline) -> None:
+    async def _poll(self, url: str, auth: _Auth, fix: Fix, deadline: CallDeadline) -> None:
         """Follow Azure-AsyncOperation until a terminal status, but never past the budget."""
         while deadline.left() > POLL_INTERVAL[0]:
             try:
@@ -223,7 +223,7 @@ class AzureBalancer:
         raise LoadBalancerError("NIC update accepted, but not confirmed within the budget (Azure-AsyncOperation "
                                 "still InProgress)")
 
-    async def _nics(self, auth: _Auth, deadline: Deadline) -> list[dict[str, Any]]:
+    async def _nics(self, auth: _Auth, deadline: CallDeadline) -> list[dict[str, Any]]:
         """This VM's NIC references (``id``, ``properties.primary``), primary first."""
         vm_id = await self._vm_id(deadline.left())
         vm_fix = Fix(permission="Microsoft.Compute/virtualMachines/read", resource=f"VM {vm_id}",
@@ -242,7 +242,7 @@ class AzureBalancer:
             count(self._metrics, PROVIDER, "dry_run")
             return (f"dry run: would GET this VM's NICs and PUT them back without "
                     f"{len(self._pools)} backend pool(s): {', '.join(sorted(self._pools))}")
-        deadline = Deadline.after(budget)
+        deadline = CallDeadline.after(budget)
         auth = await self._token(deadline.left())
         nics = [str(n["id"]) for n in await self._nics(auth, deadline)]
         removed = 0
@@ -260,7 +260,7 @@ class AzureBalancer:
             count(self._metrics, PROVIDER, "dry_run")
             return (f"dry run: would GET this VM's NICs and PUT them back with "
                     f"{len(self._pools)} backend pool(s): {', '.join(sorted(self._pools))}")
-        deadline = Deadline.after(budget)
+        deadline = CallDeadline.after(budget)
         auth = await self._token(deadline.left())
         nics = await self._nics(auth, deadline)
         fix = Fix(permission="Microsoft.Network/networkInterfaces/read", resource="this VM's NICs",

@@ -23,7 +23,7 @@ import httpx
 
 from spotguard.clouds import fetch
 from spotguard.errors import ConfigError, LoadBalancerError, MetadataError
-from spotguard.lb.retry import Deadline, Fix, TransientError, count, json_object, send, with_retries
+from spotguard.lb.retry import CallDeadline, Fix, TransientError, count, json_object, send, with_retries
 
 if TYPE_CHECKING:
     from spotguard.clouds.identity import Identity
@@ -154,7 +154,7 @@ class GcpBalancer:
             count(self._metrics, PROVIDER, "dry_run")
             calls = [f"POST {self._request(g, g.project or '<project>', join=join)[0]}" for g in self._groups]
             return "dry run: would call " + "; ".join(calls)
-        deadline = Deadline.after(budget)
+        deadline = CallDeadline.after(budget)
         token = await self._token(deadline.left())
         project = ""
         if any(not g.project for g in self._groups):

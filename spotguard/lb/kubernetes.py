@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from spotguard.lb.kubeconfig import SERVICE_ACCOUNT_DIR, ApiAccess, resolve
-from spotguard.lb.retry import Deadline, Fix, count, json_object, send, with_retries
+from spotguard.lb.retry import CallDeadline, Fix, count, json_object, send, with_retries
 
 if TYPE_CHECKING:
     from spotguard.config import KubernetesConfig
@@ -159,7 +159,7 @@ class KubernetesNode:
         nothing to send.
         """
         url = self._url()
-        deadline = Deadline.after(budget)
+        deadline = CallDeadline.after(budget)
         fix = self._fix()
 
         async with self._client() as client:

@@ -196,13 +196,14 @@ def json_object(response: httpx.Response, what: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Deadline:
-    """An absolute moment on anyio's clock: one budget shared by several calls."""
+class CallDeadline:
+    """An absolute moment on anyio's clock: one budget shared by several calls to a balancer's API
+    (``spotguard.deadline.Deadline`` is the VM's and the drain's)."""
 
     end: float
 
     @classmethod
-    def after(cls, budget: float) -> Deadline:
+    def after(cls, budget: float) -> CallDeadline:
         return cls(anyio.current_time() + budget)
 
     def left(self) -> float:

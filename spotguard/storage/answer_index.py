@@ -57,8 +57,6 @@ MAC_BYTES = 32
 MAX_ENTRY_BYTES = 32 << 20
 """Largest stored entry written or read (request body plus output so far, sealed): a bigger one is refused."""
 MAX_POINTER_BYTES = 4096
-SMALL = 256 * 1024
-"""Below this, sealing and opening run inline; above it, in a worker thread (the gate's loop keeps serving)."""
 _CONTEXT = b"spotguard-answer-index/1\x00"
 
 
@@ -232,8 +230,8 @@ class AnswerIndex:
             raise StoreError(f"{self.store.url}/{name}: {len(plain)} bytes, more than an index entry may hold")
         async with self._bounded("write", deadline):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._put, name, plain)
-                tg.start_soon(self._put, pointer_name(entry.fingerprint), _dump(pointer))
+                tg.start_soon(self._put, name, plain, name="answer-index-entry")
+                tg.start_soon(self._put, pointer_name(entry.fingerprint), _dump(pointer), name="answer-index-pointer")
         self._count("write", "ok")
 
     async def find(self, answer_id: str, fingerprint: str, *, now: float, deadline: float) -> IndexEntry | None:
@@ -377,7 +375,7 @@ def _dump(data: dict[str, Any]) -> bytes:
 
 
 async def _maybe_thread(func: Callable[..., bytes], *args: Any) -> bytes:
-    if len(args[-1]) < SMALL:
+    if len(args[-1]) < crypto.OFFLOAD_BYTES:
         return bytes(func(*args))
     return bytes(await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True))
 

@@ -59,6 +59,9 @@ FRAME_BYTES = 1 << 20
 """Plaintext bytes per frame: small enough to keep memory flat, big enough that the tags cost nothing."""
 MAX_FRAME_BYTES = 16 << 20
 """Largest frame a reader accepts: a hostile header must not make it buffer gigabytes."""
+OFFLOAD_BYTES = 256 * 1024
+"""From this size on, sealing, opening and hashing run in a worker thread (the gate's loop keeps serving);
+below it they run inline, which is cheaper than a thread."""
 ALGORITHM = "AES-256-GCM"
 MAC_ALGORITHM = "HMAC-SHA256"
 _MAX_FRAMES = 1 << 32

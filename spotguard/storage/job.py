@@ -15,6 +15,15 @@ from spotguard.storage.store import Store
 from spotguard.storage.upload import put_file, seal_and_put
 
 
+def report_problem(errors: list[str], reason: str, message: str, *, metrics: Metrics,
+                   log: structlog.stdlib.BoundLogger) -> None:
+    """Record a snapshot's problem in ``errors``, log and count it: the snapshot then says it is incomplete, and
+    why. Messages name objects and endpoints, never user data."""
+    errors.append(message)
+    metrics.config_errors.labels(component="snapshot", reason=reason).inc()
+    log.warning("snapshot.problem", reason=reason, error=message)
+
+
 @dataclass
 class Progress:
     """What one snapshot has written so far (local to one save)."""
@@ -42,10 +51,8 @@ class Job:
     progress: Progress = field(default_factory=Progress)
 
     def problem(self, reason: str, message: str) -> None:
-        """Record, log and count a problem; messages name objects and endpoints, never user data."""
-        self.progress.errors.append(message)
-        self.metrics.config_errors.labels(component="snapshot", reason=reason).inc()
-        self.log.warning("snapshot.problem", reason=reason, error=message)
+        """Record, log and count a problem (``report_problem``)."""
+        report_problem(self.progress.errors, reason, message, metrics=self.metrics, log=self.log)
 
     async def store_object(self, name: str, kind: str, plain: bytes | Path, **extra: object) -> None:
         """Store ``plain`` (bytes, or a file streamed from disk) as ``name`` and list it for the manifest."""

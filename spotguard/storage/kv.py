@@ -38,7 +38,7 @@ async def save_slots(job: Job, kv: SlotApi, slot_ids: list[int], time_for_saves:
     with anyio.move_on_after(time_for_saves) as scope:
         async with anyio.create_task_group() as tg:
             for slot_id in slot_ids:
-                tg.start_soon(one, slot_id)
+                tg.start_soon(one, slot_id, name=f"kv-save-slot{slot_id}")
     if scope.cancelled_caught:
         done = {s.slot_id for s in saved}
         job.progress.missing.extend(Missing(what=f"kv slot {s}", reason="slot still busy when the save time ran out")
@@ -85,7 +85,7 @@ async def upload_slots(job: Job, directory: str, saved: list[SavedSlot], owners:
 
     async with anyio.create_task_group() as tg:
         for slot in ordered:
-            tg.start_soon(one, slot)
+            tg.start_soon(one, slot, name=f"kv-upload-slot{slot.slot_id}")
     job.progress.timings["kv_upload_s"] = round(time.monotonic() - started, 4)
 
 

@@ -89,5 +89,5 @@ async def upload_records(job: Job, found: list[tuple[list[str], bytes]]) -> None
     async with anyio.create_task_group() as tg:
         for index, (ids, data) in enumerate(found):
             job.progress.pending[f"{RECORDS_DIR}/{index:06d}.jsonl"] = f"records of {len(ids)} requests"
-            tg.start_soon(one, index, ids, data)
+            tg.start_soon(one, index, ids, data, name=f"snapshot-records-{index}")
     job.progress.timings["records_s"] = round(time.monotonic() - started, 4)

@@ -38,6 +38,7 @@ from spotguard.storage.records import InflightEntry, batches, upload_records
 from spotguard.storage.store import MissingObject, Store, StoreOptions, open_store
 
 EARLIER_MANIFEST_TIMEOUT = 1.0
+"""Most seconds spent looking for an earlier attempt's manifest (less when the save's time is shorter)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Inflight:
     """What the drain step read before handing over: it owns the gate's journal and the engine's slot list."""
 
     requests: Sequence[InflightEntry] = ()
-    """The requests in flight with their output so far (cut first when KV slots are saved too)."""
+    """The requests in flight with their output so far, as the step cut them (whatever the engine)."""
     count: int = 0
     """Requests in flight, for the manifest: ``len(requests)``, or the count read before the read was cut."""
     busy_slots: Sequence[int] = ()
@@ -113,10 +114,6 @@ class Snapshotter:
     def __init__(self, prepared: Prepared, config: Config) -> None:
         self.prepared = prepared
         self._config = config
-
-    @property
-    def url(self) -> str:
-        return self.prepared.store.url
 
     async def stamp_model(self, log: structlog.stdlib.BoundLogger) -> None:
         path = self._config.snapshot.model_path
@@ -168,7 +165,8 @@ class Snapshotter:
         result = SnapshotResult(where=where, requests=inflight.count, stored_request_ids=stored,
                                 kv_slots=sum(1 for e in progress.entries if e.kind == "kv"),
                                 missing=len(progress.missing), errors=tuple(progress.errors))
-        if not inflight.count and not progress.entries and await _earlier_manifest(prepared.store, job.prefix):
+        if not inflight.count and not progress.entries and await _earlier_manifest(
+                prepared.store, job.prefix, deadline - anyio.current_time() - reserve):
             # A drain resumed after a crash runs the step again once the requests are gone: an empty manifest
             # must not replace the one that lists what was saved the first time.
             log.info("snapshot.kept_earlier", where=where)
@@ -190,7 +188,7 @@ class Snapshotter:
         snap = self._config.snapshot
         saved: list[SavedSlot] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(upload_records, job, batches(requests))
+            tg.start_soon(upload_records, job, batches(requests), name="snapshot-records")
             if kv is not None:
                 job.progress.engine = await engine_state(job, kv, model_sha256=self.prepared.model_sha256,
                                                          kv_cache_types=snap.kv_cache_types)
@@ -222,10 +220,14 @@ async def _put_manifest(job: Job, manifest: Manifest, seconds: float) -> str:
     return error
 
 
-async def _earlier_manifest(store: Store, prefix: str) -> bool:
-    """Is there already a manifest for this event (a write that did not make it into the drain's state)?"""
+async def _earlier_manifest(store: Store, prefix: str, seconds: float) -> bool:
+    """Is there already a manifest for this event (a write that did not make it into the drain's state)?
+    Looks for at most ``seconds`` (the time left less the manifest's own slice); not found in time = no."""
+    seconds = min(EARLIER_MANIFEST_TIMEOUT, seconds)
+    if seconds <= 0:
+        return False
     try:
-        with anyio.fail_after(EARLIER_MANIFEST_TIMEOUT):
+        with anyio.fail_after(seconds):
             await store.get(f"{prefix}/{MANIFEST}")
     except (MissingObject, TimeoutError):
         return False

@@ -20,9 +20,6 @@ from spotguard.storage.store import PART_SIZE, Store
 KV_PART_CONCURRENCY = 4
 """Parts in flight per file: with ``kv.KV_UPLOADS`` files side by side, x PART_SIZE (128 MiB) bounds the buffers."""
 
-SMALL = 256 * 1024
-"""Below this, hashing and sealing inline is cheaper than a worker thread."""
-
 
 async def seal_and_put(store: Store, key: crypto.Key | None, path: str, bound_to: bytes,
                        plain: bytes) -> tuple[int, str]:
@@ -32,7 +29,7 @@ async def seal_and_put(store: Store, key: crypto.Key | None, path: str, bound_to
     For big objects the hash runs in a worker thread while the upload is in flight (both release
     the GIL), so integrity costs no upload time.
     """
-    if len(plain) < SMALL:
+    if len(plain) < crypto.OFFLOAD_BYTES:
         stored = crypto.seal(key, bound_to, plain) if key else plain
         await store.put(path, stored)
         return len(stored), hashlib.sha256(stored).hexdigest()
@@ -46,7 +43,7 @@ async def seal_and_put(store: Store, key: crypto.Key | None, path: str, bound_to
                                                       abandon_on_cancel=True))
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(digest)
+        tg.start_soon(digest, name="snapshot-object-sha256")
         await store.put(path, sealed)
     return len(sealed), digests[0]
 
@@ -103,8 +100,9 @@ async def put_file(store: Store, key: crypto.Key | None, path: str, bound_to: by
                    concurrency: int = KV_PART_CONCURRENCY) -> tuple[int, str]:
     """Stream ``source`` to the store in parts of PART_SIZE (sealed frame by frame with ``key``), hashing the
     stored bytes on the way; returns (size, sha256). Memory: about ``concurrency`` + 1 parts, whatever the size."""
+    sealer = crypto.Sealer(key, bound_to) if key else None  # before the file is opened: if it raises, nothing leaks
     handle = await anyio.to_thread.run_sync(open, source, "rb")
-    reader = _FileParts(handle, crypto.Sealer(key, bound_to) if key else None)
+    reader = _FileParts(handle, sealer)
 
     async def parts() -> AsyncIterator[bytes]:
         while (part := await anyio.to_thread.run_sync(reader.next_part, abandon_on_cancel=True)) is not None:

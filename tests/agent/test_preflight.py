@@ -21,6 +21,7 @@ from spotguard.preflight import (
     gate_port_check,
     parse_timespan,
     peers_check,
+    resume_check,
     stop_timeout_check,
 )
 
@@ -139,3 +140,14 @@ def test_doctor_reports_the_new_checks(tmp_path: Path) -> None:
     assert {"drain budget", "unit ordering", "stop timeout", "gate in front"} <= set(checks), done.stdout
     assert checks["drain budget"]["level"] == "ok" and checks["gate in front"]["level"] == "ok"
     assert checks["gate peers"]["level"] == "warning"  # the bare VM has no other replica to hand work to
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8080", "127.0.0.2:8080", "[::1]:8080", "localhost:8080"])
+def test_answers_held_on_a_loopback_address_are_said_to_be_out_of_other_gates_reach(tmp_path: Path,
+                                                                                    listen: str) -> None:
+    key = tmp_path / "resume.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    check = resume_check(config(gate={**GATED["gate"], "listen": listen}, server=GATED["server"],
+                                resume={"key_file": str(key), "index": False}))
+    assert check is not None and check.level == "warning" and "other gates cannot reach" in check.detail

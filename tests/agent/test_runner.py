@@ -7,6 +7,7 @@ the emulator in tests/clouds, and the whole daemon end to end in tests/agent/tes
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -16,8 +17,9 @@ import anyio
 import pytest
 
 from spotguard import logs
+from spotguard.agent import node as node_module
 from spotguard.agent.runner import Agent
-from spotguard.agent.state import StateStore
+from spotguard.agent.state import Persisted, StateStore
 from spotguard.config import Config, load
 from spotguard.deadline import Deadline
 from spotguard.drain.timeline import StepRecord, Timeline
@@ -102,11 +104,11 @@ def notice(kind: str = "spot-interruption", event_id: str = "e1", seconds: float
 
 
 def make_agent(tmp_path: Path, source: ScriptedSource, driver: RecordingDriver,
-               config: Config | None = None) -> Agent:
+               config: Config | None = None, store: StateStore | None = None) -> Agent:
     logs.configure("json", "error")
     cfg = config or load(None, environ={}, overrides={"agent": {"poll_interval": 0.01, "state_dir": str(tmp_path)}})
     return Agent(config=cfg, cloud="aws", metrics=Metrics(), log=logs.get("test"),
-                 store=StateStore(tmp_path), sources=[source], driver=driver)
+                 store=store or StateStore(tmp_path), sources=[source], driver=driver)
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
@@ -443,3 +445,93 @@ async def test_a_notice_coming_due_during_a_restore_stops_it_and_drains(tmp_path
             assert again["accepted"] and again["state"] in ("draining", "drained")
         await until(lambda: agent.node.state == "drained" and len(driver.runs) == 2)
         tg.cancel_scope.cancel()
+
+
+class HungDisk(StateStore):
+    """A state disk that hangs on the first write of the drain's start for ``notice_key`` until the test lets it go."""
+
+    def __init__(self, state_dir: Path, notice_key: str) -> None:
+        super().__init__(state_dir)
+        self.notice_key = notice_key
+        self.writing = anyio.Event()
+        """Set once that write has begun (and hangs)."""
+        self.release = threading.Event()
+
+    def save(self, persisted: Persisted) -> None:
+        if (persisted.state == "draining" and persisted.notice is not None
+                and persisted.notice.key == self.notice_key and not self.writing.is_set()):
+            anyio.from_thread.run_sync(self.writing.set)
+            self.release.wait(60)  # bounded: a test that fails still ends
+        super().save(persisted)
+
+
+async def test_a_hung_state_disk_does_not_hold_the_drain(tmp_path: Path) -> None:
+    source, driver = ScriptedSource(), RecordingDriver()
+    disk = HungDisk(tmp_path, notice().key)
+    agent = make_agent(tmp_path, source, driver, store=disk)
+    async with anyio.create_task_group() as tg:
+        await tg.start(agent.run)
+        try:
+            source.live = [notice()]
+            with anyio.fail_after(5):
+                await disk.writing.wait()
+                while agent.node.state != "drained":  # after DURABLE_START_WAIT the drain goes on without the disk
+                    await agent.node.state_changed()
+            assert len(driver.runs) == 1
+        finally:
+            disk.release.set()
+        tg.cancel_scope.cancel()
+    saved, _ = StateStore(tmp_path).load()
+    assert saved.state == "drained"  # the writes that waited for the disk landed after it, in order
+
+
+class RestoreStoppedOnce(RecordingDriver):
+    """The first restore takes minutes (an engine unit starting); the next one finishes at once."""
+
+    async def restore(self, drained: Timeline | None, resumed: Timeline | None, *,
+                      on_change: Callable[[Timeline], None]) -> Timeline:
+        if not self.restores:
+            self.restores.append(drained)
+            await anyio.sleep_forever()
+        return await super().restore(drained, resumed, on_change=on_change)
+
+
+@pytest.mark.parametrize("found", ["serving", "restoring"])
+async def test_an_undrain_while_a_drain_writes_its_start_leaves_the_node_as_it_found_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, found: str) -> None:
+    # The drain still waits for its start to be on disk (the node says serving, or restoring) when the operator
+    # undrains: the operator is told "already serving", so the node must not go on to say draining.
+    monkeypatch.setattr(node_module, "DURABLE_START_WAIT", 60.0)
+    source, driver = ScriptedSource(), RestoreStoppedOnce()
+    disk = HungDisk(tmp_path, notice().key)
+    agent = make_agent(tmp_path, source, driver, store=disk)
+    async with anyio.create_task_group() as tg:
+        await tg.start(agent.run)
+        try:
+            with anyio.fail_after(10):
+                if found == "restoring":
+                    await agent.operator.manual_drain("maintenance", 30, dry_run=False)
+                    while agent.node.state != "drained":
+                        await agent.node.state_changed()
+                    tg.start_soon(agent.operator.undrain, False)
+                    while agent.node.state != "restoring":
+                        await agent.node.state_changed()
+                source.live = [notice()]  # comes due: the drain starts, and its start hangs on the disk
+                await disk.writing.wait()
+            assert agent.node.state == found and agent.deadline.current is not None
+            cleared = anyio.Event()
+            agent.deadline.listen(lambda deadline: cleared.set() if deadline is None else None)
+            answer = await agent.operator.undrain(force=True)
+            assert answer["accepted"] and answer["message"] == f"already {found}"
+            with anyio.fail_after(10):
+                await cleared.wait()  # the deadline the stopped drain adopted is gone
+                while agent.node.state != "serving":  # a restore the drain had stopped goes on
+                    await agent.node.state_changed()
+            assert agent.operator.status()["deadline"] is None
+            assert agent.metrics.drains.labels(source="aws", result="cancelled")._value.get() == 1
+            assert len(driver.runs) == (1 if found == "restoring" else 0)  # the stopped drain never ran its plan
+        finally:
+            disk.release.set()
+        tg.cancel_scope.cancel()
+    saved, _ = StateStore(tmp_path).load()
+    assert saved.state == "serving" and saved.deadline is None  # written after the drain's start, in its place

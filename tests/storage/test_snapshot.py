@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -17,7 +17,7 @@ import pytest
 from spotguard.config import Config
 from spotguard.drain.snapshot import Snapshot
 from spotguard.drain.step import StepResult
-from spotguard.errors import ConfigError, StoreError
+from spotguard.errors import ConfigError, GateError, StoreError
 from spotguard.gate.journal import EntryJournal
 from spotguard.gate.protocol import JournalEntry
 from spotguard.servers.llamacpp import SavedSlot
@@ -278,3 +278,94 @@ async def test_a_recorded_request_is_cut_so_it_is_never_answered_twice(tmp_path:
     assert json.loads(rest[-1][6:])["error"]["type"] == "interrupted_for_migration"  # cut, not finished here
     assert gw.entries() == []  # recorded, then forgotten by the gate
     fake_engine.release.set()
+
+
+class GateGoneAtTheCut(EntryJournal):
+    """A gate that counts its requests, then goes away when told to cut them (its control socket reset)."""
+
+    async def interrupt_and_wait(self, timeout: float) -> list[JournalEntry]:
+        raise GateError("gate control socket: connection reset by peer")
+
+
+async def test_a_gate_lost_at_the_cut_fails_the_step_with_the_requests_it_lost(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps")
+    journal = GateGoneAtTheCut(list(fill_journal(3)))
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10), pytest.raises(StoreError, match="incomplete") as caught:
+            await take_snapshot(make_ctx(config, http, journal))
+        with anyio.fail_after(10):
+            raw = await open_store(f"file://{tmp_path}/snaps/i-test/evt-1").get("manifest.json")
+    assert "0/3 records" in str(caught.value) and "gate journal: gate control socket" in str(caught.value)
+    manifest = Manifest.from_json(raw)
+    assert manifest.requests == 3 and not manifest.complete
+
+
+class SlowRelease(EntryJournal):
+    """A gate whose answer to the release of the recorded requests never comes (a stalled control socket)."""
+
+    async def release(self, request_ids: Sequence[str]) -> None:
+        await anyio.sleep_forever()
+
+
+async def test_a_slow_release_does_not_cost_a_stored_snapshot_its_outcome(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps").replace("drain", snapshot_budget=2.0)
+    journal = SlowRelease(list(fill_journal(3)))
+    detail = ""
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            with anyio.CancelScope(deadline=anyio.current_time() + 2.0) as step:  # as the drain engine runs a step
+                detail = await take_snapshot(make_ctx(config, http, journal))
+    assert not step.cancelled_caught and "3/3 records" in detail
+
+
+async def test_a_stalled_look_for_an_earlier_manifest_keeps_to_the_step_time(
+        moto_url: str, bucket: str, stalling_proxy: Callable[[StallWhen], str]) -> None:
+    # Nothing in flight: the step first looks for the manifest of an earlier attempt (a resumed drain), and the
+    # store never answers that read. On a one-second step the look must leave the manifest its own slice.
+    looked: list[str] = []
+
+    def stall_first_manifest_read(path: str) -> bool:
+        if path.endswith("/manifest.json") and not looked:
+            looked.append(path)
+            return True
+        return False
+
+    proxy = await stalling_proxy(stall_first_manifest_read)
+    config = s3_config(bucket, proxy).replace("drain", snapshot_budget=1.0)
+    detail = ""
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            with anyio.CancelScope(deadline=anyio.current_time() + 1.0) as step:  # as the drain engine runs a step
+                detail = await take_snapshot(make_ctx(config, http, EntryJournal()))
+        assert looked and not step.cancelled_caught and "0/0 records" in detail
+        with anyio.fail_after(10):
+            raw = await open_store(f"s3://{bucket}/spotguard/i-test/evt-1",
+                                   StoreOptions(endpoint_url=moto_url)).get("manifest.json")
+    assert Manifest.from_json(raw).complete
+
+
+def _open_handles(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += int(os.readlink(fd) == str(path))
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+    return count
+
+
+async def test_a_sealer_that_cannot_start_leaves_no_file_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoEntropy(crypto.Sealer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise OSError("getrandom: no entropy yet")  # os.urandom for the object's salt, early in a boot
+
+    monkeypatch.setattr(crypto, "Sealer", NoEntropy)
+    source = tmp_path / "slot.bin"
+    source.write_bytes(os.urandom(1024))
+    store = open_store(f"file://{tmp_path}/snaps")
+    with anyio.fail_after(10), pytest.raises(OSError, match="no entropy") as caught:
+        await put_file(store, crypto.Key(os.urandom(32)), "i-test/evt-1/kv/slot-0.bin",
+                       crypto.binding("i-test", "evt-1", "kv/slot-0.bin"), source)
+    assert caught.traceback  # held here, it keeps a handle the call left open alive (and open) until now
+    assert _open_handles(source) == 0, "the slot file was left open"
