@@ -12,7 +12,11 @@ rounds of direct and of every variant interleave (in a rotating order) so machin
 - non-streaming: request latency p50/p99 (clients paced to a fixed total request rate, as LLM clients
   are: the gate's cost shows as added latency, not as queueing in a saturated loop);
 - streaming: time to first byte p50/p99 and token throughput (the engine paces tokens like a GPU);
-- CPU of the variant's processes per 1,000 requests, and their RSS at the end.
+- CPU of the variant's processes per 1,000 requests (and per streamed chunk), counted from the moment every
+  client's connection is warm to the end of the last request: what serving costs. The round's set-up
+  (accepting the clients' connections, one warm-up request each, closing them) is connection churn, not
+  chunks: it is reported apart, as ``setup_cpu_ms`` a round;
+- the variant's RSS at the end.
 
 Reports the median over rounds of each figure, variant-minus-direct and variant-over-direct. Targets
 (issue 11), as p99 added over direct: 50 paced clients non-streaming <= max(1 ms, 2 x nginx's); 200
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,6 +124,13 @@ class Round:
     tokens_per_s: float = 0.0
     requests: int = 0
     errors: int = 0
+    cpu_s: float = 0.0
+    """The variant's CPU seconds from every connection warm to the last answer (``cpu`` of ``run_round``)."""
+
+
+def no_cpu() -> float:
+    """``cpu`` for the direct runs: no process in between."""
+    return 0.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -126,7 +138,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
-async def run_round(url: str, clients: int, seconds: float, stream: bool) -> Round:
+async def run_round(url: str, clients: int, seconds: float, stream: bool,
+                    cpu: Callable[[], float] = no_cpu) -> Round:
+    """``cpu`` reads the variant's CPU seconds so far: read once every connection is warm, and after the last
+    request."""
     latencies: list[float] = []
     tokens = 0
     errors = 0
@@ -142,6 +157,7 @@ async def run_round(url: str, clients: int, seconds: float, stream: bool) -> Rou
         async with anyio.create_task_group() as warm:
             for client in pool:
                 warm.start_soon(functools.partial(client.post, "/v1/chat/completions", content=CHAT_BODY))
+        cpu_before = cpu()
         start = time.perf_counter()
         stop_at = start + seconds
 
@@ -176,18 +192,19 @@ async def run_round(url: str, clients: int, seconds: float, stream: bool) -> Rou
                 for client in pool:
                     tg.start_soon(one_client, client)
         elapsed = time.perf_counter() - start
+        cpu_used = cpu() - cpu_before
     finally:
         for client in pool:
             await client.aclose()
     return Round(p50_ms=pct(latencies, 0.5), p99_ms=pct(latencies, 0.99), tokens_per_s=tokens / elapsed,
-                 requests=len(latencies), errors=errors)
+                 requests=len(latencies), errors=errors, cpu_s=cpu_used)
 
 
 BURSTS = 4
 """Bursts per round in ``burst`` mode; each: every client starts one stream at the same instant."""
 
 
-async def run_burst(url: str, clients: int, bursts: int) -> Round:
+async def run_burst(url: str, clients: int, bursts: int, cpu: Callable[[], float] = no_cpu) -> Round:
     """``clients`` streams starting together (a load balancer handing a node its share at once), ``bursts``
     times: time to first byte of each, and the tokens relayed (for the CPU a streamed chunk costs)."""
     latencies: list[float] = []
@@ -201,6 +218,7 @@ async def run_burst(url: str, clients: int, bursts: int) -> Round:
         async with anyio.create_task_group() as warm:
             for client in pool:
                 warm.start_soon(functools.partial(client.post, "/v1/chat/completions", content=CHAT_BODY))
+        cpu_before = cpu()
         start = time.perf_counter()
         for _ in range(bursts):
             go = anyio.Event()
@@ -228,11 +246,12 @@ async def run_burst(url: str, clients: int, bursts: int) -> Round:
                     go.set()
             await anyio.sleep(0.3)
         elapsed = time.perf_counter() - start
+        cpu_used = cpu() - cpu_before
     finally:
         for client in pool:
             await client.aclose()
     return Round(p50_ms=pct(latencies, 0.5), p99_ms=pct(latencies, 0.99), tokens_per_s=tokens / elapsed,
-                 requests=len(latencies), errors=errors)
+                 requests=len(latencies), errors=errors, cpu_s=cpu_used)
 
 
 def median(rounds: list[Round], name: str) -> float:
@@ -255,17 +274,19 @@ async def measure(direct: str, gates: dict[str, str], pids: dict[str, list[int]]
             # rotate, so that no variant always runs right after another one
             order = order[i % len(order):] + order[:i % len(order)]
             for name, url in order:
-                before = cpu_seconds(pids[name]) if name in pids else 0.0
+                reader = functools.partial(cpu_seconds, pids[name]) if name in pids else no_cpu
+                before = reader()
                 if mode == "burst":
-                    results[name].append(await run_burst(url, clients, BURSTS))
+                    results[name].append(await run_burst(url, clients, BURSTS, reader))
                 else:
-                    results[name].append(await run_round(url, clients, seconds, stream))
+                    results[name].append(await run_round(url, clients, seconds, stream, reader))
                 if name in pids:
-                    cpu[name] += cpu_seconds(pids[name]) - before
+                    cpu[name] += reader() - before
         d = results["direct"]
         for variant in gates:
             g = results[variant]
             served = sum(r.requests for r in g)
+            serving = sum(r.cpu_s for r in g)
             row: dict[str, object] = {
                 "mode": mode, "clients": clients, "variant": variant,
                 "direct_p50_ms": median(d, "p50_ms"), "gate_p50_ms": median(g, "p50_ms"),
@@ -274,7 +295,8 @@ async def measure(direct: str, gates: dict[str, str], pids: dict[str, list[int]]
                 "added_p99_ms": median(g, "p99_ms") - median(d, "p99_ms"),
                 "requests": sum(r.requests for r in d + g), "errors": sum(r.errors for r in g),
                 "direct_errors": sum(r.errors for r in d),
-                "cpu_ms_per_1000": round(1e6 * cpu[variant] / max(1, served), 1),
+                "cpu_ms_per_1000": round(1e6 * serving / max(1, served), 1),
+                "setup_cpu_ms": round(1e3 * (cpu[variant] - serving) / rounds, 1),
                 "rounds": {k: [asdict(r) for r in results[k]] for k in ("direct", variant)},
             }
             if stream:
@@ -283,7 +305,7 @@ async def measure(direct: str, gates: dict[str, str], pids: dict[str, list[int]]
                 row["gate_tokens_per_s"] = median(g, "tokens_per_s")
                 # What one streamed chunk costs the proxy: its CPU over the chunks it relayed (TOKENS a stream,
                 # plus the head and [DONE], which every variant pays alike).
-                row["cpu_us_per_chunk"] = round(1e6 * cpu[variant] / max(1, served * TOKENS), 2)
+                row["cpu_us_per_chunk"] = round(1e6 * serving / max(1, served * TOKENS), 2)
             rows.append(row)
             print(_line(row), flush=True)
     return rows
@@ -296,7 +318,8 @@ def _line(row: dict[str, object]) -> str:
     if "throughput_ratio" in row:
         text += (f" | tok/s direct {row['direct_tokens_per_s']:7.0f} gate {row['gate_tokens_per_s']:7.0f} "
                  f"ratio {row['throughput_ratio']:.3f} | {row['cpu_us_per_chunk']} us/chunk")
-    return text + f" | cpu {row['cpu_ms_per_1000']} ms/1000 req | n={row['requests']} err={row['errors']}"
+    return text + (f" | cpu {row['cpu_ms_per_1000']} ms/1000 req (+ {row['setup_cpu_ms']} ms a round's set-up)"
+                   f" | n={row['requests']} err={row['errors']}")
 
 
 def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -410,6 +433,8 @@ def main() -> None:
                         help="also run `spotguard gate ARGS` as variant NAME (e.g. nogc=--no-gc-freeze)")
     parser.add_argument("--baseline", default="",
                         help="also run the gate of this git revision (e.g. an older data path), side by side")
+    parser.add_argument("--seconds", type=float, default=1.5,
+                        help="length of a paced round (the load after every connection is warm)")
     parser.add_argument("--only", default="", help="comma-separated points to run, e.g. plain:50,stream:200")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gate.json")
     args = parser.parse_args()
@@ -459,7 +484,7 @@ def main() -> None:
                 procs.append(subprocess.Popen(command, env=variant_env))
                 _wait_up(gates[name], procs[-1])
                 pids[name] = process_tree(procs[-1].pid)
-            rounds, seconds = (1, 1.0) if args.quick else (args.rounds, 1.5)
+            rounds, seconds = (1, 1.0) if args.quick else (args.rounds, args.seconds)
             only = {tuple(p.split(":")) for p in args.only.split(",") if p}
             print(f"gate bench: rounds={rounds} x {seconds}s, rate={RATE:.0f} req/s with many clients, "
                   f"{TOKENS} tokens every {TOKEN_INTERVAL * 1000:.0f} ms when streaming; cpus={os.cpu_count()}; "

@@ -15,6 +15,7 @@ answer on a peer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from spotguard.gate.handover import CONTINUES_HEADER, Continues
 from spotguard.gate.held import Origin
 from spotguard.gate.holding import HOLDER_HEADER, RESUMED_HEADER, header
 from spotguard.gate.http1 import ClientConnection
-from spotguard.gate.leg import Leg, ReturnedHead
+from spotguard.gate.leg import Leg, ReturnedHead, drop
 from spotguard.gate.output import OutputParser, meta_of
 from spotguard.gate.protocol import EntryState
 from spotguard.gate.registry import Flight
@@ -63,7 +64,7 @@ class LocalExchange(Leg):
     """A request on its way to the engine and its answer on its way back."""
 
     __slots__ = ("phase", "flight", "parser", "label", "returned", "readable", "status", "collected", "assembling",
-                 "continuable", "cont", "stitch", "prefix")
+                 "continuable", "cont", "stitch", "prefix", "plain", "feed")
 
     def __init__(self, gate: GateContext, client: ClientConnection, request: Request, endpoint: str) -> None:
         super().__init__(gate, ClientAnswer(client, request, retry_after=gate.retry_after), endpoint, gate.engine)
@@ -88,6 +89,12 @@ class LocalExchange(Leg):
         """With ``cont``: the engine's events joined onto what the client has."""
         self.prefix = ""
         """With ``cont``: the text the client had before this gate's part."""
+        self.plain = False
+        """From the second chunk of an answer relayed as it comes (an SSE stream the parser reads, no cursors, no
+        seam, no hold-back): each chunk is fed and sent, nothing else. The path of nearly every chunk, kept short
+        because it is: per chunk, the gate's CPU is what it is measured by against nginx (docs/benchmarks.md)."""
+        self.feed: Callable[[bytes], None] = drop
+        """With ``plain``: the parser's ``feed``."""
         client.on_lost = self._client_lost
         client.on_pause = self.paused
         request.on_refused = self.refused
@@ -203,9 +210,14 @@ class LocalExchange(Leg):
         answer.head(status, returned.headers, returned.length)
 
     def on_response_body(self, body: bytes) -> None:
+        if self.plain:
+            self.feed(body)
+            self.answer.send(body)
+            return
         flight = self.flight
         if flight is not None and flight.first_token_at is None:
             flight.first_token_at = self.loop.time()
+            self._go_plain()
         if self.phase is Phase.COLLECTING:
             self.collected.append(body)
             return
@@ -223,6 +235,12 @@ class LocalExchange(Leg):
             self.answer.write(body)
         elif self.answer.stamp is not None:
             self.answer.write(body, keep_only=True)  # held as events: a retry is answered from them
+
+    def _go_plain(self) -> None:
+        answer, parser = self.answer, self.parser
+        if (self.phase is Phase.RELAYING and self.readable and parser is not None and self.stitch is None
+                and not answer.whole_events and answer.stamp is None and not answer.track_ids):
+            self.plain, self.feed = True, parser.feed
 
     def on_response_done(self) -> None:
         self.release_upstream()
@@ -249,8 +267,8 @@ class LocalExchange(Leg):
         if self.phase is Phase.ASSEMBLING and parser is not None:
             self._assembled(parser)
             return
-        if parser is not None and answer.sse:
-            parser.finish()
+        if parser is not None and answer.sse and self.flight is not None and self.flight.checked:
+            parser.finish()  # nobody needs this output any more: read to its end only to check it can be read
         self._end(self._ok())
         answer.complete()
 
@@ -399,11 +417,11 @@ class LocalExchange(Leg):
         gate.untrack(self)
         self.stop_body()
         flight, parser = self.flight, self.parser
-        if parser is not None:
-            parser.flush()  # the output is final now: whatever was relayed is in the flight
         if flight is not None:
             if result == "interrupted":
                 flight.state = EntryState.CUT  # stays listed until the snapshot step has stored it
+                if parser is not None:
+                    parser.flush()  # the output is final now: whatever was relayed is in the flight
             else:
                 gate.registry.remove(flight.id)
         gate.count(self.endpoint, self.label or result)

@@ -376,7 +376,11 @@ class Gate:
         now = asyncio.get_running_loop().time()
         for leg in list(self.legs):
             upstream = leg.upstream
-            if upstream is not None and now - upstream.last_read > self._read_timeout:
+            if upstream is None:
+                continue
+            if upstream.read_seen:
+                upstream.read_seen, upstream.last_read = False, now
+            elif now - upstream.last_read > self._read_timeout:
                 leg.read_timed_out()
         holding = self.holding
         if holding is not None:

@@ -16,13 +16,20 @@ Life of a flight:
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Protocol
 
 from spotguard.gate.output import OutputParser
 from spotguard.gate.protocol import EntryState, JournalEntry
-from spotguard.notice import utcnow
+
+READ_CHECK = 16
+"""A streamed answer that ends on its own is read only as far as somebody asked (a drain) or its parser
+read batches (``output.BATCH_BYTES``): one flight in ``READ_CHECK`` (the first one included) is read to
+its end anyway, so that an engine whose stream the gate cannot read still shows, counted ``malformed`` and
+logged, long before a drain depends on reading it. Reading every answer to its end cost about a fifth of
+the gate's CPU at 200 streams (docs/benchmarks.md). A non-streaming answer is one JSON body: always read."""
 
 
 class FlightOwner(Protocol):
@@ -39,16 +46,17 @@ class Flight:
     """One journaled request. ``body`` is the request body, unchanged; user data, never logged."""
 
     __slots__ = ("id", "endpoint", "model", "body", "stream", "started_at", "state", "migrated_to", "parser",
-                 "owner", "limit", "first_token_at", "looked")
+                 "owner", "limit", "first_token_at", "looked", "checked")
 
     def __init__(self, *, id: str, endpoint: str, model: str, body: bytes, stream: bool, parser: OutputParser,
-                 owner: FlightOwner, started_at: datetime | None = None, limit: int | None = None) -> None:
+                 owner: FlightOwner, started_at: float | None = None, limit: int | None = None) -> None:
         self.id = id
         self.endpoint = endpoint
         self.model = model
         self.body = body
         self.stream = stream
-        self.started_at = started_at or utcnow()
+        self.started_at = time.time() if started_at is None else started_at
+        """Unix time (a datetime only in the copies: building one per request showed in the gate's profile)."""
         self.state = EntryState.RUNNING
         self.migrated_to = ""
         """The peer that took the request over (its base URL) once it answered."""
@@ -60,13 +68,15 @@ class Flight:
         """Event-loop time the engine's answer began to arrive: the start of its pace."""
         self.looked: tuple[float, int] | None = None
         """(event-loop time, tokens delivered) at the gate's last look at its pace, while draining."""
+        self.checked = False
+        """Its answer is read to the end even if it ends on its own (``READ_CHECK``)."""
 
     def entry(self) -> JournalEntry:
         """A copy as it stands now (the parser is brought up to date first)."""
         parser = self.parser
         parser.flush()
         return JournalEntry(id=self.id, endpoint=self.endpoint, model=self.model, body=self.body,
-                            stream=self.stream, started_at=self.started_at, output=parser.text,
+                            stream=self.stream, started_at=datetime.fromtimestamp(self.started_at, UTC), output=parser.text,
                             finish_reason=parser.finish_reason, slot_id=parser.slot_id, state=self.state,
                             migrated_to=self.migrated_to, tokens=parser.content_events)
 
@@ -77,11 +87,14 @@ class Registry:
     def __init__(self) -> None:
         self._flights: dict[str, Flight] = {}
         self._ids = itertools.count(1)
+        self._added = 0
 
     def new_id(self) -> str:
         return f"req-{next(self._ids):08d}"
 
     def add(self, flight: Flight) -> None:
+        flight.checked = self._added % READ_CHECK == 0
+        self._added += 1
         self._flights[flight.id] = flight
 
     def remove(self, flight_id: str) -> None:

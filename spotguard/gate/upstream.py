@@ -62,6 +62,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_done = True
         self.idle_since = 0.0
         self.last_read = 0.0
+        """Event-loop time of the last read, as the gate's sweep saw it (within its period)."""
+        self.read_seen = False
+        """Something was read since the sweep last looked: a flag, because reading the clock on every chunk
+        showed in the gate's profile."""
         self.keep_alive = True
         self.head_only = False
         self.until_close = False
@@ -86,8 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_read = now
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
-        self.last_read = asyncio.get_running_loop().time()
+        self.received = self.read_seen = True
         if self.sink is None:
             self.abort()  # the engine spoke out of turn: this connection cannot be trusted for reuse
             return

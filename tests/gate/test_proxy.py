@@ -11,6 +11,7 @@ import httpx
 import pytest
 import structlog.testing
 
+from spotguard.gate.registry import READ_CHECK
 from tests.support.gate import StartGate
 from tests.support.moto import free_port
 from tests.support.openai_upstream import FakeEngine, token
@@ -224,6 +225,47 @@ async def test_malformed_upstream_is_passed_through_and_counted(fake_engine: Fak
     assert again.status_code == 200
     assert gw.count("chat", "malformed") == 2 and gw.count("chat", "ok") == 1
     assert len(gw.entries()) == 0
+
+
+async def test_one_streamed_answer_in_read_check_is_read_to_its_end_to_count_the_unreadable(
+        fake_engine: FakeEngine, start_gate: StartGate) -> None:
+    """Reading every stream to its end cost a fifth of the gate's CPU: a sample is (the first one included), so
+    an engine whose events the gate cannot read is still counted long before a drain needs to read them."""
+    gw = await start_gate(fake_engine.url)
+    body = chat_body(max_tokens=3, stream=True, x_malformed="sse")
+    async with httpx.AsyncClient(timeout=10) as client:
+        with anyio.fail_after(30):
+            for _ in range(READ_CHECK + 1):
+                gated = await client.post(gw.url + CHAT, content=body)
+                assert gated.status_code == 200
+    assert gw.count("chat", "malformed") == 2 and gw.count("chat", "ok") == READ_CHECK - 1
+    assert len(gw.entries()) == 0
+
+
+async def test_an_engine_that_stops_sending_mid_answer_is_given_up_after_the_read_timeout(
+        fake_engine: FakeEngine, start_gate: StartGate) -> None:
+    gw = await start_gate(fake_engine.url, read_timeout=1.0)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        with anyio.fail_after(20):
+            async with client.stream("POST", CHAT, content=chat_body(stream=True, max_tokens=6, x_hold_after=2)) as resp:
+                lines = resp.aiter_lines()
+                assert len(await read_events(lines, 2)) == 2
+                with pytest.raises(httpx.RemoteProtocolError):  # cut short, not passed off as a whole answer
+                    async for _ in lines:
+                        pass
+    assert gw.count("chat", "upstream_error") == 1
+    assert len(gw.entries()) == 0
+
+
+async def test_an_answer_that_keeps_coming_is_not_timed_out_however_long_it_takes(
+        fake_engine: FakeEngine, start_gate: StartGate) -> None:
+    """The timeout is on silence (reads are noted by a flag the sweep looks at), not on the whole answer."""
+    gw = await start_gate(fake_engine.url, read_timeout=1.0)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        with anyio.fail_after(20):
+            answer = await client.post(CHAT, content=chat_body(stream=True, max_tokens=8, x_token_delay=0.4))
+    assert answer.status_code == 200 and answer.text.rstrip().endswith("data: [DONE]")
+    assert gw.count("chat", "ok") == 1 and gw.count("chat", "upstream_error") == 0
 
 
 async def test_request_body_that_is_not_json_goes_to_the_engine_unjournaled(fake_engine: FakeEngine,
