@@ -77,6 +77,10 @@ async def take_snapshot(ctx: DrainContext, snapshotter: Snapshotter) -> str:
     instance = ctx.services.identity.instance_id or config.agent.instance_id or socket.gethostname()
     result = await snapshotter.save(inflight, kv=kv, notice=ctx.notice, instance=instance, deadline=deadline,
                                     log=ctx.log, metrics=ctx.metrics)
+    if ctx.services.journal is not None and not reading.counted:
+        # Not even the count came back: "0/0 records" would pass off an unread gate as an idle one.
+        raise StoreError(f"snapshot {result.where} incomplete: the gate's requests could not be read, so how many "
+                         f"were in flight is unknown ({'; '.join(reading.problems)}); the manifest says so")
     if ctx.services.journal is not None:
         # By the step's end, also when a tightened deadline moved it since.
         await _release(ctx.services.journal, [r.id for r in inflight.requests if r.id in result.stored_request_ids],
@@ -106,6 +110,8 @@ class _Reading:
 
     ctx: DrainContext
     count: int = 0
+    counted: bool = False
+    """The gate answered how many requests it has (without it, a 0 would be a guess)."""
     busy: list[int] = field(default_factory=list)
     requests: list[JournalEntry] | None = None
     problems: list[str] = field(default_factory=list)
@@ -121,6 +127,7 @@ class _Reading:
         try:
             if journal is not None:
                 self.count = await journal.count()
+                self.counted = True
             if kv is not None:
                 try:
                     self.busy = [s.id for s in await kv.slots(timeout=SLOTS_TIMEOUT) if s.is_processing]

@@ -391,6 +391,7 @@ class LocalExchange(Leg):
             return
         self.close_upstream()  # the engine stops and frees the slot
         flight.state = EntryState.MIGRATED  # final: the snapshot step records it with the peer that took it
+        flight.let_go()
         self.gate.reprefilled_tokens += parser.content_events
         answer.drop_held()  # an event the client never got: the peer's continuation covers it
         stitch = None
@@ -418,6 +419,7 @@ class LocalExchange(Leg):
         self.stop_body()
         flight, parser = self.flight, self.parser
         if flight is not None:
+            flight.let_go()
             if result == "interrupted":
                 flight.state = EntryState.CUT  # stays listed until the snapshot step has stored it
                 if parser is not None:

@@ -300,6 +300,24 @@ async def test_a_gate_lost_at_the_cut_fails_the_step_with_the_requests_it_lost(t
     assert manifest.requests == 3 and not manifest.complete
 
 
+class GateGone(EntryJournal):
+    """A gate whose control socket does not answer at all, not even the count."""
+
+    async def count(self) -> int:
+        raise GateError("gate control socket: connection refused")
+
+
+async def test_a_gate_that_cannot_even_count_fails_the_step_instead_of_passing_for_idle(tmp_path: Path) -> None:
+    config = Config().replace("snapshot", url=f"file://{tmp_path}/snaps")
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10), pytest.raises(StoreError, match="could not be read") as caught:
+            await take_snapshot(make_ctx(config, http, GateGone(list(fill_journal(2)))))
+        with anyio.fail_after(10):
+            raw = await open_store(f"file://{tmp_path}/snaps/i-test/evt-1").get("manifest.json")
+    assert "connection refused" in str(caught.value)
+    assert not Manifest.from_json(raw).complete  # written all the same, saying what went wrong
+
+
 class SlowRelease(EntryJournal):
     """A gate whose answer to the release of the recorded requests never comes (a stalled control socket)."""
 
