@@ -54,7 +54,10 @@ class Metrics:
                                 ["result"], registry=r)
         self.lb_calls = Counter("spotguard_lb_calls_total", "Load-balancer API calls by provider and result",
                                 ["provider", "result"], registry=r)
-        self.gate_requests = Counter("spotguard_gate_requests_total", "Requests through the gate by result",
+        self.gate_requests = Counter("spotguard_gate_requests_total",
+                                     "Requests through the gate by result; malformed: the engine's answer could not "
+                                     "be read (checked for every non-streaming answer, every stream a drain reads or that "
+                                     "runs past 32 KiB, and one in 16 of the others)",
                                      ["endpoint", "result"], registry=r)
         self.gate_limits = Counter("spotguard_gate_limits_total",
                                    "Times a client-side limit of the gate acted (a refusal, a close, a pause), by "
