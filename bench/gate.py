@@ -27,6 +27,7 @@ at every point; zero errors. Bounded: each round has a fixed length and every re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,6 +139,25 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
+@contextlib.asynccontextmanager
+async def warm_clients(url: str, clients: int) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """One client (one connection) per simulated user, as real users are: a single httpx pool of hundreds of
+    connections would make the load generator itself the bottleneck. Every connection is warmed (client ->
+    variant -> engine) before it is handed out: connecting is not what a round measures."""
+    tls = ssl.create_default_context()
+    pool = [httpx.AsyncClient(base_url=url, timeout=10, verify=tls,
+                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+            for _ in range(clients)]
+    try:
+        async with anyio.create_task_group() as warm:
+            for client in pool:
+                warm.start_soon(functools.partial(client.post, "/v1/chat/completions", content=CHAT_BODY))
+        yield pool
+    finally:
+        for client in pool:
+            await client.aclose()
+
+
 async def run_round(url: str, clients: int, seconds: float, stream: bool,
                     cpu: Callable[[], float] = no_cpu) -> Round:
     """``cpu`` reads the variant's CPU seconds so far: read once every connection is warm, and after the last
@@ -146,17 +166,7 @@ async def run_round(url: str, clients: int, seconds: float, stream: bool,
     tokens = 0
     errors = 0
     interval = 0.0 if clients == 1 else clients / RATE
-    tls = ssl.create_default_context()
-    # One client (one connection) per simulated user, as real users are: a single httpx pool of
-    # hundreds of connections would make the load generator itself the bottleneck.
-    pool = [httpx.AsyncClient(base_url=url, timeout=10, verify=tls,
-                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-            for _ in range(clients)]
-    try:
-        # Warm every connection (client -> gate -> engine): connecting is not what we measure.
-        async with anyio.create_task_group() as warm:
-            for client in pool:
-                warm.start_soon(functools.partial(client.post, "/v1/chat/completions", content=CHAT_BODY))
+    async with warm_clients(url, clients) as pool:
         cpu_before = cpu()
         start = time.perf_counter()
         stop_at = start + seconds
@@ -193,9 +203,6 @@ async def run_round(url: str, clients: int, seconds: float, stream: bool,
                     tg.start_soon(one_client, client)
         elapsed = time.perf_counter() - start
         cpu_used = cpu() - cpu_before
-    finally:
-        for client in pool:
-            await client.aclose()
     return Round(p50_ms=pct(latencies, 0.5), p99_ms=pct(latencies, 0.99), tokens_per_s=tokens / elapsed,
                  requests=len(latencies), errors=errors, cpu_s=cpu_used)
 
@@ -210,14 +217,7 @@ async def run_burst(url: str, clients: int, bursts: int, cpu: Callable[[], float
     latencies: list[float] = []
     tokens = 0
     errors = 0
-    tls = ssl.create_default_context()
-    pool = [httpx.AsyncClient(base_url=url, timeout=10, verify=tls,
-                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-            for _ in range(clients)]
-    try:
-        async with anyio.create_task_group() as warm:
-            for client in pool:
-                warm.start_soon(functools.partial(client.post, "/v1/chat/completions", content=CHAT_BODY))
+    async with warm_clients(url, clients) as pool:
         cpu_before = cpu()
         start = time.perf_counter()
         for _ in range(bursts):
@@ -247,9 +247,6 @@ async def run_burst(url: str, clients: int, bursts: int, cpu: Callable[[], float
             await anyio.sleep(0.3)
         elapsed = time.perf_counter() - start
         cpu_used = cpu() - cpu_before
-    finally:
-        for client in pool:
-            await client.aclose()
     return Round(p50_ms=pct(latencies, 0.5), p99_ms=pct(latencies, 0.99), tokens_per_s=tokens / elapsed,
                  requests=len(latencies), errors=errors, cpu_s=cpu_used)
 

@@ -108,20 +108,25 @@ async def test_every_event_carries_a_cursor_for_its_request_and_requester(engine
         KEY.verify(found[0][1] or "", fingerprint=KEY.fingerprint("Bearer sk-mallory", body), now=0)
 
 
+async def leave_after_five_events(client: httpx.AsyncClient, url: str, body: bytes) -> list[tuple[str, str | None]]:
+    """Alice's stream, left (the connection closed) once five whole events are in: those events."""
+    got = ""
+    async with client.stream("POST", url, content=body, headers=ALICE) as response:
+        async for chunk in response.aiter_text():
+            got += chunk
+            if got.count("\n\n") >= 5:
+                break  # the client goes away mid-answer
+    return events(got[:got.rindex("\n\n") + 2])
+
+
 async def test_a_client_that_went_away_resumes_exactly_after_its_last_event(engines: Any,
                                                                             start_gate: StartGate) -> None:
     engine = await engines()
     gw = await resumable_gate(start_gate, engine.url)
     body = chat(stream=True, max_tokens=40, x_token_delay=0.01)
     async with httpx.AsyncClient(timeout=10) as client:
-        got = ""
         with anyio.fail_after(10):
-            async with client.stream("POST", gw.url + CHAT, content=body, headers=ALICE) as response:
-                async for chunk in response.aiter_text():
-                    got += chunk
-                    if got.count("\n\n") >= 5:
-                        break  # the client goes away mid-answer
-        first = events(got[:got.rindex("\n\n") + 2])
+            first = await leave_after_five_events(client, gw.url + CHAT, body)
         with anyio.fail_after(10):  # the engine was not stopped: it finishes, and the answer is held
             while not engine.requests or engine.streams_open:
                 await anyio.sleep(0.01)
@@ -142,16 +147,10 @@ async def test_without_keep_generating_a_client_that_went_away_is_told_at_once_i
     gw = await resumable_gate(start_gate, engine.url, keep_generating=False)
     body = chat(stream=True, max_tokens=400, x_token_delay=0.01)
     async with httpx.AsyncClient(timeout=10) as client:
-        got = ""
         with anyio.fail_after(10):
-            async with client.stream("POST", gw.url + CHAT, content=body, headers=ALICE) as response:
-                async for chunk in response.aiter_text():
-                    got += chunk
-                    if got.count("\n\n") >= 5:
-                        break
+            last = (await leave_after_five_events(client, gw.url + CHAT, body))[-1][1] or ""
             while not engine.disconnects:  # the engine was stopped
                 await anyio.sleep(0.01)
-        last = events(got[:got.rindex("\n\n") + 2])[-1][1] or ""
         with anyio.fail_after(10):
             again = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "last-event-id": last})
     assert again.status_code == 409 and again.json()["error"]["type"] == "resume_unavailable"
