@@ -47,6 +47,11 @@ def _discard(_: bytes) -> None:
     """The rest of a body that will not be used."""
 
 
+_LET_GO = httptools.HttpRequestParser(object())
+"""What a lost connection's parser is swapped for: its own holds the connection's methods as callbacks, a
+reference cycle that would leave every closed connection to the cyclic garbage collector."""
+
+
 class _Stop(Exception):
     """Raised from a parser callback to stop parsing a connection that has been refused or is closing."""
 
@@ -152,6 +157,11 @@ class ClientConnection(asyncio.Protocol):
         callback, self.on_lost = self.on_lost, None
         if callback is not None:
             callback()
+        # Nothing more comes from this connection: let go of what refers back to it (no cycles left to the GC).
+        self.on_pause = None
+        self._parser = _LET_GO
+        for request in self._queue:
+            request.sink = request.on_done = request.on_refused = None
 
     def pause_writing(self) -> None:
         if self.on_pause is not None:
@@ -367,6 +377,7 @@ class ClientConnection(asyncio.Protocol):
         """The answer to ``request`` (the oldest one) is complete; the next one may start."""
         request.responded = True
         self._release(request)
+        request.on_done = request.on_refused = None  # answered: whatever served it is not called again
         self.on_lost = self.on_pause = None
         self._pause(_PAUSED_UPSTREAM, False)
         if close or not request.keep_alive:

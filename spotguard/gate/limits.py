@@ -148,6 +148,10 @@ class ClientConnections:
     def counts(self) -> list[tuple[str, int]]:
         return sorted(self._counts.items())
 
+    def __len__(self) -> int:
+        """Client connections open now."""
+        return len(self._all)
+
     def add(self, connection: Limited) -> bool:
         """A new connection; False when it must be turned away (every other one is busy)."""
         if self._sweeper is None:

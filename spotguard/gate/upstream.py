@@ -38,6 +38,10 @@ class ResponseSink(Protocol):
     def on_upstream_lost(self, error: str) -> None: ...
 
 
+_LET_GO = httptools.HttpResponseParser(object())
+"""What a lost connection's parser is swapped for (``connection_lost``)."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the engine; serves one exchange at a time.
 
@@ -152,6 +156,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._done()  # an answer without framing ends when the engine closes
         else:
             self._lost(f"the engine closed the connection{f' ({type(exc).__name__})' if exc else ''}")
+        # Its parser's callbacks are this connection's methods: let go of it, or the two are a reference cycle
+        # left to the cyclic garbage collector for every connection that closes.
+        self._parser = _LET_GO
+        self.on_pause = None
 
     def _lost(self, error: str) -> None:
         sink, self.sink = self.sink, None

@@ -19,7 +19,7 @@ import pytest
 from spotguard.asgi import Receive, Scope, Send, read_body, serve
 from spotguard.gate.listen import nodelay_socket
 from spotguard.gate.protocol import DesiredState, EntryState
-from tests.support.gate import StartGate
+from tests.support.gate import StartGate, gate_garbage
 from tests.support.openai_upstream import FakeEngine, token
 
 pytestmark = pytest.mark.anyio
@@ -208,3 +208,30 @@ async def test_at_a_drain_only_answers_that_will_not_finish_here_are_handed_over
 
 def at(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def test_handing_over_leaves_nothing_to_the_cyclic_garbage_collector(fake_engine: FakeEngine, peer: FakeEngine,
+                                                                           start_gate: StartGate) -> None:
+    """At a drain every request goes through a peer relay: a running stream handed over, a new request sent on."""
+    gw = await start_gate(fake_engine.url, peers=(peer.url,))
+    fake_engine.release.set()
+    long = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 60,
+            "x_token_delay": 0.02}
+    ends: list[str] = []
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        with anyio.fail_after(20):
+            assert (await client.post(CHAT, json={**long, "max_tokens": 2, "x_token_delay": 0})).status_code == 200
+            with gate_garbage() as left:
+                async with anyio.create_task_group() as tg:
+                    async def stream() -> None:
+                        async with client.stream("POST", CHAT, json=long) as response:
+                            ends.extend([line async for line in response.aiter_lines() if line.startswith("data: ")])
+
+                    tg.start_soon(stream)
+                    await wait_for(lambda: any(e.tokens >= 5 for e in gw.entries()))
+                    gw.gate.apply(DesiredState(generation=1, draining=True, drain_deadline=at(0.5)))
+                    await wait_for(lambda: any(e.state is EntryState.MIGRATED for e in gw.entries()))
+                    handed = await client.post(CHAT, json={"model": "m", "messages": [], "max_tokens": 2})
+    assert handed.status_code == 200 and ends[-1] == "data: [DONE]"
+    assert gw.count("chat", "migrated") == 1
+    assert left == set()

@@ -29,7 +29,7 @@ from spotguard.gate.protocol import DesiredState, EntryState
 from spotguard.metrics import Metrics
 from spotguard.storage.answer_index import AnswerIndex
 from spotguard.storage.store import StoreOptions, open_store
-from tests.support.gate import RunningGate, StartGate
+from tests.support.gate import RunningGate, StartGate, gate_garbage
 from tests.support.openai_upstream import FakeEngine, chat_chunk, token
 
 pytestmark = pytest.mark.anyio
@@ -137,6 +137,25 @@ async def test_a_client_that_went_away_resumes_exactly_after_its_last_event(engi
     assert content(joined) == "".join(token(i) for i in range(40))
     assert [d for d, _ in joined].count("[DONE]") == 1 and len(engine.requests) == 1
     assert gw.count("chat", "resumed") == 1
+
+
+async def test_resuming_leaves_nothing_to_the_cyclic_garbage_collector(engines: Any, start_gate: StartGate) -> None:
+    """An answer held for a client that went away, and the resume that replays it (a resumption leg, a
+    subscription to the held answer), are freed as they end."""
+    engine = await engines()
+    gw = await resumable_gate(start_gate, engine.url)
+    body = chat(stream=True, max_tokens=20, x_token_delay=0.01)
+    async with httpx.AsyncClient(timeout=10) as client:
+        with anyio.fail_after(20):
+            assert (await client.post(gw.url + CHAT, content=chat(max_tokens=2), headers=ALICE)).status_code == 200
+            with gate_garbage() as left:
+                first = await leave_after_five_events(client, gw.url + CHAT, body)
+                while not engine.requests or engine.streams_open:
+                    await anyio.sleep(0.01)
+                rest = await client.post(gw.url + CHAT, content=body,
+                                         headers={**ALICE, "last-event-id": first[-1][1] or ""})
+    assert rest.headers["spotguard-resumed"] == "1" and events(rest.text)[-1][0] == "[DONE]"
+    assert left == set()
 
 
 async def test_without_keep_generating_a_client_that_went_away_is_told_at_once_its_answer_is_gone(
