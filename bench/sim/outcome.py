@@ -18,10 +18,11 @@ retries, how many of them go out in that danger (``at_risk``) and the event weig
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bench.sim.behaviour import Behaviour, Client, Engine
 from bench.sim.workload import Request
+from spotguard.gate.relay import SAME_PEER_TRIES
 
 HOP_S = 0.002
 """A peer hand-off's extra hop through the gate (bench/gate.py: about a millisecond added per hop)."""
@@ -74,11 +75,17 @@ def _retried(client: Client, req: Request, behaviour: Behaviour, *, failed_at: f
 def _cut(client: Client, req: Request, engine: Engine, behaviour: Behaviour, *, at: float, progress: int,
          reprefill: int, by_death: bool, busy_s: float, rng: random.Random) -> Outcome:
     """Cut at ``at`` with ``progress`` tokens generated, and nobody continues it here."""
-    if behaviour.resume_delay_s is not None and req.stream and progress > 0:
-        # The resumable client picks the stream up where it broke (a plain call is retried by the SDK anyway).
+    if behaviour.resume_delay_s is not None and progress > 0:
         pause = behaviour.resume_delay_s + (req.input_tokens + progress) / engine.prefill_tokens_per_s
-        return Outcome(False, req.output_tokens, req.output_tokens, reprefill + req.input_tokens + progress, pause,
-                       True, busy_s)
+        reprefill += req.input_tokens + progress
+        if req.stream:  # the resumable client picks the stream up where it broke
+            return Outcome(False, req.output_tokens, req.output_tokens, reprefill, pause, True, busy_s)
+        # A plain call: the gate answers it 503 + Spotguard-Resume before the VM goes, and the SDK's own retry
+        # (its retry count is a retry signal the gate knows) is answered with the whole text, continued from
+        # the output so far rather than generated again: it waits the Retry-After, then as a stream would.
+        retry = _retried(client, req, behaviour, failed_at=at, server_delay=True, generated_before=0,
+                         reprefill=reprefill, busy_s=busy_s, rng=rng)
+        return replace(retry, generated=req.output_tokens, added_s=client.retry_after_s + pause)
     if req.stream and progress > 0:
         return Outcome(True, progress, 0, reprefill, 0.0, True, busy_s)
     # The gate answers a cut request whose answer had not begun with 503 + Retry-After; a VM going away just
@@ -88,9 +95,10 @@ def _cut(client: Client, req: Request, engine: Engine, behaviour: Behaviour, *, 
                     generated_before=progress, reprefill=reprefill + prefilled_here, busy_s=busy_s, rng=rng)
 
 
-def _taken(behaviour: Behaviour, at: float) -> float:
-    """The chance a hand-off at ``at`` reaches a node other than this one."""
-    return 1.0 - behaviour.peer_miss if at < behaviour.lb_stop_s else 1.0
+def reaches_another_node(behaviour: Behaviour, at: float) -> float:
+    """The chance a hand-off at ``at`` reaches a node other than this one: a peer that routes it back here (a
+    balancer that has not taken this node out yet) is tried again, up to the gate's own number of tries."""
+    return 1.0 - behaviour.peer_miss**SAME_PEER_TRIES if at < behaviour.lb_stop_s else 1.0
 
 
 def outcome(req: Request, behaviour: Behaviour, engine: Engine, client: Client, *, peer_alive: bool,
@@ -106,7 +114,7 @@ def outcome(req: Request, behaviour: Behaviour, engine: Engine, client: Client, 
         return _retried(client, req, behaviour, failed_at=t0, server_delay=False, generated_before=0, reprefill=0,
                         busy_s=0.0, rng=rng)
     if t0 >= behaviour.refuses_at_s:
-        if behaviour.peers and peer_alive and rng.random() < behaviour.handed_ok * _taken(behaviour, t0):
+        if behaviour.peers and peer_alive and rng.random() < behaviour.handed_ok * reaches_another_node(behaviour, t0):
             end = t0 + HOP_S + service_s
             if end <= window:
                 return Outcome(False, req.output_tokens, req.output_tokens, 0, HOP_S, True, 0.0)
@@ -125,7 +133,7 @@ def outcome(req: Request, behaviour: Behaviour, engine: Engine, client: Client, 
     busy = max(0.0, cut - max(t0, 0.0))
     progress = int(min(req.output_tokens, max(0.0, cut - t0 - prefill_s) * engine.tokens_per_s))
     migrates = behaviour.peers and peer_alive and cut < window
-    if migrates and rng.random() < behaviour.migrated_ok * _taken(behaviour, cut):
+    if migrates and rng.random() < behaviour.migrated_ok * reaches_another_node(behaviour, cut):
         seam = behaviour.seam_s + (req.input_tokens + progress) / engine.prefill_tokens_per_s
         finish = cut + seam + (req.output_tokens - progress) / engine.tokens_per_s
         reprefill = req.input_tokens + progress

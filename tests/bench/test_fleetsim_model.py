@@ -4,14 +4,16 @@ simulation of the same fleet."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from bench.sim.behaviour import Behaviour, Client, Engine, Measured, behaviours
 from bench.sim.fleet import Costs, FleetSpec, simulate
-from bench.sim.outcome import Table, outcome
+from bench.sim.outcome import Table, outcome, reaches_another_node
 from bench.sim.schedule import Eviction, Schedule
 from bench.sim.workload import Request, Workload, exponential
+from spotguard.gate.relay import SAME_PEER_TRIES
 
 ENGINE = Engine(tokens_per_s=20.0, prefill_tokens_per_s=10_000.0)
 MEASURED = Measured(detect_s=0.8, health_inter_s=1.0, health_fall=3, lb_after_ready_s=2.5,
@@ -54,6 +56,26 @@ def test_a_stream_that_outlasts_the_window_is_lost_unless_resumed() -> None:
 def test_a_plain_call_that_outlasts_the_window_is_retried_elsewhere() -> None:
     lost, added = see(Request(-2.0, 100, 1000, False), "none")
     assert not lost and 32.0 - 0.001 <= added <= 32.5  # 30 s to the VM's end, then the SDK's 0.5 s backoff
+
+
+def test_with_resume_a_plain_call_cut_at_the_end_is_continued_when_the_sdk_retries() -> None:
+    """As in bench/fleet.py: 503 + Spotguard-Resume at the deadline, and the SDK's retry (after the gate's 5 s)
+    is answered from the output so far; nothing is generated twice."""
+    call = Request(-2.0, 100, 1000, False)
+    plans = timelines()
+    made_again = outcome(call, plans["peers-cross"], ENGINE, Client(), peer_alive=True, rng=random.Random(1))
+    resumed = outcome(call, plans["resume"], ENGINE, Client(), peer_alive=True, rng=random.Random(1))
+    assert not made_again.lost and made_again.generated > call.output_tokens
+    assert not resumed.lost and resumed.generated == resumed.delivered == call.output_tokens
+    assert resumed.added_s == pytest.approx(5.0 + 1.5 + (100 + 640) / 10_000, abs=0.005)
+
+
+def test_a_hand_over_routed_back_by_the_balancer_is_tried_again() -> None:
+    """The peer is the balancer (bench/fleet.py): while it still routes to this node, a hand-over comes back a
+    third of the time, and the gate tries again (SAME_PEER_TRIES): it fails only if every try comes back."""
+    plan = replace(timelines()["peers-cross"], peer_miss=1 / 3)
+    assert reaches_another_node(plan, 1.0) == pytest.approx(1 - (1 / 3) ** SAME_PEER_TRIES)
+    assert reaches_another_node(plan, plan.lb_stop_s + 1) == 1.0
 
 
 def test_peers_keep_what_finishes_here_and_take_the_rest_at_once() -> None:
