@@ -212,6 +212,11 @@ class ClientAnswer:
                        retry_after=self.retry_after if draining or retry_after else None,
                        dropped=b"draining" if draining else b"")
 
+    def refused(self, status: int, message: str) -> None:
+        """A client-side limit stopped the request's body (``http1``): 413 for a body over ``max_body``, or 503,
+        with Retry-After, when the gate holds as many bodies as it may (the client may try again shortly)."""
+        self.error(status, message, "unavailable" if status == 503 else "invalid_request", retry_after=status == 503)
+
     def interrupted(self, message: str) -> None:
         """End an answer this replica cannot finish so that the client can retry it cleanly: with cursors, a
         stream's last event names where to resume, and a non-streaming answer's 503 says it

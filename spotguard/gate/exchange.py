@@ -130,8 +130,7 @@ class LocalExchange(Leg):
         if started:
             self.answer.abort()
         else:
-            self.answer.error(status, message, "unavailable" if status == 503 else "invalid_request",
-                              retry_after=status == 503)
+            self.answer.refused(status, message)
 
     def _journal(self) -> None:
         request = self.request

@@ -119,8 +119,7 @@ class PeerRelay(Leg):
         if self.ended:
             return
         self._end(limit)
-        self.answer.error(status, message, "unavailable" if status == 503 else "invalid_request",
-                          retry_after=status == 503)
+        self.answer.refused(status, message)
 
     def _body_in(self) -> None:
         request = self.request

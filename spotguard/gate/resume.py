@@ -94,7 +94,8 @@ class Resumption:
             request.on_done = self._body_in  # the client connection holds the body (``[gate] max_body``)
 
     def _refused(self, status: int, message: str, limit: str) -> None:
-        self._refuse(status, limit, message, "unavailable" if status == 503 else "invalid_request")
+        self._stop(limit)
+        self.answer.refused(status, message)
 
     def _body_in(self) -> None:
         self.request.on_refused = None
@@ -319,9 +320,13 @@ class Resumption:
         self.gate.count(self.endpoint, "resume_failed")
 
     def _refuse(self, status: int, result: str, message: str, kind: str) -> None:
+        self._stop(result)
+        self.answer.error(status, message, kind)
+
+    def _stop(self, result: str) -> None:
+        """Answered here without the rest of the body, which is read and dropped; counted as ``result``."""
         self.request.sink, self.request.on_done, self.request.on_refused = drop, None, None
         self.gate.count(self.endpoint, result)
-        self.answer.error(status, message, kind)
 
     def _hand_off(self) -> None:
         from spotguard.gate.relay import PeerRelay

@@ -24,6 +24,7 @@ from spotguard.asgi import Receive, Scope, Send, read_body, serve
 from spotguard.gate.cursor import CursorKey
 from spotguard.gate.held import HeldBook
 from spotguard.gate.holding import Holding
+from spotguard.gate.limits import ClientLimits
 from spotguard.gate.listen import nodelay_socket
 from spotguard.gate.protocol import DesiredState, EntryState
 from spotguard.metrics import Metrics
@@ -156,6 +157,20 @@ async def test_resuming_leaves_nothing_to_the_cyclic_garbage_collector(engines: 
                                          headers={**ALICE, "last-event-id": first[-1][1] or ""})
     assert rest.headers["spotguard-resumed"] == "1" and events(rest.text)[-1][0] == "[DONE]"
     assert left == set()
+
+
+async def test_a_retry_whose_body_the_gate_cannot_hold_now_is_told_when_to_try_again(engines: Any,
+                                                                                     start_gate: StartGate) -> None:
+    """A retry (the SDK's retry count) is read by the resumption leg; over the gate's body budget it gets the
+    same 503 + Retry-After as any request, not a bare 503."""
+    engine = await engines()
+    gw = await resumable_gate(start_gate, engine.url, limits=ClientLimits(body_memory=1000))
+    async with httpx.AsyncClient(timeout=10) as client:
+        with anyio.fail_after(10):
+            answer = await client.post(gw.url + CHAT, content=chat(max_tokens=2, pad="x" * 2000),
+                                       headers={**ALICE, "x-stainless-retry-count": "1"})
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+    assert gw.count("chat", "body_memory") == 1 and not engine.requests
 
 
 async def test_without_keep_generating_a_client_that_went_away_is_told_at_once_its_answer_is_gone(
