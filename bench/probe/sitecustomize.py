@@ -4,8 +4,8 @@
         .venv/bin/python bench/gate.py --rounds 3 --seconds 6 --no-nginx --only stream:200
 
 Python imports ``sitecustomize`` at start-up in every process whose path holds this folder; the probe arms
-itself only in a ``spotguard gate`` process, and only when ``GATE_PROBE_DIR`` names where to write (not a ``SPOTGUARD_`` name: the gate's
-configuration refuses environment variables it does not know):
+itself only in a ``spotguard gate`` process, and only when ``GATE_PROBE_DIR`` names where to write (not a
+``SPOTGUARD_`` name: the gate's configuration refuses environment variables it does not know):
 
 - ``gc-PID.log``: every collection, its generation and how long it took;
 - ``lag-PID.log``: each time the event loop ran a callback more than 3 ms after a thread handed it over

@@ -120,19 +120,26 @@ async def leave_after_five_events(client: httpx.AsyncClient, url: str, body: byt
     return events(got[:got.rindex("\n\n") + 2])
 
 
+async def leave_and_come_back(client: httpx.AsyncClient, gw: RunningGate, engine: FakeEngine,
+                              body: bytes) -> tuple[list[tuple[str, str | None]], httpx.Response]:
+    """Alice leaves her stream after five events, waits until the engine has finished it (it was not stopped:
+    the answer is held) and comes back with her last cursor: the events she had, and the resume's answer."""
+    first = await leave_after_five_events(client, gw.url + CHAT, body)
+    while not engine.requests or engine.streams_open:
+        await anyio.sleep(0.01)
+    assert engine.disconnects == 0
+    rest = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "last-event-id": first[-1][1] or ""})
+    return first, rest
+
+
 async def test_a_client_that_went_away_resumes_exactly_after_its_last_event(engines: Any,
                                                                             start_gate: StartGate) -> None:
     engine = await engines()
     gw = await resumable_gate(start_gate, engine.url)
     body = chat(stream=True, max_tokens=40, x_token_delay=0.01)
     async with httpx.AsyncClient(timeout=10) as client:
-        with anyio.fail_after(10):
-            first = await leave_after_five_events(client, gw.url + CHAT, body)
-        with anyio.fail_after(10):  # the engine was not stopped: it finishes, and the answer is held
-            while not engine.requests or engine.streams_open:
-                await anyio.sleep(0.01)
-        assert engine.disconnects == 0
-        rest = await client.post(gw.url + CHAT, content=body, headers={**ALICE, "last-event-id": first[-1][1] or ""})
+        with anyio.fail_after(20):
+            first, rest = await leave_and_come_back(client, gw, engine, body)
     assert rest.status_code == 200 and rest.headers["spotguard-resumed"] == "1"
     joined = first + events(rest.text)
     assert content(joined) == "".join(token(i) for i in range(40))
@@ -150,11 +157,7 @@ async def test_resuming_leaves_nothing_to_the_cyclic_garbage_collector(engines: 
         with anyio.fail_after(20):
             assert (await client.post(gw.url + CHAT, content=chat(max_tokens=2), headers=ALICE)).status_code == 200
             with gate_garbage() as left:
-                first = await leave_after_five_events(client, gw.url + CHAT, body)
-                while not engine.requests or engine.streams_open:
-                    await anyio.sleep(0.01)
-                rest = await client.post(gw.url + CHAT, content=body,
-                                         headers={**ALICE, "last-event-id": first[-1][1] or ""})
+                _, rest = await leave_and_come_back(client, gw, engine, body)
     assert rest.headers["spotguard-resumed"] == "1" and events(rest.text)[-1][0] == "[DONE]"
     assert left == set()
 
